@@ -1,0 +1,285 @@
+"""Loading weights into backbones: torchvision names, URLs and local files, never executing pickles.
+
+``load_weights(net, source)`` accepts
+
+* a torchvision weights name, ``"ResNet50_Weights.IMAGENET1K_V2"`` (or, for a net that torchvision also
+  has, the short ``"IMAGENET1K_V2"`` / ``"DEFAULT"``), downloaded to the torch hub cache when online;
+* an ``http(s)://`` URL of a state dict;
+* a local ``.pth``/``.pt``/``.bin`` state dict, a ``.ckpt`` written by this project's tasks (Lightning),
+  or a ``.safetensors`` file.
+
+Every pickle-based file is read with ``torch.load(..., weights_only=True)``: a file holding arbitrary
+Python objects is refused with a clear error instead of being executed. Keys are remapped from timm's
+pre-activation ``resnetv2_*`` layout; torchvision's ResNet/ResNeXt (and timm's v1 ``resnet*``) keys are
+already ours. A load is all or nothing: missing, unexpected or mis-shaped keys raise
+:class:`WeightsError` listing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+#: Zoo names whose architecture torchvision publishes weights for, and that enum's class name.
+TORCHVISION_WEIGHTS: dict[str, str] = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+    "resnet152": "ResNet152_Weights",
+    "resnext50_32x4d": "ResNeXt50_32X4D_Weights",
+    "resnext101_32x8d": "ResNeXt101_32X8D_Weights",
+    "resnext101_64x4d": "ResNeXt101_64X4D_Weights",
+}
+
+#: Prefixes under which a task checkpoint stores its backbone (ClassificationTask uses ``backbone.``).
+CHECKPOINT_PREFIXES: tuple[str, ...] = ("backbone.", "model.backbone.")
+
+_CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
+
+
+class WeightsError(ValueError):
+    """A weights source that cannot be read or does not fit the network."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_weights` did."""
+
+    source: str
+    loaded: int
+    dropped: list[str] = field(default_factory=list)
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _torch_load(source: str | Path | object, what: str) -> object:
+    """``torch.load`` restricted to tensors and plain containers (plus ``argparse.Namespace``)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise WeightsError(
+            f"{what}: refused to load. The file holds Python objects other than tensors and plain "
+            f"containers, and weights are only read with torch.load(weights_only=True) so that a file "
+            f"cannot run code ({first}). If you trust it, re-save just its state_dict (or as .safetensors)."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise WeightsError(f"{what}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
+
+
+def _download(url: str, what: str, check_hash: bool = False) -> dict[str, Tensor]:
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=True, check_hash=check_hash, weights_only=True
+        )
+    except pickle.UnpicklingError as err:
+        raise WeightsError(f"{what}: refused to load {url}: not a plain state dict ({err})") from None
+    except Exception as err:  # network errors come in many types (URLError, HTTPError, socket errors)
+        raise WeightsError(
+            f"{what}: could not download {url} ({type(err).__name__}: {err}). Without internet access, "
+            f"fetch the file elsewhere and pass its local path instead."
+        ) from None
+
+
+def torchvision_weights(source: str, net_name: str | None = None):
+    """Resolve a torchvision weights name to its enum member, or return ``None`` if it is not one.
+
+    Accepts ``"ResNet50_Weights.IMAGENET1K_V2"`` and, when ``net_name`` is a zoo name torchvision also
+    has, ``"IMAGENET1K_V2"`` or ``"DEFAULT"``.
+    """
+    from torchvision.models import get_weight
+
+    if "." not in source and net_name in TORCHVISION_WEIGHTS and re.fullmatch(r"[A-Z0-9_]+", source):
+        source = f"{TORCHVISION_WEIGHTS[net_name]}.{source}"
+    if not re.fullmatch(r"[A-Za-z0-9_]+_Weights\.[A-Z0-9_]+", source):
+        return None
+    try:
+        return get_weight(source)
+    except (ValueError, KeyError, AttributeError):
+        enum_name = source.split(".")[0]
+        known = [f"{enum}.<NAME>" for enum in TORCHVISION_WEIGHTS.values()]
+        raise WeightsError(
+            f"weights={source!r} is not a torchvision weights name. Known enums for this zoo: "
+            f"{', '.join(known)} (e.g. ResNet50_Weights.IMAGENET1K_V2); '{enum_name}' has no such member "
+            f"or does not exist."
+        ) from None
+
+
+def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[dict[str, Tensor], dict]:
+    """Read ``source`` into a flat ``{key: tensor}`` dict; also return metadata about where it came from.
+
+    The metadata holds ``checkpoint_backbone`` (the zoo name recorded in a task checkpoint) and
+    ``categories`` (torchvision's class names) when known.
+    """
+    what = f"weights={str(source)!r}"
+    meta: dict = {}
+    text = str(source)
+    enum = None if isinstance(source, Path) else torchvision_weights(text, net_name)
+    if enum is not None:
+        meta["categories"] = enum.meta.get("categories")
+        raw: object = _download(enum.url, what, check_hash=True)  # file names carry the hash
+    elif re.match(r"https?://", text):
+        raw = _download(text, what)
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            hint = ""
+            if net_name in TORCHVISION_WEIGHTS:
+                hint = f" or a torchvision name such as {TORCHVISION_WEIGHTS[net_name]}.DEFAULT"
+            raise WeightsError(
+                f"{what}: no such file, URL or torchvision weights name. Pass a .pth/.ckpt/.safetensors path{hint}."
+            )
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                raw = load_file(str(path), device="cpu")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise WeightsError(f"{what}: not a readable safetensors file ({err})") from None
+        else:
+            raw = _torch_load(path, what)
+    return _unwrap(raw, what, meta), meta
+
+
+def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
+    """Find the state dict inside a Lightning checkpoint, a training checkpoint or a bare state dict."""
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{what}: expected a state dict (a mapping of names to tensors), got {type(raw).__name__}")
+    if "state_dict" in raw and isinstance(raw["state_dict"], dict):  # Lightning (or timm train) checkpoint
+        hparams = raw.get("hyper_parameters") or {}
+        if isinstance(hparams, dict) and isinstance(hparams.get("backbone"), str):
+            meta["checkpoint_backbone"] = hparams["backbone"]
+        state = raw["state_dict"]
+        for prefix in CHECKPOINT_PREFIXES:
+            if any(k.startswith(prefix) for k in state):
+                return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return state
+    if "model" in raw and isinstance(raw["model"], dict):  # torchvision reference-script checkpoint
+        return raw["model"]
+    bad = [k for k, v in raw.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(f"{what}: entries {bad[:5]} are not tensors; this is not a state dict")
+    return raw
+
+
+# -- remapping ----------------------------------------------------------------------------------
+def is_timm_resnetv2(state: dict[str, Tensor]) -> bool:
+    return "stem.conv.weight" in state and any(k.startswith("stages.0.blocks.0.") for k in state)
+
+
+def remap_timm_resnetv2(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """timm ``resnetv2_*`` (pre-activation) keys to ours: ``stages.i.blocks.j.norm1`` -> ``layer{i+1}.j.bn1``."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = None
+        if m := re.match(r"^stem\.conv\.(.*)$", key):
+            new = f"conv1.{m[1]}"
+        elif m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(norm|conv)(\d)\.(.*)$", key):
+            layer = "bn" if m[3] == "norm" else "conv"
+            new = f"layer{int(m[1]) + 1}.{m[2]}.{layer}{m[4]}.{m[5]}"
+        elif m := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.downsample\.conv\.(.*)$", key):
+            new = f"layer{int(m[1]) + 1}.{m[2]}.downsample.0.{m[3]}"
+        elif m := re.match(r"^norm\.(.*)$", key):
+            new = f"norm_final.{m[1]}"
+        elif m := re.match(r"^head\.fc\.(.*)$", key):
+            new = f"fc.{m[1]}"
+            if value.ndim == 4:  # timm's classifier is a 1x1 convolution
+                value = value.flatten(1)
+        out[new or key] = value
+    return out
+
+
+def remap(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Translate a foreign layout into the zoo's parameter names (torchvision's names are ours)."""
+    if is_timm_resnetv2(state):
+        return remap_timm_resnetv2(state)
+    return dict(state)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _listing(title: str, items: list[str], limit: int = 12) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], what: str) -> int:
+    """Load ``state`` into ``net``, all or nothing; raise :class:`WeightsError` listing any mismatch.
+
+    BatchNorm's ``num_batches_tracked`` counters are bookkeeping, not weights, and may be absent on
+    either side (frozen BN has none). Returns the number of tensors loaded.
+    """
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not _is_bookkeeping(k)]
+    unexpected = [k for k in state if k not in own and not _is_bookkeeping(k)]
+    mis_shaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        message = f"{what} does not fit {type(net).__name__}"
+        if getattr(net, "name", None):
+            message += f" '{net.name}'"
+        if missing:
+            message += _listing("missing in the file", missing)
+        if unexpected:
+            message += _listing("unexpected in the file", unexpected)
+        if mis_shaped:
+            message += _listing("shape mismatch", mis_shaped)
+        raise WeightsError(message)
+    usable = {k: v for k, v in state.items() if k in own}
+    net.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = False) -> LoadReport:
+    """Load ``source`` into the backbone ``net`` (see the module docstring for accepted sources).
+
+    Args:
+        net: a zoo backbone (its ``name`` is checked against a task checkpoint's recorded backbone).
+        source: torchvision weights name, URL or file path.
+        ignore_head: drop the file's classifier (``fc``) and keep ``net``'s own, e.g. to fine-tune
+            ImageNet weights on another label set. A net built with ``num_classes=0`` has no classifier
+            and always drops it.
+
+    Raises:
+        WeightsError: unreadable or unsafe file, unknown name, backbone-name or key/shape mismatch.
+    """
+    what = f"weights={str(source)!r}"
+    net_name = getattr(net, "name", None)
+    state, meta = read_state_dict(source, net_name)
+    recorded = meta.get("checkpoint_backbone")
+    if recorded is not None and net_name is not None and recorded != net_name:
+        raise WeightsError(
+            f"{what} was trained with backbone '{recorded}', but this model is '{net_name}': build "
+            f"'{recorded}' or pass a checkpoint of '{net_name}'."
+        )
+    state = remap(state)
+    dropped: list[str] = []
+    has_classifier = getattr(net, "fc", None) is not None
+    if ignore_head or not has_classifier:
+        dropped = [k for k in _CLASSIFIER_KEYS if k in state]
+        state = {k: v for k, v in state.items() if k not in _CLASSIFIER_KEYS}
+        if has_classifier:
+            own = net.state_dict()
+            state.update({k: own[k] for k in _CLASSIFIER_KEYS if k in own})
+    loaded = load_state_dict_checked(net, state, what)
+    if dropped:
+        log.info("%s: classifier %s not loaded", what, ", ".join(dropped))
+    return LoadReport(source=str(source), loaded=loaded, dropped=dropped)
