@@ -1,0 +1,6 @@
+"""LightningDataModules that read the datasets' own on-disk formats (ImageFolder/ImageNet, CIFAR, COCO)."""
+
+from .cifar import CIFARDataModule
+from .imagefolder import ImageFolderDataModule
+
+__all__ = ["CIFARDataModule", "ImageFolderDataModule"]

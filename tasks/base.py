@@ -1,0 +1,166 @@
+"""What every task shares: backbone construction, optimizer/scheduler injection, speed switches, logging.
+
+A task's constructor is its hyperparameters (torchgeo's pattern): the backbone by zoo name plus any
+builder option, the weights to start from, an injected optimizer and scheduler. Subclasses implement
+``configure_models`` (and build metrics there) and the step methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+
+from backbones import build_backbone, check_backbone_name, load_weights
+from backbones.resnet import ResNet
+
+log = logging.getLogger(__name__)
+
+#: Task arguments that change how a run executes, not what the model is; kept out of checkpoint hparams.
+RUNTIME_OPTIONS: tuple[str, ...] = ("channels_last", "compile", "predictions_file", "log_samples")
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def parameter_groups(model: nn.Module, weight_decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """Trainable parameters, split so that normalization weights and biases can skip weight decay.
+
+    With ``weight_decay_norm_bias=False`` the second group gets ``weight_decay=0`` (a common ImageNet
+    refinement, Goyal et al. 2017 keep it; torchvision's recipes drop it for BN).
+    """
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if not weight_decay_norm_bias and (isinstance(module, _NORM_TYPES) or name == "bias"):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class BaseTask(pl.LightningModule):
+    """Shared machinery of ``ClassificationTask``, ``DetectionTask`` and ``SegmentationTask``.
+
+    Class attributes ``monitor`` and ``mode`` name the metric that picks the best checkpoint.
+    """
+
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        weight_decay_norm_bias: bool = True,
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.weight_decay_norm_bias = weight_decay_norm_bias
+        self.use_channels_last = channels_last
+        self.use_compile = compile
+        self._speedups_applied = False
+
+    # -- models ---------------------------------------------------------------------------------
+    @staticmethod
+    def make_backbone(
+        name: str, backbone_args: dict[str, Any] | None, weights_backbone: str | None, **overrides: Any
+    ) -> ResNet:
+        """``build_backbone(name, **backbone_args, **overrides)`` with ``weights_backbone`` loaded (no classifier)."""
+        check_backbone_name(name)
+        args = {**(backbone_args or {}), **overrides}
+        for key in ("weights",):
+            if key in args:
+                raise ValueError(f"set model.weights_backbone instead of model.backbone_args.{key}")
+        net = build_backbone(name, **args)
+        if weights_backbone:
+            load_weights(net, weights_backbone, ignore_head=True)
+        return net
+
+    def configure_models(self) -> None:
+        raise NotImplementedError
+
+    def models_ready(self) -> bool:
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if not self.models_ready():
+            self.configure_models()
+        self._apply_speedups()
+
+    def _on_cuda(self) -> bool:
+        try:
+            return self.trainer.strategy.root_device.type == "cuda"
+        except RuntimeError:  # not attached to a trainer
+            return next(self.parameters()).is_cuda
+
+    def _apply_speedups(self) -> None:
+        if self._speedups_applied:
+            return
+        self._speedups_applied = True
+        if self.channels_last_enabled():
+            self.to(memory_format=torch.channels_last)
+        if self.use_compile:
+            for module in self.compile_targets():
+                module.compile()
+
+    def channels_last_enabled(self) -> bool:
+        """``channels_last`` as configured; ``None`` means on for CUDA, off on CPU."""
+        return self._on_cuda() if self.use_channels_last is None else bool(self.use_channels_last)
+
+    def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        """The input batch in the model's memory layout (a no-op when it already is)."""
+        if self._speedups_applied and images.ndim == 4 and self.channels_last_enabled():
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def compile_targets(self) -> list[nn.Module]:
+        """Modules compiled in place by ``compile=True`` (parameter names stay unchanged)."""
+        return [self.backbone]
+
+    # -- optimization ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = parameter_groups(self, self.weight_decay_norm_bias)
+        factory = self.optimizer_factory or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
+        optimizer = factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if hasattr(scheduler, "set_total_iters"):
+            total = (
+                self.trainer.estimated_stepping_batches
+                if self.scheduler_interval == "step"
+                else self.trainer.max_epochs
+            )
+            scheduler.set_total_iters(total)
+        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.monitor  # "÷10 whenever the error plateaus" (ResNet Sec. 3.4)
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def log_learning_rate(self) -> None:
+        optimizer = self.optimizers()
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    # -- logging helpers --------------------------------------------------------------------------
+    def wandb_loggers(self) -> list[WandbLogger]:
+        if self._trainer is None:
+            return []
+        return [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]

@@ -1,0 +1,192 @@
+"""``TaskCLI``: the ``LightningCLI`` every task runs under, with the project's defaults.
+
+On top of Lightning's CLI it
+
+* gives each run its own directory, ``<trainer.default_root_dir or runs>/<run_name>/<run_version>``
+  (``run_name`` defaults to the config file's name; ``run_version`` to ``version_<n>``, the SLURM job
+  id under SLURM), holding ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and the W&B run;
+* adds a ``ModelCheckpoint`` (``--checkpoint.*``) that keeps ``best.ckpt`` by the task's metric
+  (``val/acc1``, ``val/mAP``, ``val/mIoU``) and ``last.ckpt``;
+* logs to Weights & Biases by default, offline when no W&B credentials are configured (``wandb sync``
+  uploads later), and logs the full resolved config as the run's hyperparameters;
+* reads every checkpoint with ``weights_only=True``;
+* on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+log = logging.getLogger(__name__)
+
+PROJECT = "residual-zoo"
+RUN_DIR_ENV = "RESIDUAL_ZOO_RUN_DIR"
+
+
+def wandb_credentials_available() -> bool:
+    """Whether W&B can log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def generate_run_id() -> str:
+    """A W&B-style run id (8 lowercase letters and digits)."""
+    import secrets
+    import string
+
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def next_version(run_root: Path) -> str:
+    """``version_<n>`` with ``n`` one past the largest existing one under ``run_root``."""
+    taken = [int(m[1]) for p in run_root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return f"version_{max(taken, default=-1) + 1}"
+
+
+class LoggedSaveConfigCallback(SaveConfigCallback):
+    """Writes ``config.yaml`` into the run directory and logs the resolved config as hyperparameters."""
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+class TaskCLI(LightningCLI):
+    """``LightningCLI(task_class, any LightningDataModule)`` with the defaults described above."""
+
+    def __init__(self, model_class: type[pl.LightningModule], args: Any = None, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            model_class,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_name", type=str | None, default=None, help="run directory and W&B run name (default: config name)"
+        )
+        parser.add_argument(
+            "--run_version", type=str | None, default=None, help="run sub-directory (default: version_<n>)"
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        model_class = self.model_class
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": getattr(model_class, "monitor", None),
+                "checkpoint.mode": getattr(model_class, "mode", "min"),
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.auto_insert_metric_name": False,
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"project": PROJECT},
+                },
+            }
+        )
+
+    # -- run directory, logger and safety defaults ------------------------------------------------
+    def _run_name(self, cfg: Namespace) -> str:
+        if cfg.get("run_name"):
+            return cfg.run_name
+        configs = cfg.get("config") or []
+        if configs:
+            return Path(str(configs[0])).stem
+        return self.model_class.__name__.lower().replace("task", "")
+
+    def _run_dir(self, cfg: Namespace, name: str) -> Path:
+        inherited = os.environ.get(RUN_DIR_ENV)
+        if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
+            return Path(inherited)  # a process started by Lightning's DDP launcher for the parent's run
+        root = Path(cfg.trainer.get("default_root_dir") or "runs") / name
+        version = cfg.get("run_version")
+        if not version and os.environ.get("SLURM_JOB_ID"):
+            version = f"job_{os.environ['SLURM_JOB_ID']}"  # the same across requeues and ranks
+        run_dir = root / (version or next_version(root))
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # children of Lightning's launcher inherit it
+        return run_dir
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        name = self._run_name(cfg)
+        run_dir = self._run_dir(cfg, name)
+        cfg.trainer.default_root_dir = str(run_dir)
+        if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") is None:
+            cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
+        if self.subcommand and cfg.get("ckpt_path"):
+            # The checkpoint holds every weight: do not fetch the initialization sources it started from.
+            for key in ("weights", "weights_backbone"):
+                if cfg.model.get(key) is not None:
+                    cfg.model[key] = None
+        if self.subcommand and cfg.get("weights_only") is None:
+            cfg.weights_only = True  # checkpoints never run code when loaded
+        if (
+            cfg.trainer.get("precision") is None
+            and torch.cuda.is_available()
+            and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
+        ):
+            cfg.trainer.precision = "bf16-mixed"
+        self._configure_wandb(cfg, name, run_dir)
+
+    def _configure_wandb(self, cfg: Namespace, name: str, run_dir: Path) -> None:
+        logger = cfg.trainer.get("logger")
+        if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("WandbLogger"):
+            return
+        init = logger.init_args
+        if init.get("save_dir") in (None, "."):
+            init.save_dir = str(run_dir)
+        if not init.get("name"):
+            init.name = name
+        if not init.get("offline") and "WANDB_MODE" not in os.environ and not wandb_credentials_available():
+            init.offline = True
+            rank_zero_info(
+                f"W&B: no API key found, logging offline to {run_dir}/wandb. Upload later with "
+                f"`wandb sync {run_dir}/wandb/offline-run-*`, or run `wandb login` to log online."
+            )
+        # The run id lives next to the checkpoints, so a resumed run logs into the same W&B run.
+        id_file = run_dir / "wandb_id"
+        if not init.get("id"):
+            if id_file.is_file():
+                init.id = id_file.read_text().strip()
+                init.resume = "allow"
+            else:
+                init.id = generate_run_id()
+        if rank_zero_only.rank == 0 and not id_file.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(init.id)
+
+    # -- after each subcommand, even a failed one: close the W&B run, so in-process runs start fresh ----
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                os.environ.pop(RUN_DIR_ENV, None)
+            for logger in self.trainer.loggers:
+                if isinstance(logger, WandbLogger) and logger._experiment is not None and self.trainer.is_global_zero:
+                    logger.experiment.finish()

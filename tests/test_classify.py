@@ -1,0 +1,191 @@
+"""tasks.classify end to end: every config, learning, validate/predict from checkpoints, W&B offline logs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import write_cifar, write_imagefolder
+
+from tasks.classify import ClassificationTask, main
+from tasks.wandb_offline import metric_series, read_offline_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+IMAGENET_CONFIGS = sorted(CONFIGS.glob("imagenet_*.yaml"))
+CIFAR_CONFIGS = sorted(CONFIGS.glob("cifar*_*.yaml"))
+
+COMMON = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory) -> Path:
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"), per_class=3, val_per_class=2, size=40)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, "cifar10")
+    write_cifar(root, "cifar100")
+    return root
+
+
+def _tiny_imagenet_args(root: Path, runs: Path) -> list[str]:
+    return [
+        "--data.root", str(root), "--data.image_size", "32", "--data.eval_resize", "36",
+        "--data.scale_range", "[36, 44]", "--data.batch_size", "2", "--data.num_workers", "0",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.default_root_dir", str(runs), *COMMON,
+    ]  # fmt: skip
+
+
+def _tiny_cifar_args(root: Path, runs: Path) -> list[str]:
+    return [
+        "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
+        "--trainer.max_steps", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.default_root_dir", str(runs), *COMMON,
+    ]  # fmt: skip
+
+
+def _only_run_dir(runs: Path) -> Path:
+    dirs = [p for p in runs.glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.mark.parametrize("config", IMAGENET_CONFIGS + CIFAR_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_fits_one_step_and_logs_to_wandb_offline(config, imagefolder, cifar, tmp_path):
+    """Each config trains one step and validates on data in its real format, logging to W&B offline.
+
+    ``--trainer.fast_dev_run`` disables loggers and checkpoints, so the W&B check uses the equivalent
+    one-batch limits; ``test_fast_dev_run`` covers the flag itself.
+    """
+    runs = tmp_path / "runs"
+    args = _tiny_imagenet_args(imagefolder, runs) if config.stem.startswith("imagenet") else _tiny_cifar_args(cifar, runs)
+    main(["fit", "--config", str(config), *args])
+    run_dir = _only_run_dir(runs)
+    assert run_dir.parent.name == config.stem  # the run is named after its config
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    logged = read_offline_run(run_dir / "wandb")
+    assert logged["id"] == (run_dir / "wandb_id").read_text()
+    assert metric_series(logged, "val/acc1") and metric_series(logged, "val/acc5") and metric_series(logged, "val/loss")
+    assert metric_series(logged, "train/loss_epoch")
+    assert logged["config"]["backbone"] == torch.load(
+        run_dir / "checkpoints" / "last.ckpt", weights_only=True
+    )["hyper_parameters"]["backbone"]
+
+
+def test_fast_dev_run(imagefolder, tmp_path):
+    main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"), *_tiny_imagenet_args(imagefolder, tmp_path),
+          "--trainer.fast_dev_run", "true"])  # fmt: skip
+
+
+def test_a_small_model_learns_the_shapes(tmp_path):
+    """Loss goes down and validation accuracy ends far above chance (20% for 5 classes)."""
+    root = write_imagefolder(tmp_path / "shapes", per_class=100, val_per_class=20, size=32)
+    runs = tmp_path / "runs"
+    cli = main(
+        [
+            "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+            "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", "32",
+            "--data.num_workers", "0", "--data.train_augment", "none",
+            "--model.backbone", "cifar_resnet20",
+            "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
+            "--trainer.max_epochs", "10", "--trainer.default_root_dir", str(runs), "--run_name", "shapes",
+            "--seed_everything", "0", *COMMON,
+        ]
+    )  # fmt: skip
+    logged = read_offline_run(_only_run_dir(runs) / "wandb")
+    losses = metric_series(logged, "train/loss_epoch")
+    accuracy = metric_series(logged, "val/acc1")
+    assert len(losses) == 10 and losses[-1] < 0.7 * losses[0]
+    best = float(cli.trainer.checkpoint_callback.best_model_score)
+    assert best == max(accuracy) and best > 0.45
+
+    # validate reproduces the accuracy recorded at the end of fit, from the saved checkpoint
+    best_path = cli.trainer.checkpoint_callback.best_model_path
+    assert Path(best_path).name == "best.ckpt"
+    again = main(
+        [
+            "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+            "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", "32", "--data.num_workers", "0",
+            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *COMMON,
+        ]
+    )  # fmt: skip
+    assert again.trainer.callback_metrics["val/acc1"].item() == pytest.approx(best, abs=1e-6)
+
+    # predict writes one row per image with five classes, named, from the checkpoint alone (no data.root)
+    out = tmp_path / "predictions.csv"
+    main(
+        [
+            "predict", "--data", "datamodules.ImageFolderDataModule", "--data.predict_root", str(root / "val"),
+            "--data.image_size", "32", "--data.eval_resize", "32", "--data.num_workers", "0",
+            "--model.predictions_file", str(out), "--ckpt_path", best_path, "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(runs), *COMMON,
+        ]
+    )  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 100
+    assert {r["class1"] for r in rows} <= {"circle", "square", "triangle", "star", "ring"}
+    assert all(r["class5"] and 0 <= float(r["score1"]) <= 1 for r in rows)
+    correct = sum(Path(r["path"]).parent.name == r["class1"] for r in rows)
+    assert correct / len(rows) == pytest.approx(best, abs=1e-6)
+
+
+def test_num_classes_must_agree_with_the_data(imagefolder, tmp_path):
+    with pytest.raises(ValueError, match="model.num_classes=7 but the dataset has 5 classes"):
+        main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"), *_tiny_imagenet_args(imagefolder, tmp_path),
+              "--model.num_classes", "7"])  # fmt: skip
+
+
+def test_missing_root_explains_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist\. Expected an ImageFolder tree: <root>/train/"):
+        main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"),
+              *_tiny_imagenet_args(tmp_path / "nowhere", tmp_path / "runs")])  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py.*cifar-10-python.tar.gz"):
+        main(["fit", "--config", str(CONFIGS / "cifar10_resnet110.yaml"),
+              *_tiny_cifar_args(tmp_path / "nowhere", tmp_path / "runs")])  # fmt: skip
+
+
+def test_mixup_cutmix_label_smoothing_and_no_decay_groups():
+    task = ClassificationTask(
+        backbone="cifar_resnet20", num_classes=5, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1,
+        weight_decay_norm_bias=False,
+    )  # fmt: skip
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    mixed, soft = task._apply_mixing(images, labels)
+    assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
+    from tasks.base import parameter_groups
+
+    decay, no_decay = parameter_groups(task, weight_decay_norm_bias=False)
+    assert no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
+
+
+def test_weights_backbone_from_a_classify_checkpoint_and_torchvision_file(tmp_path):
+    import torchvision
+
+    from backbones import WeightsError
+
+    path = tmp_path / "r18.pth"
+    ref = torchvision.models.resnet18()
+    torch.save(ref.state_dict(), path)
+    task = ClassificationTask(backbone="resnet18", num_classes=3, weights_backbone=str(path))
+    assert torch.equal(task.backbone.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert task.backbone.fc.out_features == 3
+    with pytest.raises(WeightsError, match="does not fit ResNet 'resnet34'"):
+        ClassificationTask(backbone="resnet34", num_classes=3, weights_backbone=str(path))
+
+
+def test_the_wandb_api_key_is_never_written(imagefolder, tmp_path, monkeypatch):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    runs = tmp_path / "runs"
+    main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"), *_tiny_imagenet_args(imagefolder, runs)])
+    files = [p for p in runs.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".ckpt" for p in files)
+    leaked = [p for p in files if secret.encode() in p.read_bytes()]
+    assert not leaked
