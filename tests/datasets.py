@@ -46,3 +46,51 @@ def write_cifar(root: Path, dataset: str = "cifar10", per_batch: int = 8, test: 
 def write_imagefolder(root: Path, per_class: int = 4, val_per_class: int = 2, size: int = 32, seed: int = 0) -> Path:
     """A 5-class ImageFolder tree of real JPEG files (the shapes generator)."""
     return generate_classification(root, train_per_class=per_class, val_per_class=val_per_class, size=size, seed=seed)
+
+
+#: Non-contiguous COCO category ids, as in COCO itself (which skips 12, 26, 29, ...).
+CATEGORY_IDS = {"circle": 3, "square": 7, "triangle": 12, "star": 40, "ring": 90}
+
+
+def write_coco(
+    root: Path, train_images: int = 8, val_images: int = 6, size: tuple[int, int] = (96, 96), seed: int = 0, **kwargs
+) -> Path:
+    """COCO 2017 layout with the awkward cases real COCO has.
+
+    Non-contiguous category ids; in both splits an extra image with no objects, a crowd annotation
+    (RLE, ``iscrowd=1``) and a degenerate box (0.5 pixels wide) added to the first image.
+    """
+    import json
+
+    from PIL import Image
+
+    from datamodules.shapes import generate_coco
+
+    generate_coco(root, train_images=train_images, val_images=val_images, size=size, seed=seed,
+                  category_ids=CATEGORY_IDS, **kwargs)  # fmt: skip
+    for split in ("train2017", "val2017"):
+        path = root / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        width, height = size
+        empty_id = max(i["id"] for i in data["images"]) + 1
+        Image.new("RGB", size, (90, 120, 150)).save(root / split / f"{empty_id:012d}.jpg")
+        data["images"].append({"id": empty_id, "file_name": f"{empty_id:012d}.jpg", "width": width, "height": height})
+        next_id = max(a["id"] for a in data["annotations"]) + 1
+        first = data["images"][0]["id"]
+        crowd = np.zeros((height, width), dtype=np.uint8)
+        crowd[:10, :20] = 1
+        from pycocotools import mask as mask_utils
+
+        rle = mask_utils.encode(np.asfortranarray(crowd))  # compressed RLE, as COCO stores crowds
+        data["annotations"].append({
+            "id": next_id, "image_id": first, "category_id": CATEGORY_IDS["square"], "iscrowd": 1,
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+            "area": float(crowd.sum()), "bbox": [0.0, 0.0, 20.0, 10.0],
+        })  # fmt: skip
+        data["annotations"].append({
+            "id": next_id + 1, "image_id": first, "category_id": CATEGORY_IDS["star"], "iscrowd": 0,
+            "segmentation": [[40.0, 40.0, 40.5, 40.0, 40.5, 60.0, 40.0, 60.0]],
+            "area": 10.0, "bbox": [40.0, 40.0, 0.5, 20.0],
+        })  # fmt: skip
+        path.write_text(json.dumps(data))
+    return root

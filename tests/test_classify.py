@@ -16,7 +16,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_CONFIGS = sorted(CONFIGS.glob("imagenet_*.yaml"))
 CIFAR_CONFIGS = sorted(CONFIGS.glob("cifar*_*.yaml"))
 
-COMMON = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+COMMON = [
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,9 @@ def test_every_config_fits_one_step_and_logs_to_wandb_offline(config, imagefolde
     one-batch limits; ``test_fast_dev_run`` covers the flag itself.
     """
     runs = tmp_path / "runs"
-    args = _tiny_imagenet_args(imagefolder, runs) if config.stem.startswith("imagenet") else _tiny_cifar_args(cifar, runs)
+    args = (
+        _tiny_imagenet_args(imagefolder, runs) if config.stem.startswith("imagenet") else _tiny_cifar_args(cifar, runs)
+    )
     main(["fit", "--config", str(config), *args])
     run_dir = _only_run_dir(runs)
     assert run_dir.parent.name == config.stem  # the run is named after its config
@@ -73,9 +82,10 @@ def test_every_config_fits_one_step_and_logs_to_wandb_offline(config, imagefolde
     assert logged["id"] == (run_dir / "wandb_id").read_text()
     assert metric_series(logged, "val/acc1") and metric_series(logged, "val/acc5") and metric_series(logged, "val/loss")
     assert metric_series(logged, "train/loss_epoch")
-    assert logged["config"]["backbone"] == torch.load(
-        run_dir / "checkpoints" / "last.ckpt", weights_only=True
-    )["hyper_parameters"]["backbone"]
+    assert (
+        logged["config"]["backbone"]
+        == torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["backbone"]
+    )
 
 
 def test_fast_dev_run(imagefolder, tmp_path):
@@ -189,3 +199,20 @@ def test_the_wandb_api_key_is_never_written(imagefolder, tmp_path, monkeypatch):
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".ckpt" for p in files)
     leaked = [p for p in files if secret.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_print_config_shows_the_full_resolved_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "imagenet_resnet50.yaml"), "--model.backbone", "resnext50_32x4d",
+              "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for expected in (
+        "backbone: resnext50_32x4d",
+        "stride_in_1x1: true",
+        "class_path: torch.optim.SGD",
+        "milestones:",
+        "class_path: datamodules.ImageFolderDataModule",
+        "monitor: val/acc1",
+    ):
+        assert expected in out, expected

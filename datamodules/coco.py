@@ -1,0 +1,340 @@
+"""COCO instance annotations, read with pycocotools exactly as distributed, for detection (and segmentation).
+
+Layout (COCO 2017, the defaults)::
+
+    <root>/train2017/*.jpg
+    <root>/val2017/*.jpg
+    <root>/annotations/instances_train2017.json
+    <root>/annotations/instances_val2017.json
+
+Detection targets follow torchvision's conventions: boxes ``x1, y1, x2, y2`` in pixels as
+``tv_tensors.BoundingBoxes`` (converted from COCO's ``x, y, w, h`` and clipped to the image), labels as
+the *COCO category ids* -- the task maps them to its contiguous labels and back, so the evaluation sees
+the original ids. Crowd annotations are kept out of the training targets (COCOeval uses them from the
+annotation file); boxes no wider or taller than one pixel are dropped and counted; images without any
+usable box are skipped for training only. Augmentation is ``transforms.v2`` on ``tv_tensors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .images import CorruptImageError, read_image
+from .imagefolder import list_images
+from .loading import eval_sampler
+from .samplers import AspectRatioGroupedSampler, aspect_ratio_groups
+
+log = logging.getLogger(__name__)
+
+LAYOUT_HELP = (
+    "Expected COCO's layout: <root>/train2017/*.jpg, <root>/val2017/*.jpg and "
+    "<root>/annotations/instances_{train,val}2017.json (or set data.train_images, data.train_annotations, ...)."
+)
+
+
+def load_coco(path: str | Path):
+    """A ``pycocotools.coco.COCO`` for ``path``, with errors that name the file and the problem."""
+    from pycocotools.coco import COCO
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} does not exist. {LAYOUT_HELP}")
+    try:
+        dataset = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-download or regenerate the annotation file") from None
+    if not isinstance(dataset, dict):
+        raise ValueError(f"{path}: a COCO annotation file is a JSON object, not a {type(dataset).__name__}")
+    missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
+    if missing:
+        raise ValueError(f"{path}: not a COCO instances file, it lacks the {', '.join(missing)} field(s)")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def xywh_to_xyxy_clipped(bbox, width: int, height: int) -> tuple[float, float, float, float]:
+    """COCO's ``[x, y, w, h]`` as ``(x1, y1, x2, y2)`` clipped to the image."""
+    x, y, w, h = (float(v) for v in bbox)
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return x1, y1, x2, y2
+
+
+class COCODetectionDataset(Dataset):
+    """Images of one COCO split with their boxes and category ids.
+
+    Args:
+        images_dir: folder of the split's image files.
+        coco: the split's annotations (``load_coco``).
+        train: training mode -- skip images without usable boxes and apply ``transform``.
+        transform: a ``transforms.v2`` callable on ``(image, target)``.
+        skip_corrupt: return ``None`` for unreadable images (dropped and counted by the collate).
+    """
+
+    def __init__(self, images_dir: str | Path, coco, train: bool, transform=None, skip_corrupt: bool = False) -> None:
+        self.images_dir = Path(images_dir)
+        self.coco = coco
+        self.train = train
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        known = set(coco.getCatIds())
+        self.dropped: Counter = Counter()
+        self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for image_id in sorted(coco.getImgIds()):
+            info = coco.imgs[image_id]
+            boxes, categories = [], []
+            for ann in coco.imgToAnns.get(image_id, []):
+                if ann.get("iscrowd", 0):
+                    continue  # crowd regions are for evaluation only
+                if ann.get("category_id") not in known:
+                    self.dropped["unknown category"] += 1
+                    continue
+                x1, y1, x2, y2 = xywh_to_xyxy_clipped(ann["bbox"], info["width"], info["height"])
+                if x2 - x1 <= 1 or y2 - y1 <= 1:
+                    self.dropped["degenerate box"] += 1
+                    continue
+                boxes.append((x1, y1, x2, y2))
+                categories.append(ann["category_id"])
+            self.targets[image_id] = (
+                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                torch.tensor(categories, dtype=torch.int64),
+            )
+        self.ids = [i for i in sorted(self.targets) if not train or len(self.targets[i][1])]
+        if self.dropped and train:
+            summary = ", ".join(f"{n} x {kind}" for kind, n in sorted(self.dropped.items()))
+            log.warning("%s: dropped from the training targets: %s", self.images_dir, summary)
+        if train and len(self.ids) < len(self.targets):
+            skipped = len(self.targets) - len(self.ids)
+            log.info("%s: %d images without annotations skipped for training", self.images_dir, skipped)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [(self.coco.imgs[i]["width"], self.coco.imgs[i]["height"]) for i in self.ids]
+
+    def path(self, image_id: int) -> Path:
+        return self.images_dir / self.coco.imgs[image_id]["file_name"]
+
+    def __getitem__(self, index: int) -> dict | None:
+        image_id = self.ids[index]
+        path = self.path(image_id)
+        try:
+            image = read_image(path)
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise
+            log.warning("skipping unreadable image: %s", err)
+            return None
+        boxes, categories = self.targets[image_id]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=tuple(image.shape[-2:])),
+            "labels": categories.clone(),
+        }
+        image = tv_tensors.Image(image)
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return {
+            "image": image.as_subclass(torch.Tensor),
+            "target": {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]},
+            "image_id": image_id,
+            "path": str(path),
+        }
+
+
+class ImageListDataset(Dataset):
+    """Unlabeled images (``predict``): ``image_id`` is the 1-based position in the sorted file list."""
+
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.transform(tv_tensors.Image(read_image(self.paths[index])))
+        return {
+            "image": image.as_subclass(torch.Tensor),
+            "target": {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+            "image_id": index + 1,
+            "path": str(self.paths[index]),
+        }
+
+
+def detection_collate(batch: list[dict | None]) -> dict:
+    """Lists of variable-size images and their targets (the detector resizes and batches them)."""
+    kept = [sample for sample in batch if sample is not None]
+    return {
+        "images": [s["image"] for s in kept],
+        "targets": [s["target"] for s in kept],
+        "image_ids": [s["image_id"] for s in kept],
+        "paths": [s["path"] for s in kept],
+        "skipped": len(batch) - len(kept),
+    }
+
+
+class COCODetectionDataModule(pl.LightningDataModule):
+    """COCO (or any COCO-format dataset) for ``tasks.detect``.
+
+    Args:
+        root: dataset folder; the other paths are relative to it.
+        train_images: training image folder.
+        train_annotations: training instances file.
+        val_images: validation image folder.
+        val_annotations: validation instances file (COCOeval's ground truth).
+        test_images: test image folder (defaults to the validation split).
+        test_annotations: test instances file (defaults to the validation split).
+        predict_root: a folder of images (searched recursively) for ``predict``.
+        batch_size: images per batch and process (the 1x schedule uses 16 in total).
+        eval_batch_size: images per evaluation batch (defaults to ``batch_size``).
+        num_workers: loader processes.
+        flip_prob: horizontal flip probability for training.
+        aspect_ratio_group_factor: ``k`` of the aspect-ratio grouping (``2k + 1`` bins); -1 disables it.
+        skip_corrupt: skip unreadable images (logged and counted) instead of failing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        predict_root: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        flip_prob: float = 0.5,
+        aspect_ratio_group_factor: int = 3,
+        skip_corrupt: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.datasets: dict[str, Dataset] = {}
+        self._categories: list[dict] | None = None
+
+    # -- files and categories ---------------------------------------------------------------------
+    def split_files(self, split: str) -> tuple[Path, Path]:
+        """``(images folder, annotation file)`` of ``train``, ``val`` or ``test``."""
+        hp = self.hparams
+        if split == "train":
+            images, annotations = hp.train_images, hp.train_annotations
+        elif split == "val":
+            images, annotations = hp.val_images, hp.val_annotations
+        elif split == "test":
+            images, annotations = hp.test_images or hp.val_images, hp.test_annotations or hp.val_annotations
+        else:
+            raise ValueError(f"unknown split {split!r}")
+        return self.root / images, self.root / annotations
+
+    def annotation_file(self, split: str) -> Path:
+        return self.split_files(split)[1]
+
+    @property
+    def categories(self) -> list[dict]:
+        """COCO categories (``id``, ``name``) sorted by id, from the validation (else training) file."""
+        if self._categories is None:
+            for split in ("val", "train"):
+                path = self.annotation_file(split)
+                if path.is_file():
+                    self._categories = sorted(load_coco(path).dataset["categories"], key=lambda c: c["id"])
+                    break
+            else:
+                raise FileNotFoundError(f"no annotation file under {self.root}. {LAYOUT_HELP}")
+        return self._categories
+
+    @property
+    def category_ids(self) -> list[int]:
+        return [c["id"] for c in self.categories]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes."""
+        return len(self.categories)
+
+    # -- datasets -----------------------------------------------------------------------------------
+    def _transform(self, train: bool) -> v2.Compose:
+        steps: list = [v2.RandomHorizontalFlip(self.hparams.flip_prob)] if train else []
+        return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+
+    def _split(self, split: str) -> COCODetectionDataset:
+        images, annotations = self.split_files(split)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
+        train = split == "train"
+        return COCODetectionDataset(
+            images, load_coco(annotations), train, self._transform(train), self.hparams.skip_corrupt
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._split("train")
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = self._split("val")
+        if stage == "test":
+            self.datasets["test"] = self._split("test")
+        if stage == "predict":
+            if not self.hparams.predict_root:
+                raise ValueError("predict needs data.predict_root: a folder of images")
+            paths = list_images(Path(self.hparams.predict_root).expanduser())
+            if not paths:
+                raise ValueError(f"data.predict_root={self.hparams.predict_root} holds no image files")
+            self.datasets["predict"] = ImageListDataset(paths, self._transform(False))
+
+    def _loader(self, dataset: Dataset, *, batch_size: int, train: bool) -> DataLoader:
+        hp = self.hparams
+        sampler = None
+        if train and hp.aspect_ratio_group_factor >= 0:
+            groups = aspect_ratio_groups(dataset.image_sizes(), hp.aspect_ratio_group_factor)
+            sampler = AspectRatioGroupedSampler(dataset, groups, batch_size, seed=torch.initial_seed() % 2**31)
+        elif not train:
+            sampler = eval_sampler(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=hp.num_workers,
+            collate_fn=detection_collate,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], batch_size=self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["val"], batch_size=self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["test"], batch_size=self.eval_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["predict"], batch_size=self.eval_batch_size, train=False)

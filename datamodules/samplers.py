@@ -1,0 +1,71 @@
+"""Aspect-ratio grouped sampling for detection, correct with or without DDP.
+
+Batches made of images of similar aspect ratio pad less after the detector's resize (torchvision's
+reference scripts group into ``2k + 1`` log-spaced bins, ``k = 3``). The sampler subclasses
+``DistributedSampler``, so Lightning uses it as it is instead of wrapping it (which would interleave
+indices across ranks and break the grouping): it shuffles per epoch (``set_epoch``), builds
+group-homogeneous batches, and deals whole batches to the ranks.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+def aspect_ratio_groups(sizes: Sequence[tuple[int, int]], k: int = 3) -> list[int]:
+    """Group index per image from its ``(width, height)``: bins ``2 ** linspace(-1, 1, 2k + 1)`` of w / h."""
+    bins = [2 ** (-1 + 2 * i / (2 * k)) for i in range(2 * k + 1)]
+    return [bisect.bisect_right(bins, w / h) for w, h in sizes]
+
+
+class AspectRatioGroupedSampler(DistributedSampler):
+    """Shuffled indices whose consecutive ``batch_size`` runs share an aspect-ratio group.
+
+    Args:
+        dataset: the dataset (only its length is used).
+        group_ids: group of each sample (:func:`aspect_ratio_groups`).
+        batch_size: images per batch and rank; the loader must use the same ``batch_size`` and
+            ``drop_last=True``.
+        seed: base of the per-epoch shuffling seed.
+    """
+
+    def __init__(self, dataset, group_ids: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        if len(group_ids) != len(dataset):
+            raise ValueError(f"{len(group_ids)} group ids for {len(dataset)} samples")
+        self.group_ids = list(group_ids)
+        self.batch_size = batch_size
+        full_batches = sum(count // batch_size for count in Counter(self.group_ids).values())
+        self.batches_per_rank = full_batches // world
+        self.num_samples = self.batches_per_rank * batch_size
+        self.total_size = self.num_samples * world
+
+    def _batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.group_ids), generator=generator).tolist()
+        buckets: dict[int, list[int]] = {}
+        batches: list[list[int]] = []
+        for index in order:
+            bucket = buckets.setdefault(self.group_ids[index], [])
+            bucket.append(index)
+            if len(bucket) == self.batch_size:
+                batches.append(bucket)
+                buckets[self.group_ids[index]] = []
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffled]
+
+    def __iter__(self) -> Iterator[int]:
+        batches = self._batches()[: self.batches_per_rank * self.num_replicas]
+        mine = batches[self.rank :: self.num_replicas]
+        return iter([index for batch in mine for index in batch])
+
+    def __len__(self) -> int:
+        return self.num_samples

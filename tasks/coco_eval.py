@@ -1,0 +1,86 @@
+"""COCO detection metrics from ``COCOeval`` against the annotation file (pycocotools or faster-coco-eval).
+
+Nothing is re-derived: detections are converted to COCO's results format (``image_id``,
+``category_id``, ``bbox`` as ``[x, y, w, h]``, ``score``), loaded into the ground truth's ``COCO`` object
+with ``loadRes`` and evaluated by the library's ``COCOeval`` restricted to the images that were
+evaluated. The twelve standard numbers come back; the tasks log the first six as ``mAP``, ``AP50``,
+``AP75``, ``APs``, ``APm``, ``APl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Backend = Literal["faster_coco_eval", "pycocotools"]
+METRIC_NAMES: tuple[str, ...] = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@lru_cache(maxsize=4)
+def _ground_truth(path: str, backend: Backend, mtime: float):
+    with contextlib.redirect_stdout(io.StringIO()):
+        if backend == "pycocotools":
+            from pycocotools.coco import COCO
+        else:
+            from faster_coco_eval import COCO
+        return COCO(path)
+
+
+def ground_truth(path: str | Path, backend: Backend = "faster_coco_eval"):
+    """The annotation file as the backend's ``COCO`` object (cached while the file is unchanged)."""
+    path = Path(path)
+    return _ground_truth(str(path.resolve()), backend, path.stat().st_mtime)
+
+
+def to_coco_results(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_id: int, label_to_category: list[int]
+) -> list[dict]:
+    """One image's detections (``x1, y1, x2, y2`` boxes, contiguous labels) as COCO result entries."""
+    boxes = boxes.detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category[int(label)]),
+            "bbox": [round(v, 3) for v in box],
+            "score": round(float(score), 5),
+        }
+        for box, score, label in zip(xywh, scores.detach().float().cpu().tolist(), labels.cpu().tolist())
+    ]
+
+
+def evaluate_detections(
+    annotation_file: str | Path,
+    results: list[dict],
+    image_ids: list[int],
+    backend: Backend = "faster_coco_eval",
+    iou_type: str = "bbox",
+) -> list[float]:
+    """``COCOeval(...).stats`` (12 numbers) for ``results`` on the images ``image_ids``.
+
+    With no detections at all every AP is 0 (there is nothing to rank); images without ground truth
+    are part of ``image_ids`` like any other, as in COCOeval.
+    """
+    gt = ground_truth(annotation_file, backend)
+    if not results:
+        return [0.0] * 12
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it gets
+        if backend == "pycocotools":
+            from pycocotools.cocoeval import COCOeval
+
+            evaluator = COCOeval(gt, dt, iouType=iou_type)
+        else:
+            from faster_coco_eval import COCOeval_faster
+
+            evaluator = COCOeval_faster(gt, dt, iouType=iou_type, print_function=print)
+        evaluator.params.imgIds = sorted(set(int(i) for i in image_ids))
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats[:12]]

@@ -1,0 +1,173 @@
+"""Faster R-CNN over any zoo backbone, assembled from torchvision's detection components.
+
+Two ways to attach a backbone (``head``):
+
+* ``fpn`` -- every stage after the stem feeds torchvision's ``FeaturePyramidNetwork`` (with the extra
+  max-pooled level); RPN and ``MultiScaleRoIAlign`` (7x7) on all levels; the two-layer MLP box head.
+  With ``resnet50`` this is torchvision's ``fasterrcnn_resnet50_fpn`` module for module, so its
+  weights load unchanged.
+* ``c4`` -- the ResNet paper's COCO detector (Appendix A, Table 8): the shared trunk ends at the
+  penultimate stage (``res4``, stride 16); RPN and RoIAlign (14x14) run on it; the last stage (``res5``,
+  plus the final BN+ReLU of pre-activation nets) runs *per region* as the box head, followed by average
+  pooling and the two sibling layers.
+
+Channels and strides come from the backbone's ``feature_info``; nothing is hard-coded for ResNet-50.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from backbones.resnet import ResNet
+
+HeadKind = Literal["c4", "fpn"]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def check_pyramid(strides: Sequence[int]) -> None:
+    """Levels must be consecutive powers of two (as detectron2's FPN asserts)."""
+    for lower, upper in zip(strides, strides[1:]):
+        if upper != 2 * lower:
+            raise ValueError(
+                f"FPN needs stage strides that double from level to level, got {list(strides)}; "
+                f"build the backbone without output_stride"
+            )
+
+
+class FPNBackbone(nn.Module):
+    """``body`` (a zoo backbone) plus a feature pyramid on all its stages after the stem.
+
+    The attribute names (``body``, ``fpn``) are torchvision's ``BackboneWithFPN``'s.
+    """
+
+    def __init__(self, body: ResNet, out_channels: int = 256) -> None:
+        super().__init__()
+        stages = [name for name in body.stage_names if name != "stem"]
+        body._set_out_features(stages)
+        check_pyramid([body.feature_info[s].stride for s in stages])
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(
+            [body.feature_info[s].channels for s in stages], out_channels, extra_blocks=LastLevelMaxPool()
+        )
+        self.out_channels = out_channels
+        #: strides of the pyramid levels "0", "1", ... and "pool"
+        self.strides = [body.feature_info[s].stride for s in stages] + [2 * body.feature_info[stages[-1]].stride]
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        feats = self.body.forward_features(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats.values())))
+
+
+class C4Backbone(nn.Module):
+    """The shared trunk of the C4 detector: the backbone up to its penultimate stage."""
+
+    def __init__(self, body: ResNet) -> None:
+        super().__init__()
+        self.body = body
+        self.stage = body.out_features[-1]
+        self.out_channels = body.feature_info[self.stage].channels
+        self.stride = body.feature_info[self.stage].stride
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return OrderedDict([("0", self.body.forward_features(x)[self.stage])])
+
+
+class StageBoxHead(nn.Module):
+    """The C4 box head: the backbone's last stage applied to each region, then global average pooling."""
+
+    def __init__(self, stage: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.res5 = stage
+        self.out_channels = out_channels
+
+    def forward(self, regions: Tensor) -> Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.res5(regions), 1), 1)
+
+
+def build_faster_rcnn(
+    body: ResNet,
+    *,
+    head: HeadKind,
+    num_classes: int,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    anchor_sizes: Sequence[int] | None = None,
+    fpn_channels: int = 256,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+    **detector_kwargs,
+) -> FasterRCNN:
+    """torchvision's ``FasterRCNN`` with ``body`` attached through ``head``.
+
+    Args:
+        body: a zoo backbone with its weights loaded and frozen stages frozen (the C4 head takes its
+            last stage away).
+        head: ``fpn`` or ``c4`` (see the module docstring).
+        num_classes: classes including the background (foreground + 1).
+        min_size: shorter side after resizing (a list draws one per image during training).
+        max_size: cap of the longer side.
+        anchor_sizes: anchor sizes in pixels; FPN: one per level (default 8 x the level's stride:
+            32 ... 512 on ImageNet nets), C4: all on the one level (default 2, 4, 8, 16, 32 x stride).
+        fpn_channels: FPN width.
+        image_mean, image_std: normalization applied by the detector's transform to [0, 1] images.
+        detector_kwargs: any other ``FasterRCNN`` argument (``rpn_post_nms_top_n_test``,
+            ``box_detections_per_img``, ...).
+    """
+    ratios = (0.5, 1.0, 2.0)
+    if head == "fpn":
+        backbone: nn.Module = FPNBackbone(body, fpn_channels)
+        sizes = list(anchor_sizes) if anchor_sizes else [8 * s for s in backbone.strides]
+        if len(sizes) != len(backbone.strides):
+            raise ValueError(
+                f"anchor_sizes: the FPN head needs one size per level ({len(backbone.strides)}), got {sizes}"
+            )
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
+        return FasterRCNN(
+            backbone,
+            num_classes=num_classes,
+            rpn_anchor_generator=anchors,
+            rpn_head=RPNHead(backbone.out_channels, len(ratios)),
+            min_size=min_size,
+            max_size=max_size,
+            image_mean=list(image_mean),
+            image_std=list(image_std),
+            **detector_kwargs,
+        )
+    if head != "c4":
+        raise ValueError(f"head={head!r} is not one of 'c4', 'fpn'")
+    stages = [name for name in body.stage_names if name != "stem"]
+    if len(stages) < 2:
+        raise ValueError(f"the C4 head needs at least two stages, {body.name} has {stages}")
+    trunk_stage, head_stage = stages[-2], stages[-1]
+    head_channels = body.feature_info[head_stage].channels
+    body._set_out_features([trunk_stage])
+    res5 = body.truncate(after=trunk_stage)
+    backbone = C4Backbone(body)
+    sizes = list(anchor_sizes) if anchor_sizes else [backbone.stride * k for k in (2, 4, 8, 16, 32)]
+    anchors = AnchorGenerator((tuple(sizes),), (ratios,))
+    return FasterRCNN(
+        backbone,
+        rpn_anchor_generator=anchors,
+        rpn_head=RPNHead(backbone.out_channels, len(sizes) * len(ratios)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+        box_head=StageBoxHead(res5, head_channels),
+        box_predictor=FastRCNNPredictor(head_channels, num_classes),
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+        **detector_kwargs,
+    )

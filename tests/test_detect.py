@@ -1,0 +1,193 @@
+"""tasks.detect: both heads over the zoo, COCO data handling, COCOeval-exact metrics, learning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import CATEGORY_IDS, write_coco, write_imagefolder
+
+from datamodules import COCODetectionDataModule
+from tasks import classify, detect
+from tasks.detect import DetectionTask
+from tasks.wandb_offline import metric_series, read_offline_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DETECTION_CONFIGS = sorted(
+    p for p in CONFIGS.glob("coco_*.yaml") if "fcn" not in p.stem and "torchvision" not in p.stem
+)
+COMMON = [
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
+SMALL = {"rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 200, "box_batch_size_per_image": 64}
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return write_coco(tmp_path_factory.mktemp("coco"), train_images=8, val_images=6)
+
+
+def _targets(n: int = 2):
+    return [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0]]), "labels": torch.tensor([1 + i % 2])} for i in range(n)]
+
+
+@pytest.mark.parametrize("head", ["fpn", "c4"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnext50_32x4d", "preact_resnet50"])
+def test_both_heads_train_a_step_with_any_backbone(backbone, head):
+    task = DetectionTask(backbone=backbone, head=head, num_classes=2, min_size=64, max_size=64, detector_args=SMALL)
+    task.detector.train()
+    losses = task(list(torch.rand(2, 3, 64, 64)), _targets())
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    task.detector.eval()
+    with torch.no_grad():
+        (out,) = task([torch.rand(3, 64, 64)])
+    assert set(out) == {"boxes", "labels", "scores"}
+
+
+def test_c4_box_head_is_the_backbones_res5(tmp_path):
+    from backbones import build_backbone
+
+    reference = build_backbone("resnet50")
+    torch.nn.init.normal_(reference.layer4[2].conv3.weight)
+    path = tmp_path / "r50.pth"
+    torch.save(reference.state_dict(), path)
+    task = DetectionTask(backbone="resnet50", head="c4", num_classes=3, weights_backbone=str(path))
+    detector = task.detector
+    res5 = detector.roi_heads.box_head.res5
+    assert [type(m).__name__ for m in res5] == ["Sequential"]  # exactly the backbone's layer4
+    ours = dict(res5[0].state_dict())
+    theirs = {k.removeprefix("layer4."): v for k, v in reference.state_dict().items() if k.startswith("layer4.")}
+    assert ours.keys() == {k for k in theirs if not k.endswith("num_batches_tracked")}
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not hasattr(detector.backbone.body, "layer4")  # res5 is not in the shared trunk
+    assert detector.backbone.out_channels == 1024 and detector.roi_heads.box_predictor.cls_score.in_features == 2048
+    preact = DetectionTask(backbone="preact_resnet50", head="c4", num_classes=3).detector.roi_heads.box_head.res5
+    assert type(preact[1]).__name__ == "FrozenBatchNorm2d" and type(preact[2]).__name__ == "ReLU"  # final BN+ReLU
+
+
+def test_a_classification_checkpoint_seeds_the_detector(tmp_path):
+    data = write_imagefolder(tmp_path / "cls", per_class=2, val_per_class=1, size=32)
+    cli = classify.main([
+        "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(data), "--data.image_size", "32",
+        "--data.eval_resize", "32", "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", "resnet18",
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
+        *COMMON,
+    ])  # fmt: skip
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    trained = cli.model.backbone.state_dict()
+    for head in ("fpn", "c4"):
+        task = DetectionTask(backbone="resnet18", head=head, num_classes=2, weights_backbone=ckpt)
+        body = dict(task.detector.backbone.body.state_dict())
+        if head == "c4":
+            body.update({f"layer4.{k}": v for k, v in task.detector.roi_heads.box_head.res5[0].state_dict().items()})
+        for key, value in trained.items():
+            if key.startswith(("layer1.", "layer2.", "layer3.", "layer4.")) and not key.endswith("num_batches_tracked"):
+                assert torch.equal(body[key], value), key
+        assert "fc.weight" not in body
+    from backbones import WeightsError
+
+    with pytest.raises(WeightsError, match="trained with backbone 'resnet18', but this model is 'resnet34'"):
+        DetectionTask(backbone="resnet34", num_classes=2, weights_backbone=ckpt)
+
+
+def test_coco_datamodule_handles_real_coco_quirks(coco):
+    dm = COCODetectionDataModule(str(coco), batch_size=2, num_workers=0)
+    assert dm.category_ids == [3, 7, 12, 40, 90] and dm.num_classes == 5
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    assert max(train.coco.getImgIds()) not in train.ids  # no objects: skipped for training ...
+    assert max(val.coco.getImgIds()) in val.ids  # ... but evaluated
+    first = train.ids[0]
+    boxes, categories = train.targets[first]
+    raw = [a for a in train.coco.imgToAnns[first] if not a["iscrowd"] and a["bbox"][2] > 1]
+    assert len(categories) == len(raw)  # the crowd region and the degenerate box are not training targets
+    assert train.dropped["degenerate box"] == 1
+    x, y, w, h = raw[0]["bbox"]
+    assert torch.allclose(boxes[0], torch.tensor([x, y, x + w, y + h]), atol=1e-4)  # xywh -> xyxy
+    assert set(categories.tolist()) <= set(CATEGORY_IDS.values())
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["images"]) == 2 and batch["images"][0].dtype == torch.float32
+    sizes = [train.image_sizes()[train.ids.index(i)] for i in batch["image_ids"]]
+    assert len({w / h > 1 for w, h in sizes}) == 1
+
+
+@pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda p: p.stem)
+def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
+    detect.main([
+        "fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2", "--data.num_workers", "0",
+        "--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
+        "--model.detector_args", json.dumps(SMALL), "--trainer.fast_dev_run", "true",
+        "--trainer.default_root_dir", str(tmp_path), *COMMON,
+    ])  # fmt: skip
+
+
+def _short_training(root: Path, runs: Path, epochs: int, extra: list[str] = ()) -> detect.TaskCLI:
+    return detect.main([
+        "fit", "--data", "datamodules.COCODetectionDataModule", "--data.root", str(root),
+        "--data.batch_size", "4", "--data.num_workers", "0", "--model.backbone", "resnet18",
+        "--model.norm", "bn", "--model.freeze_at", "0", "--model.min_size", "128", "--model.max_size", "128",
+        "--model.fpn_channels", "64", "--model.detector_args", json.dumps(SMALL),
+        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.02", "--model.optimizer.momentum", "0.9",
+        "--model.optimizer.weight_decay", "0.0001",
+        "--model.scheduler", "tasks.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[1000]",
+        "--model.scheduler.warmup_iters", "40",
+        "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "5", "--seed_everything", "0",
+        "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *COMMON, *extra,
+    ])  # fmt: skip
+
+
+def test_short_training_detects_and_metrics_equal_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    root = write_coco(tmp_path / "shapes", train_images=120, val_images=20, size=(128, 128), object_size=(24, 56))
+    cli = _short_training(root, tmp_path / "runs", epochs=5)
+    logged = read_offline_run(Path(cli.trainer.default_root_dir) / "wandb")
+    ap50 = metric_series(logged, "val/AP50")
+    assert len(ap50) == 5 and ap50[-1] > 0.15, ap50  # from scratch, on 2 CPU cores, in ~1 minute
+    losses = metric_series(logged, "train/loss_epoch")
+    assert losses[-1] < 0.8 * losses[0]
+
+    # test: the logged numbers are COCOeval's on the written detections file
+    out = tmp_path / "detections.json"
+    tested = detect.main([
+        "test", "--data", "datamodules.COCODetectionDataModule", "--data.root", str(root), "--data.batch_size", "4",
+        "--data.num_workers", "0", "--ckpt_path", cli.trainer.checkpoint_callback.best_model_path,
+        "--model.detections_file", str(out), "--trainer.logger", "false", "--trainer.default_root_dir",
+        str(tmp_path / "runs"), *COMMON,
+    ])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert results and {r["category_id"] for r in results} <= set(CATEGORY_IDS.values())  # original COCO ids
+    gt = COCO(str(root / "annotations" / "instances_val2017.json"))
+    evaluator = COCOeval(gt, gt.loadRes(str(out)), iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    metrics = tested.trainer.callback_metrics
+    for i, name in enumerate(["mAP", "AP50", "AP75", "APs", "APm", "APl"]):
+        assert metrics[f"test/{name}"].item() == pytest.approx(evaluator.stats[i], abs=1e-6), name
+
+
+def test_category_ids_round_trip():
+    task = DetectionTask(backbone="resnet18", num_classes=5, min_size=64, max_size=64)
+    task.category_ids = list(CATEGORY_IDS.values())
+    labels = task._labels_for(torch.tensor([90, 3, 40]))
+    assert labels.tolist() == [5, 1, 4]
+    from tasks.coco_eval import to_coco_results
+
+    rows = to_coco_results(torch.tensor([[1.0, 2.0, 11.0, 22.0]] * 3), torch.tensor([0.9, 0.8, 0.7]), labels, 42,
+                           task.label_to_category())  # fmt: skip
+    assert [r["category_id"] for r in rows] == [90, 3, 40]
+    assert rows[0]["bbox"] == [1.0, 2.0, 10.0, 20.0] and rows[0]["image_id"] == 42
+    with pytest.raises(ValueError, match="category id 8 is not one of the model's"):
+        task._labels_for(torch.tensor([8]))
