@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .images import CorruptImageError, read_image
 from .imagefolder import list_images
+from .images import CorruptImageError, read_image
 from .loading import eval_sampler
 from .samplers import AspectRatioGroupedSampler, aspect_ratio_groups
 
