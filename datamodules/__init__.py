@@ -1,7 +1,7 @@
 """LightningDataModules that read the datasets' own on-disk formats (ImageFolder/ImageNet, CIFAR, COCO)."""
 
 from .cifar import CIFARDataModule
-from .coco import COCODetectionDataModule
+from .coco import COCODetectionDataModule, COCOSegmentationDataModule
 from .imagefolder import ImageFolderDataModule
 
-__all__ = ["CIFARDataModule", "COCODetectionDataModule", "ImageFolderDataModule"]
+__all__ = ["CIFARDataModule", "COCODetectionDataModule", "COCOSegmentationDataModule", "ImageFolderDataModule"]

@@ -21,8 +21,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -338,3 +340,336 @@ class COCODetectionDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["predict"], batch_size=self.eval_batch_size, train=False)
+
+
+# -- semantic segmentation from instance annotations ------------------------------------------------
+#: COCO category ids of the 20 PASCAL VOC classes, in VOC's class order (class 0 is the background):
+#: the label set of torchvision's COCO-trained FCN and DeepLab models.
+VOC_CATEGORY_IDS: tuple[int, ...] = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72)
+VOC_CLASS_NAMES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+IGNORE_INDEX = 255
+
+
+def category_classes(categories: list[dict], label_set: str) -> tuple[dict[int, int], list[str]]:
+    """``(category id -> class index, class names)`` for ``voc`` (21 classes) or ``all`` (categories + 1)."""
+    if label_set == "voc":
+        return {cid: i + 1 for i, cid in enumerate(VOC_CATEGORY_IDS)}, list(VOC_CLASS_NAMES)
+    if label_set == "all":
+        ordered = sorted(categories, key=lambda c: c["id"])
+        return {c["id"]: i + 1 for i, c in enumerate(ordered)}, ["background", *[c["name"] for c in ordered]]
+    raise ValueError(f"data.categories={label_set!r} must be 'voc' or 'all'")
+
+
+def semantic_mask(coco, image_id: int, classes: dict[int, int]):
+    """Rasterize an image's instances into one class-index mask (``H x W`` uint8 numpy array).
+
+    Polygons, RLE and crowd RLE all go through ``pycocotools``' ``annToMask``. Pixels covered by
+    instances of *different* classes, and crowd regions of a class in the label set, become 255 (ignored
+    by the loss and the metrics); instances of categories outside the label set are background.
+    """
+    import numpy as np
+
+    info = coco.imgs[image_id]
+    class_map = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+    ignore = np.zeros(class_map.shape, dtype=bool)
+    for ann in coco.imgToAnns.get(image_id, []):
+        cls = classes.get(ann["category_id"])
+        if cls is None:
+            continue
+        region = coco.annToMask(ann).astype(bool)
+        if ann.get("iscrowd", 0):
+            ignore |= region
+            continue
+        ignore |= region & (class_map > 0) & (class_map != cls)
+        class_map[region & (class_map == 0)] = cls
+    class_map[ignore] = IGNORE_INDEX
+    return class_map
+
+
+class COCOSegmentationDataset(Dataset):
+    """Images of one COCO split with class-index masks, rasterized once and cached as PNG files.
+
+    Args:
+        images_dir: folder of the split's image files.
+        coco: the split's annotations.
+        classes: category id to class index (``category_classes``).
+        train: training mode (image filtering).
+        transform: ``transforms.v2`` callable on ``(tv_tensors.Image, tv_tensors.Mask)``.
+        cache_dir: folder of the cached masks (one ``<image id>.png`` each).
+        min_area: training keeps images whose annotations of the label set cover more than this many
+            pixels in total (torchvision's reference uses 1000).
+        skip_corrupt: return ``None`` for unreadable images.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        coco,
+        classes: dict[int, int],
+        train: bool,
+        transform,
+        cache_dir: Path,
+        min_area: float = 1000,
+        skip_corrupt: bool = False,
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        self.coco = coco
+        self.classes = classes
+        self.transform = transform
+        self.cache_dir = Path(cache_dir)
+        self.skip_corrupt = skip_corrupt
+        ids = sorted(coco.getImgIds())
+        if train:
+
+            def annotated_area(image_id: int) -> float:
+                anns = coco.imgToAnns.get(image_id, [])
+                return sum(a.get("area", 0.0) for a in anns if a["category_id"] in classes)
+
+            kept = [i for i in ids if annotated_area(i) > min_area]
+            if len(kept) < len(ids):
+                log.info("%s: %d of %d images skipped for training (annotated area <= %s pixels)",
+                         self.images_dir, len(ids) - len(kept), len(ids), min_area)  # fmt: skip
+            ids = kept
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def mask(self, image_id: int) -> torch.Tensor:
+        """The class-index mask (``1 x H x W`` uint8), from the cache or rasterized and cached now."""
+        from torchvision.io import ImageReadMode, decode_png, encode_png, read_file
+
+        path = self.cache_dir / f"{image_id}.png"
+        if path.is_file():
+            try:
+                return decode_png(read_file(str(path)), mode=ImageReadMode.GRAY)
+            except RuntimeError:
+                path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+        mask = torch.from_numpy(semantic_mask(self.coco, image_id, self.classes))[None]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(encode_png(mask).numpy().tobytes())
+        os.replace(partial, path)  # atomic: concurrent workers never see half a file
+        return mask
+
+    def __getitem__(self, index: int) -> dict | None:
+        image_id = self.ids[index]
+        path = self.images_dir / self.coco.imgs[image_id]["file_name"]
+        try:
+            image = read_image(path)
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise
+            log.warning("skipping unreadable image: %s", err)
+            return None
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.mask(image_id)))
+        return {
+            "image": image.as_subclass(torch.Tensor),
+            "mask": mask.as_subclass(torch.Tensor)[0].long(),
+            "image_id": image_id,
+            "path": str(path),
+        }
+
+
+class SegmentationImageList(Dataset):
+    """Unlabeled images for ``predict``, with their original size."""
+
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = read_image(self.paths[index])
+        size = torch.tensor(image.shape[-2:])
+        return {"image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+                "original_size": size, "image_id": index + 1, "path": str(self.paths[index])}  # fmt: skip
+
+
+def segmentation_collate(batch: list[dict | None]) -> dict:
+    """Stack samples, padding differently sized evaluation images (image with 0, mask with 255)."""
+    kept = [sample for sample in batch if sample is not None]
+    out: dict = {"skipped": len(batch) - len(kept)}
+    if not kept:
+        return out
+    height = max(s["image"].shape[-2] for s in kept)
+    width = max(s["image"].shape[-1] for s in kept)
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value)
+
+    out["image"] = torch.stack([pad(s["image"], 0.0) for s in kept])
+    if "mask" in kept[0]:
+        out["mask"] = torch.stack([pad(s["mask"], IGNORE_INDEX) for s in kept])
+    if "original_size" in kept[0]:
+        out["original_size"] = torch.stack([s["original_size"] for s in kept])
+        out["input_size"] = torch.tensor([list(s["image"].shape[-2:]) for s in kept])
+    out["image_id"] = [s["image_id"] for s in kept]
+    out["path"] = [s["path"] for s in kept]
+    return out
+
+
+class COCOSegmentationDataModule(pl.LightningDataModule):
+    """COCO instance annotations as semantic segmentation masks, for ``tasks.segment``.
+
+    Args:
+        root, train_images, train_annotations, val_images, val_annotations, test_images,
+            test_annotations, predict_root: as for ``COCODetectionDataModule``.
+        categories: ``voc`` -- the 20 PASCAL VOC classes + background (21, torchvision's COCO
+            segmentation label set); ``all`` -- every category + background.
+        base_size: training scales are 0.5-2.0 x ``base_size`` (shorter side); evaluation resizes the
+            shorter side to ``base_size``.
+        crop_size: training crop (masks padded with 255 where the image is smaller).
+        scale_range: random scale range relative to ``base_size``.
+        flip_prob: horizontal flip probability.
+        min_area: minimum annotated area of a training image (pixels).
+        cache_dir: where rasterized masks are cached (default: ``~/.cache/residual-zoo/coco_masks``).
+        batch_size: training images per batch and process.
+        eval_batch_size: evaluation images per batch (1 evaluates every image at its own size; more
+            pads to the largest in the batch).
+        num_workers, skip_corrupt, pin_memory, persistent_workers: as for the other datamodules.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        predict_root: str | None = None,
+        categories: Literal["voc", "all"] = "voc",
+        base_size: int = 520,
+        crop_size: int = 480,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        flip_prob: float = 0.5,
+        min_area: float = 1000,
+        cache_dir: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        skip_corrupt: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.files = COCODetectionDataModule(
+            root, train_images, train_annotations, val_images, val_annotations, test_images, test_annotations
+        )
+        self.root = self.files.root
+        self.batch_size = batch_size
+        self.datasets: dict[str, Dataset] = {}
+        self._classes: tuple[dict[int, int], list[str]] | None = None
+
+    @property
+    def label_set(self) -> tuple[dict[int, int], list[str]]:
+        if self._classes is None:
+            categories = self.files.categories if self.hparams.categories == "all" else []
+            self._classes = category_classes(categories, self.hparams.categories)
+        return self._classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.label_set[1]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background."""
+        return len(self.class_names)
+
+    def annotation_file(self, split: str) -> Path:
+        return self.files.annotation_file(split)
+
+    def _cache_dir(self, annotations: Path) -> Path:
+        import hashlib
+
+        if self.hparams.cache_dir:
+            base = Path(self.hparams.cache_dir).expanduser()
+        else:
+            base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "residual-zoo" / "coco_masks"
+        stat = annotations.stat()
+        key = f"{annotations.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.hparams.categories}"
+        return base / f"{annotations.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def _transform(self, train: bool) -> v2.Compose:
+        hp = self.hparams
+        normalize = [
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean=list(hp.mean), std=list(hp.std)),
+        ]
+        if not train:
+            return v2.Compose([v2.Resize(hp.base_size, antialias=True), *normalize])
+        low, high = hp.scale_range
+        return v2.Compose(
+            [
+                v2.RandomResize(int(low * hp.base_size), int(high * hp.base_size), antialias=True),
+                v2.RandomHorizontalFlip(hp.flip_prob),
+                v2.RandomCrop(hp.crop_size, pad_if_needed=True, fill={tv_tensors.Mask: IGNORE_INDEX, "others": 0}),
+                *normalize,
+            ]
+        )
+
+    def _split(self, split: str) -> COCOSegmentationDataset:
+        images, annotations = self.files.split_files(split)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
+        coco = load_coco(annotations)
+        if self.hparams.categories == "all" and self._classes is None:
+            self._classes = category_classes(coco.dataset["categories"], "all")
+        train = split == "train"
+        return COCOSegmentationDataset(
+            images, coco, self.label_set[0], train, self._transform(train), self._cache_dir(annotations),
+            min_area=self.hparams.min_area, skip_corrupt=self.hparams.skip_corrupt,
+        )  # fmt: skip
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._split("train")
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = self._split("val")
+        if stage == "test":
+            self.datasets["test"] = self._split("test")
+        if stage == "predict":
+            if not self.hparams.predict_root:
+                raise ValueError("predict needs data.predict_root: a folder of images")
+            paths = list_images(Path(self.hparams.predict_root).expanduser())
+            if not paths:
+                raise ValueError(f"data.predict_root={self.hparams.predict_root} holds no image files")
+            self.datasets["predict"] = SegmentationImageList(paths, self._transform(False))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        hp = self.hparams
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train,
+            sampler=None if train else eval_sampler(dataset),
+            drop_last=train,
+            num_workers=hp.num_workers,
+            collate_fn=segmentation_collate,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)

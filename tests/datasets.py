@@ -94,3 +94,18 @@ def write_coco(
         })  # fmt: skip
         path.write_text(json.dumps(data))
     return root
+
+
+def classify_checkpoint(tmp_path: Path, backbone: str = "resnet18") -> tuple[str, dict]:
+    """Train ``backbone`` for one epoch with ``tasks.classify``; return its checkpoint and backbone state."""
+    from tasks import classify
+
+    data = write_imagefolder(tmp_path / "cls", per_class=2, val_per_class=1, size=32)
+    cli = classify.main([
+        "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(data), "--data.image_size", "32",
+        "--data.eval_resize", "32", "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", backbone,
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ])  # fmt: skip
+    return cli.trainer.checkpoint_callback.last_model_path, cli.model.backbone.state_dict()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import CATEGORY_IDS, write_coco, write_imagefolder
+from datasets import CATEGORY_IDS, classify_checkpoint, write_coco
 
 from datamodules import COCODetectionDataModule
-from tasks import classify, detect
+from tasks import detect
 from tasks.detect import DetectionTask
 from tasks.wandb_offline import metric_series, read_offline_run
 
@@ -76,15 +76,7 @@ def test_c4_box_head_is_the_backbones_res5(tmp_path):
 
 
 def test_a_classification_checkpoint_seeds_the_detector(tmp_path):
-    data = write_imagefolder(tmp_path / "cls", per_class=2, val_per_class=1, size=32)
-    cli = classify.main([
-        "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(data), "--data.image_size", "32",
-        "--data.eval_resize", "32", "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", "resnet18",
-        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false",
-        *COMMON,
-    ])  # fmt: skip
-    ckpt = cli.trainer.checkpoint_callback.last_model_path
-    trained = cli.model.backbone.state_dict()
+    ckpt, trained = classify_checkpoint(tmp_path, "resnet18")
     for head in ("fpn", "c4"):
         task = DetectionTask(backbone="resnet18", head=head, num_classes=2, weights_backbone=ckpt)
         body = dict(task.detector.backbone.body.state_dict())
