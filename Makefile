@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --timeout=900
 
+demo: $(STAMP)
+	$(PY) -m tasks.demo
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 

@@ -41,8 +41,9 @@ TORCHVISION_WEIGHTS: dict[str, str] = {
     "resnext101_64x4d": "ResNeXt101_64X4D_Weights",
 }
 
-#: Prefixes under which a task checkpoint stores its backbone (ClassificationTask uses ``backbone.``).
-CHECKPOINT_PREFIXES: tuple[str, ...] = ("backbone.", "model.backbone.")
+#: Prefixes under which this project's task checkpoints store the backbone: classification,
+#: segmentation, detection (FPN head).
+CHECKPOINT_PREFIXES: tuple[str, ...] = ("backbone.", "model.backbone.", "detector.backbone.body.")
 
 _CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
@@ -160,11 +161,10 @@ def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
         hparams = raw.get("hyper_parameters") or {}
         if isinstance(hparams, dict) and isinstance(hparams.get("backbone"), str):
             meta["checkpoint_backbone"] = hparams["backbone"]
-        state = raw["state_dict"]
-        for prefix in CHECKPOINT_PREFIXES:
-            if any(k.startswith(prefix) for k in state):
-                return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        return state
+        for key in ("class_names", "category_ids"):  # label sets recorded by this project's tasks
+            if raw.get(key):
+                meta[key] = list(raw[key])
+        return raw["state_dict"]
     if "model" in raw and isinstance(raw["model"], dict):  # torchvision reference-script checkpoint
         return raw["model"]
     bad = [k for k, v in raw.items() if not isinstance(v, Tensor)]
@@ -174,6 +174,14 @@ def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
 
 
 # -- remapping ----------------------------------------------------------------------------------
+def backbone_subset(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's part of a task checkpoint's state dict, with the task's prefix removed."""
+    for prefix in CHECKPOINT_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
 def is_timm_resnetv2(state: dict[str, Tensor]) -> bool:
     return "stem.conv.weight" in state and any(k.startswith("stages.0.blocks.0.") for k in state)
 
@@ -248,27 +256,20 @@ def load_state_dict_checked(net: nn.Module, state: dict[str, Tensor], what: str)
     return len(usable)
 
 
-def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = False) -> LoadReport:
-    """Load ``source`` into the backbone ``net`` (see the module docstring for accepted sources).
-
-    Args:
-        net: a zoo backbone (its ``name`` is checked against a task checkpoint's recorded backbone).
-        source: torchvision weights name, URL or file path.
-        ignore_head: drop the file's classifier (``fc``) and keep ``net``'s own, e.g. to fine-tune
-            ImageNet weights on another label set. A net built with ``num_classes=0`` has no classifier
-            and always drops it.
-
-    Raises:
-        WeightsError: unreadable or unsafe file, unknown name, backbone-name or key/shape mismatch.
-    """
-    what = f"weights={str(source)!r}"
+def apply_weights(
+    net: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    what: str,
+    ignore_head: bool = False,
+    checkpoint_backbone: str | None = None,
+) -> LoadReport:
+    """Load an already-read state dict into the backbone ``net`` (the second half of :func:`load_weights`)."""
     net_name = getattr(net, "name", None)
-    state, meta = read_state_dict(source, net_name)
-    recorded = meta.get("checkpoint_backbone")
-    if recorded is not None and net_name is not None and recorded != net_name:
+    if checkpoint_backbone is not None and net_name is not None and checkpoint_backbone != net_name:
         raise WeightsError(
-            f"{what} was trained with backbone '{recorded}', but this model is '{net_name}': build "
-            f"'{recorded}' or pass a checkpoint of '{net_name}'."
+            f"{what} was trained with backbone '{checkpoint_backbone}', but this model is '{net_name}': build "
+            f"'{checkpoint_backbone}' or pass a checkpoint of '{net_name}'."
         )
     state = remap(state)
     dropped: list[str] = []
@@ -282,4 +283,29 @@ def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = Fals
     loaded = load_state_dict_checked(net, state, what)
     if dropped:
         log.info("%s: classifier %s not loaded", what, ", ".join(dropped))
-    return LoadReport(source=str(source), loaded=loaded, dropped=dropped)
+    return LoadReport(source=what, loaded=loaded, dropped=dropped)
+
+
+def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = False) -> LoadReport:
+    """Load ``source`` into the backbone ``net`` (see the module docstring for accepted sources).
+
+    Args:
+        net: a zoo backbone (its ``name`` is checked against a task checkpoint's recorded backbone).
+        source: torchvision weights name, URL or file path.
+        ignore_head: drop the file's classifier (``fc``) and keep ``net``'s own, e.g. to fine-tune
+            ImageNet weights on another label set. A net built with ``num_classes=0`` has no classifier
+            and always drops it.
+
+    Raises:
+        WeightsError: unreadable or unsafe file, unknown name, backbone-name or key/shape mismatch.
+    """
+    state, meta = read_state_dict(source, getattr(net, "name", None))
+    report = apply_weights(
+        net,
+        backbone_subset(state),
+        what=f"weights={str(source)!r}",
+        ignore_head=ignore_head,
+        checkpoint_backbone=meta.get("checkpoint_backbone"),
+    )
+    report.source = str(source)
+    return report

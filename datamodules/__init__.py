@@ -3,5 +3,14 @@
 from .cifar import CIFARDataModule
 from .coco import COCODetectionDataModule, COCOSegmentationDataModule
 from .imagefolder import ImageFolderDataModule
+from .shapes import ShapesClassificationDataModule, ShapesDetectionDataModule, ShapesSegmentationDataModule
 
-__all__ = ["CIFARDataModule", "COCODetectionDataModule", "COCOSegmentationDataModule", "ImageFolderDataModule"]
+__all__ = [
+    "CIFARDataModule",
+    "COCODetectionDataModule",
+    "COCOSegmentationDataModule",
+    "ImageFolderDataModule",
+    "ShapesClassificationDataModule",
+    "ShapesDetectionDataModule",
+    "ShapesSegmentationDataModule",
+]

@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 
 from .imagefolder import list_images
 from .images import CorruptImageError, read_image
-from .loading import eval_sampler
+from .loading import check_enough_for_a_batch, eval_sampler
 from .samplers import AspectRatioGroupedSampler, aspect_ratio_groups
 
 log = logging.getLogger(__name__)
@@ -312,6 +312,8 @@ class COCODetectionDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, *, batch_size: int, train: bool) -> DataLoader:
         hp = self.hparams
         sampler = None
+        if train:
+            check_enough_for_a_batch(dataset, batch_size)
         if train and hp.aspect_ratio_group_factor >= 0:
             groups = aspect_ratio_groups(dataset.image_sizes(), hp.aspect_ratio_group_factor)
             sampler = AspectRatioGroupedSampler(dataset, groups, batch_size, seed=torch.initial_seed() % 2**31)
@@ -363,18 +365,34 @@ def category_classes(categories: list[dict], label_set: str) -> tuple[dict[int, 
     raise ValueError(f"data.categories={label_set!r} must be 'voc' or 'all'")
 
 
-def semantic_mask(coco, image_id: int, classes: dict[int, int]):
+MaskRules = Literal["default", "torchvision"]
+
+
+def semantic_mask(coco, image_id: int, classes: dict[int, int], rules: MaskRules = "default"):
     """Rasterize an image's instances into one class-index mask (``H x W`` uint8 numpy array).
 
-    Polygons, RLE and crowd RLE all go through ``pycocotools``' ``annToMask``. Pixels covered by
-    instances of *different* classes, and crowd regions of a class in the label set, become 255 (ignored
-    by the loss and the metrics); instances of categories outside the label set are background.
+    Polygons, RLE and crowd RLE all go through ``pycocotools``' ``annToMask``; instances of categories
+    outside the label set are background. ``default`` rules: pixels covered by instances of *different*
+    classes, and crowd regions of a class in the label set, become 255 (ignored by the loss and the
+    metrics). ``torchvision`` rules (its reference scripts, which produced its published FCN numbers):
+    crowd regions count as instances of their class, and any pixel covered by two or more instances
+    becomes 255.
     """
     import numpy as np
 
     info = coco.imgs[image_id]
     class_map = np.zeros((info["height"], info["width"]), dtype=np.uint8)
     ignore = np.zeros(class_map.shape, dtype=bool)
+    if rules == "torchvision":
+        coverage = np.zeros(class_map.shape, dtype=np.uint16)
+        for ann in coco.imgToAnns.get(image_id, []):
+            cls = classes.get(ann["category_id"])
+            if cls is not None:
+                region = coco.annToMask(ann).astype(bool)
+                coverage += region
+                np.maximum(class_map, np.where(region, cls, 0).astype(np.uint8), out=class_map)
+        class_map[coverage > 1] = IGNORE_INDEX
+        return class_map
     for ann in coco.imgToAnns.get(image_id, []):
         cls = classes.get(ann["category_id"])
         if cls is None:
@@ -402,6 +420,7 @@ class COCOSegmentationDataset(Dataset):
         min_area: training keeps images whose annotations of the label set cover more than this many
             pixels in total (torchvision's reference uses 1000).
         skip_corrupt: return ``None`` for unreadable images.
+        rules: how overlaps and crowds are labeled (``semantic_mask``).
     """
 
     def __init__(
@@ -414,10 +433,12 @@ class COCOSegmentationDataset(Dataset):
         cache_dir: Path,
         min_area: float = 1000,
         skip_corrupt: bool = False,
+        rules: MaskRules = "default",
     ) -> None:
         self.images_dir = Path(images_dir)
         self.coco = coco
         self.classes = classes
+        self.rules = rules
         self.transform = transform
         self.cache_dir = Path(cache_dir)
         self.skip_corrupt = skip_corrupt
@@ -448,7 +469,7 @@ class COCOSegmentationDataset(Dataset):
                 return decode_png(read_file(str(path)), mode=ImageReadMode.GRAY)
             except RuntimeError:
                 path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-        mask = torch.from_numpy(semantic_mask(self.coco, image_id, self.classes))[None]
+        mask = torch.from_numpy(semantic_mask(self.coco, image_id, self.classes, self.rules))[None]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_bytes(encode_png(mask).numpy().tobytes())
@@ -528,6 +549,8 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         scale_range: random scale range relative to ``base_size``.
         flip_prob: horizontal flip probability.
         min_area: minimum annotated area of a training image (pixels).
+        mask_rules: ``default`` (different-class overlaps and crowds ignored) or ``torchvision`` (its
+            reference scripts' rules, to reproduce its published numbers); see ``semantic_mask``.
         cache_dir: where rasterized masks are cached (default: ``~/.cache/residual-zoo/coco_masks``).
         batch_size: training images per batch and process.
         eval_batch_size: evaluation images per batch (1 evaluates every image at its own size; more
@@ -551,6 +574,7 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         scale_range: tuple[float, float] = (0.5, 2.0),
         flip_prob: float = 0.5,
         min_area: float = 1000,
+        mask_rules: MaskRules = "default",
         cache_dir: str | None = None,
         batch_size: int = 4,
         eval_batch_size: int = 1,
@@ -598,7 +622,8 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         else:
             base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "residual-zoo" / "coco_masks"
         stat = annotations.stat()
-        key = f"{annotations.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.hparams.categories}"
+        hp = self.hparams
+        key = f"{annotations.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{hp.categories}|{hp.mask_rules}"
         return base / f"{annotations.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
     def _transform(self, train: bool) -> v2.Compose:
@@ -629,7 +654,7 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         train = split == "train"
         return COCOSegmentationDataset(
             images, coco, self.label_set[0], train, self._transform(train), self._cache_dir(annotations),
-            min_area=self.hparams.min_area, skip_corrupt=self.hparams.skip_corrupt,
+            min_area=self.hparams.min_area, skip_corrupt=self.hparams.skip_corrupt, rules=self.hparams.mask_rules,
         )  # fmt: skip
 
     def setup(self, stage: str) -> None:
@@ -650,6 +675,8 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
         dataset = self.datasets[split]
+        if train:
+            check_enough_for_a_batch(dataset, hp.batch_size)
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else hp.eval_batch_size,

@@ -30,6 +30,15 @@ def eval_sampler(dataset: Dataset) -> UnrepeatedDistributedSampler | None:
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
+def check_enough_for_a_batch(dataset: Dataset, batch_size: int) -> None:
+    """Training drops incomplete batches: a training set smaller than one batch would train on nothing."""
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"the training set has {len(dataset)} samples, fewer than data.batch_size={batch_size}: no full "
+            f"batch to train on. Lower data.batch_size or add data."
+        )
+
+
 def collate_skipping(batch: Sequence) -> dict:
     """``default_collate`` that drops samples the dataset marked unreadable (``None``) and counts them."""
     kept = [sample for sample in batch if sample is not None]
@@ -52,6 +61,8 @@ def make_loader(
     collate_fn: Callable = collate_skipping,
 ) -> DataLoader:
     """A DataLoader with the project's defaults: shuffling and ``drop_last`` for training only."""
+    if train:
+        check_enough_for_a_batch(dataset, batch_size)
     sampler = None if train else eval_sampler(dataset)
     return DataLoader(
         dataset,

@@ -17,9 +17,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .coco import COCODetectionDataModule, COCOSegmentationDataModule
+from .imagefolder import ImageFolderDataModule
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring")
 
@@ -183,3 +187,120 @@ def generate_coco(
         }
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
     return root
+
+
+def _empty(root: Path) -> bool:
+    return not root.exists() or not any(root.iterdir())
+
+
+class ShapesClassificationDataModule(ImageFolderDataModule):
+    """The generated shapes as an ImageFolder tree (written by ``prepare_data`` when ``root`` is empty).
+
+    Args:
+        root: where the tree is (or will be) written.
+        train_per_class, val_per_class, size, seed: generation parameters (see ``generate_classification``).
+        image_size, eval_resize: as for ``ImageFolderDataModule``; default to ``size``.
+        kwargs: any other ``ImageFolderDataModule`` option.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes_classification",
+        train_per_class: int = 60,
+        val_per_class: int = 20,
+        size: int = 64,
+        seed: int = 0,
+        image_size: int | None = None,
+        eval_resize: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(root=root, image_size=image_size or size, eval_resize=eval_resize or size, **kwargs)
+        # save_hyperparameters also records this frame's arguments; keep the resolved values
+        self.hparams.update(image_size=image_size or size, eval_resize=eval_resize or size)
+        self.generation = {
+            "train_per_class": train_per_class,
+            "val_per_class": val_per_class,
+            "size": size,
+            "seed": seed,
+        }
+
+    def prepare_data(self) -> None:
+        if _empty(self.root):
+            generate_classification(self.root, **self.generation)
+
+
+def _coco_generation(train_images: int, val_images: int, size: int, seed: int) -> dict:
+    return {
+        "train_images": train_images,
+        "val_images": val_images,
+        "size": (size, size),
+        "object_size": (0.15 * size, 0.45 * size),
+        "seed": seed,
+    }
+
+
+class ShapesDetectionDataModule(COCODetectionDataModule):
+    """The generated shapes in COCO 2017's layout, for ``tasks.detect`` (generated when ``root`` is empty).
+
+    Args:
+        root: where the dataset is (or will be) written.
+        num_train_images, num_val_images, size, seed: generation parameters (see ``generate_coco``).
+        kwargs: any ``COCODetectionDataModule`` option.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        num_train_images: int = 320,
+        num_val_images: int = 48,
+        size: int = 128,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(root=root, **kwargs)
+        self.generation = _coco_generation(num_train_images, num_val_images, size, seed)
+
+    def prepare_data(self) -> None:
+        if _empty(self.root):
+            generate_coco(self.root, **self.generation)
+
+
+class ShapesSegmentationDataModule(COCOSegmentationDataModule):
+    """The generated shapes as semantic masks (every shape a class), for ``tasks.segment``.
+
+    Args:
+        root: where the dataset is (or will be) written (the detection demo's files serve both).
+        num_train_images, num_val_images, size, seed: generation parameters (see ``generate_coco``).
+        categories: ``all`` (every shape a class) by default.
+        base_size, crop_size: default to ``size`` and ``7/8 size``.
+        min_area: keep every training image with a shape.
+        kwargs: any other ``COCOSegmentationDataModule`` option.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        num_train_images: int = 320,
+        num_val_images: int = 48,
+        size: int = 128,
+        seed: int = 0,
+        categories: Literal["voc", "all"] = "all",
+        base_size: int | None = None,
+        crop_size: int | None = None,
+        min_area: float = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            root=root,
+            categories=categories,
+            base_size=base_size or size,
+            crop_size=crop_size or size - size // 8,
+            min_area=min_area,
+            **kwargs,
+        )
+        self.hparams.update(base_size=base_size or size, crop_size=crop_size or size - size // 8)
+        self.generation = _coco_generation(num_train_images, num_val_images, size, seed)
+
+    def prepare_data(self) -> None:
+        if _empty(self.root):
+            generate_coco(self.root, **self.generation)

@@ -15,16 +15,57 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from backbones import build_backbone, check_backbone_name, load_weights
 from backbones.resnet import ResNet
+from backbones.weights import read_state_dict
 
 log = logging.getLogger(__name__)
 
 #: Task arguments that change how a run executes, not what the model is; kept out of checkpoint hparams.
 RUNTIME_OPTIONS: tuple[str, ...] = ("channels_last", "compile", "predictions_file", "log_samples")
 
+#: torchvision weights trained with ``FrozenBatchNorm2d(eps=0)``: torchvision's builders set eps to 0 when
+#: loading them (``overwrite_eps``), and so do we, to reproduce their outputs exactly.
+ZERO_EPS_WEIGHTS: frozenset[str] = frozenset({"FasterRCNN_ResNet50_FPN_Weights.COCO_V1"})
+
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def read_model_weights(source: str, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A whole model's state dict from a torchvision name, a file or a checkpoint of the task.
+
+    A task checkpoint's ``prefix`` (``detector.``, ``model.``, ``backbone.``) is removed. The metadata
+    holds what is known of the label set: torchvision's ``categories`` or a checkpoint's ``class_names``
+    and ``category_ids``.
+    """
+    state, meta = read_state_dict(source)
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state, meta
+
+
+def classes_in(state: dict[str, torch.Tensor], key: str, source: str, what: str) -> int:
+    """The number of output classes of the layer ``key`` in ``state`` (rows of its weight)."""
+    if key not in state:
+        raise ValueError(f"weights={source!r} is not a {what} state dict: it has no {key!r}")
+    return int(state[key].shape[0])
+
+
+def check_num_classes(given: int | None, found: int, source: str) -> int:
+    if given is not None and given != found:
+        raise ValueError(
+            f"model.num_classes={given} but weights={source!r} have {found}; leave num_classes unset, or "
+            f"use model.weights_backbone to start a model with another label set from these weights"
+        )
+    return found
+
+
+def set_frozen_bn_eps(module: nn.Module, eps: float) -> None:
+    for m in module.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
 
 
 def parameter_groups(model: nn.Module, weight_decay_norm_bias: bool) -> list[dict[str, Any]]:

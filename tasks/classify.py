@@ -26,9 +26,9 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from backbones.weights import torchvision_weights
+from backbones.weights import apply_weights, backbone_subset, read_state_dict
 
-from .base import RUNTIME_OPTIONS, BaseTask
+from .base import RUNTIME_OPTIONS, BaseTask, check_num_classes, classes_in
 from .cli import TaskCLI
 from .media import to_display
 
@@ -103,16 +103,14 @@ class ClassificationTask(BaseTask):
         self.log_samples = log_samples
         self.backbone = None
         self.class_names: list[str] | None = None
-        enum = torchvision_weights(weights, backbone) if weights else None
-        if enum is not None:
-            categories = enum.meta["categories"]
-            if num_classes not in (None, len(categories)):
-                raise ValueError(
-                    f"model.num_classes={num_classes} but {weights} has {len(categories)} classes; use "
-                    f"model.weights_backbone to fine-tune on another label set"
-                )
-            self.hparams.num_classes = len(categories)
-            self.class_names = list(categories)
+        self._weights: tuple[dict, dict] | None = None
+        if weights:
+            state, meta = read_state_dict(weights, backbone)
+            state = backbone_subset(state)
+            found = classes_in(state, "fc.weight", weights, "classifier")
+            self.hparams.num_classes = check_num_classes(num_classes, found, weights)
+            self.class_names = meta.get("class_names") or meta.get("categories")
+            self._weights = (state, meta)
         if self.hparams.num_classes:
             self.configure_models()
         self.mix = self._mixing()
@@ -148,10 +146,15 @@ class ClassificationTask(BaseTask):
         self.backbone = self.make_backbone(
             hp.backbone, hp.backbone_args, hp.weights_backbone, num_classes=hp.num_classes
         )
-        if hp.weights:
-            from backbones import load_weights
-
-            load_weights(self.backbone, hp.weights)
+        if self._weights is not None:
+            state, meta = self._weights
+            apply_weights(
+                self.backbone,
+                state,
+                what=f"weights={hp.weights!r}",
+                checkpoint_backbone=meta.get("checkpoint_backbone"),
+            )
+            self._weights = None
         self.configure_metrics()
 
     def configure_metrics(self) -> None:

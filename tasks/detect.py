@@ -22,8 +22,17 @@ from lightning.pytorch.cli import ArgsType, LRSchedulerCallable, OptimizerCallab
 from torch import nn
 
 from backbones.base import NormKind
+from backbones.weights import load_state_dict_checked
 
-from .base import RUNTIME_OPTIONS, BaseTask
+from .base import (
+    RUNTIME_OPTIONS,
+    ZERO_EPS_WEIGHTS,
+    BaseTask,
+    check_num_classes,
+    classes_in,
+    read_model_weights,
+    set_frozen_bn_eps,
+)
 from .cli import TaskCLI
 from .coco_eval import METRIC_NAMES, Backend, evaluate_detections, to_coco_results
 from .detection_models import HeadKind, build_faster_rcnn
@@ -49,7 +58,9 @@ class DetectionTask(BaseTask):
         backbone_args: any builder option of the backbone.
         head: ``fpn`` (feature pyramid) or ``c4`` (the ResNet paper's res4 trunk + per-region res5).
         num_classes: foreground classes; ``None`` takes the datamodule's categories.
-        weights: a whole detector to start from (a checkpoint of this task or a state-dict file).
+        weights: a whole detector to start from: torchvision's ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``
+            (with ``backbone: resnet50, head: fpn``; COCO's 91-index labels), a file holding such a state
+            dict, or a checkpoint of this task. ``num_classes`` is taken from it.
         weights_backbone: backbone weights: torchvision name, weight file, or a ``tasks.classify``
             checkpoint (its classifier is dropped; a different backbone name is an error).
         norm: backbone normalization; detection freezes BN statistics (ResNet paper, Appendix A).
@@ -121,6 +132,16 @@ class DetectionTask(BaseTask):
         #: COCO category id of contiguous label k is category_ids[k - 1] (label 0 is the background)
         self.category_ids: list[int] | None = None
         self.class_names: list[str] | None = None
+        self._weights_state: dict | None = None
+        if weights:
+            # torchvision's COCO detectors use COCO's 91-index label space: label k is category id k.
+            state, meta = read_model_weights(weights, "detector.")
+            found = classes_in(state, "roi_heads.box_predictor.cls_score.weight", weights, "Faster R-CNN") - 1
+            self.hparams.num_classes = num_classes = check_num_classes(num_classes, found, weights)
+            self.category_ids = meta.get("category_ids") or list(range(1, found + 1))
+            categories = meta.get("categories")
+            self.class_names = meta.get("class_names") or (list(categories[1:]) if categories else None)
+            self._weights_state = state
         if num_classes:
             self.configure_models()
         self._reset_eval()
@@ -164,12 +185,11 @@ class DetectionTask(BaseTask):
             box_score_thresh=hp.box_score_thresh,
             **(hp.detector_args or {}),
         )
-        if hp.weights:
-            from backbones.weights import load_state_dict_checked, read_state_dict
-
-            state, _ = read_state_dict(hp.weights)
-            state = {k.removeprefix("detector."): v for k, v in state.items()}
-            load_state_dict_checked(self.detector, state, f"weights={hp.weights!r}")
+        if self._weights_state is not None:
+            load_state_dict_checked(self.detector, self._weights_state, f"weights={hp.weights!r}")
+            self._weights_state = None
+            if hp.weights in ZERO_EPS_WEIGHTS:
+                set_frozen_bn_eps(self.detector, 0.0)
 
     def compile_targets(self) -> list[nn.Module]:
         return [self.detector.backbone]
@@ -358,7 +378,11 @@ class DetectionTask(BaseTask):
                 f"{self._name(int(lbl))} {float(s):.2f}" for lbl, s in zip(out["labels"][keep], out["scores"][keep])
             ]
             canvas = (image.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
-            drawn = draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), labels=labels, colors="red", width=2)
+            drawn = (
+                draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), labels=labels, colors="red", width=2)
+                if keep.any()
+                else canvas
+            )
             write_jpeg(drawn, str(folder / f"{Path(path).stem}.jpg"), quality=90)
 
     def _name(self, label: int) -> str:

@@ -22,8 +22,9 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from backbones import build_backbone
 from backbones.base import NormKind
+from backbones.weights import load_state_dict_checked
 
-from .base import RUNTIME_OPTIONS, BaseTask
+from .base import RUNTIME_OPTIONS, BaseTask, check_num_classes, classes_in, read_model_weights
 from .cli import TaskCLI
 from .media import to_display
 from .schedulers import WarmupPolyLR
@@ -41,7 +42,9 @@ class SegmentationTask(BaseTask):
         backbone_args: any builder option of the backbone.
         head: ``dilated`` (output stride 8 + auxiliary head) or ``skip`` (FCN-8s fusion at stride 32).
         num_classes: classes including the background; ``None`` takes the datamodule's.
-        weights: a whole segmentation model to start from (checkpoint of this task or state-dict file).
+        weights: a whole model to start from: torchvision's ``FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1`` /
+            ``FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1`` (``head: dilated``, aux head, 21 VOC classes),
+            a file holding such a state dict, or a checkpoint of this task. ``num_classes`` comes from it.
         weights_backbone: backbone weights (torchvision name, file, or a ``tasks.classify`` checkpoint).
         norm: backbone normalization (``sync_bn`` for multi-GPU batches of a few crops).
         aux_loss: train the auxiliary head on the penultimate stage (``dilated`` only).
@@ -96,6 +99,13 @@ class SegmentationTask(BaseTask):
         self.log_samples = log_samples
         self.model: nn.Module | None = None
         self.class_names: list[str] | None = None
+        self._weights_state: dict | None = None
+        if weights:
+            state, meta = read_model_weights(weights, "model.")
+            found = classes_in(state, "classifier.4.weight", weights, "FCN")
+            self.hparams.num_classes = num_classes = check_num_classes(num_classes, found, weights)
+            self.class_names = meta.get("class_names") or meta.get("categories")
+            self._weights_state = state
         if num_classes:
             self.configure_models()
         self._samples: list[tuple] = []
@@ -133,12 +143,9 @@ class SegmentationTask(BaseTask):
             self.model = DilatedFCN(body, hp.num_classes, aux=hp.aux_loss, dropout=hp.dropout)
         else:
             self.model = SkipFCN(body, hp.num_classes, dropout=hp.dropout)
-        if hp.weights:
-            from backbones.weights import load_state_dict_checked, read_state_dict
-
-            state, _ = read_state_dict(hp.weights)
-            state = {k.removeprefix("model."): v for k, v in state.items()}
-            load_state_dict_checked(self.model, state, f"weights={hp.weights!r}")
+        if self._weights_state is not None:
+            load_state_dict_checked(self.model, self._weights_state, f"weights={hp.weights!r}")
+            self._weights_state = None
         self.confusion = nn.ModuleDict(
             {
                 split: MulticlassConfusionMatrix(num_classes=hp.num_classes, ignore_index=IGNORE_INDEX)

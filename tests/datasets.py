@@ -109,3 +109,9 @@ def classify_checkpoint(tmp_path: Path, backbone: str = "resnet18") -> tuple[str
         "--trainer.enable_model_summary", "false",
     ])  # fmt: skip
     return cli.trainer.checkpoint_callback.last_model_path, cli.model.backbone.state_dict()
+
+
+#: Trainer options every in-process test run uses: CPU, no progress bar or model summary in the logs.
+CPU = [
+    "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"
+]  # fmt: skip

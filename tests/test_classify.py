@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import write_cifar, write_imagefolder
+from datasets import CPU, write_cifar, write_imagefolder
 
 from tasks.classify import ClassificationTask, main
 from tasks.wandb_offline import metric_series, read_offline_run
@@ -44,7 +44,7 @@ def _tiny_imagenet_args(root: Path, runs: Path) -> list[str]:
         "--data.root", str(root), "--data.image_size", "32", "--data.eval_resize", "36",
         "--data.scale_range", "[36, 44]", "--data.batch_size", "2", "--data.num_workers", "0",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(runs), *COMMON,
+        "--trainer.default_root_dir", str(runs), *CPU,
     ]  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def _tiny_cifar_args(root: Path, runs: Path) -> list[str]:
     return [
         "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
         "--trainer.max_steps", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-        "--trainer.default_root_dir", str(runs), *COMMON,
+        "--trainer.default_root_dir", str(runs), *CPU,
     ]  # fmt: skip
 
 
@@ -105,7 +105,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
             "--model.backbone", "cifar_resnet20",
             "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
             "--trainer.max_epochs", "10", "--trainer.default_root_dir", str(runs), "--run_name", "shapes",
-            "--seed_everything", "0", *COMMON,
+            "--seed_everything", "0", *CPU,
         ]
     )  # fmt: skip
     logged = read_offline_run(_only_run_dir(runs) / "wandb")
@@ -122,7 +122,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
         [
             "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
             "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", "32", "--data.num_workers", "0",
-            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *COMMON,
+            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
         ]
     )  # fmt: skip
     assert again.trainer.callback_metrics["val/acc1"].item() == pytest.approx(best, abs=1e-6)
@@ -134,7 +134,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
             "predict", "--data", "datamodules.ImageFolderDataModule", "--data.predict_root", str(root / "val"),
             "--data.image_size", "32", "--data.eval_resize", "32", "--data.num_workers", "0",
             "--model.predictions_file", str(out), "--ckpt_path", best_path, "--trainer.logger", "false",
-            "--trainer.default_root_dir", str(runs), *COMMON,
+            "--trainer.default_root_dir", str(runs), *CPU,
         ]
     )  # fmt: skip
     rows = list(csv.DictReader(out.open()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import CATEGORY_IDS, classify_checkpoint, write_coco
+from datasets import CATEGORY_IDS, CPU, classify_checkpoint, write_coco
 
 from datamodules import COCODetectionDataModule
 from tasks import detect
@@ -119,7 +119,7 @@ def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
         "fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2", "--data.num_workers", "0",
         "--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
         "--model.detector_args", json.dumps(SMALL), "--trainer.fast_dev_run", "true",
-        "--trainer.default_root_dir", str(tmp_path), *COMMON,
+        "--trainer.default_root_dir", str(tmp_path), *CPU,
     ])  # fmt: skip
 
 
@@ -134,7 +134,7 @@ def _short_training(root: Path, runs: Path, epochs: int, extra: list[str] = ()) 
         "--model.scheduler", "tasks.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[1000]",
         "--model.scheduler.warmup_iters", "40",
         "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "5", "--seed_everything", "0",
-        "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *COMMON, *extra,
+        "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU, *extra,
     ])  # fmt: skip
 
 
@@ -156,7 +156,7 @@ def test_short_training_detects_and_metrics_equal_pycocotools(tmp_path):
         "test", "--data", "datamodules.COCODetectionDataModule", "--data.root", str(root), "--data.batch_size", "4",
         "--data.num_workers", "0", "--ckpt_path", cli.trainer.checkpoint_callback.best_model_path,
         "--model.detections_file", str(out), "--trainer.logger", "false", "--trainer.default_root_dir",
-        str(tmp_path / "runs"), *COMMON,
+        str(tmp_path / "runs"), *CPU,
     ])  # fmt: skip
     results = json.loads(out.read_text())
     assert results and {r["category_id"] for r in results} <= set(CATEGORY_IDS.values())  # original COCO ids

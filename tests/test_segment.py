@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import CATEGORY_IDS, classify_checkpoint, write_coco
+from datasets import CATEGORY_IDS, CPU, classify_checkpoint, write_coco
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -140,7 +140,7 @@ def test_every_fcn_config_fits_with_fast_dev_run(config, coco, tmp_path):
         "fit", "--config", str(config), "--data.root", str(coco), "--data.categories", "all", "--data.min_area", "0",
         "--data.base_size", "64", "--data.crop_size", "48", "--data.batch_size", "2", "--data.num_workers", "0",
         "--data.cache_dir", str(tmp_path / "cache"), "--model.weights_backbone", "null",
-        "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path), *COMMON,
+        "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path), *CPU,
     ])  # fmt: skip
 
 
@@ -170,7 +170,7 @@ def test_short_training_beats_the_all_background_baseline(tmp_path):
         "--data.batch_size", "8", "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"),
         "--model.backbone", "cifar_resnet20", "--model.optimizer", "torch.optim.AdamW",
         "--model.optimizer.lr", "0.003", "--trainer.max_epochs", "8", "--seed_everything", "0",
-        "--trainer.default_root_dir", str(tmp_path / "runs"), *COMMON,
+        "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU,
     ])  # fmt: skip
     # the all-background prediction's mIoU: background IoU = its share of the labeled pixels, others 0
     dm = cli.datamodule
