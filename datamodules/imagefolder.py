@@ -13,13 +13,17 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import read_file
 
+from .gpu_decode import CUDAPrefetcher, GPUAugment, decode_batch, is_jpeg
 from .images import CorruptImageError, is_image_file, read_image
-from .loading import make_loader
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, TrainAugment, eval_transform, train_transform
+from .loading import collate_skipping, make_loader
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainAugment, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +87,24 @@ class ImageFolderDataset(Dataset):
             collate function and counted) instead of raising :class:`CorruptImageError`.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform, skip_corrupt: bool = False) -> None:
+    def __init__(
+        self, samples: Sequence[tuple[str, int]], transform, skip_corrupt: bool = False, raw: bool = False
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | None:
         path, label = self.samples[index]
+        if self.raw:  # GPU decoding: ship the JPEG bytes (anything else decoded here, on the CPU)
+            data = read_file(path)
+            if not is_jpeg(data):
+                data = read_image(path)
+            return {"image": data, "label": label, "index": index, "path": path}
         try:
             image = read_image(path)
         except CorruptImageError as err:
@@ -101,6 +113,14 @@ class ImageFolderDataset(Dataset):
             log.warning("skipping unreadable image: %s", err)
             return None
         return {"image": self.transform(image), "label": label, "index": index, "path": path}
+
+
+def collate_raw(batch: Sequence[dict]) -> dict:
+    """Batches of undecoded images: the byte tensors stay a list, the rest is collated as usual."""
+    images = [sample["image"] for sample in batch]
+    out = collate_skipping([{k: v for k, v in sample.items() if k != "image"} for sample in batch])
+    out["image"] = images
+    return out
 
 
 class ImageFolderDataModule(pl.LightningDataModule):
@@ -125,6 +145,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean: per-channel mean for normalization.
         std: per-channel std for normalization.
         skip_corrupt: skip unreadable images (each logged, counted in ``data/skipped``) instead of failing.
+        decode_device: ``cuda`` decodes and augments on the GPU (``datamodules.gpu_decode``): workers
+            only read files, so a few cores feed thousands of images per second.
+        gpu_prefetch: with ``decode_device: cuda``, prepare the next training batches on a side stream
+            while the current one trains (``datamodules.gpu_decode.CUDAPrefetcher``).
         pin_memory: pin host memory when CUDA is used.
         persistent_workers: keep loader processes between epochs.
     """
@@ -148,16 +172,24 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         skip_corrupt: bool = False,
+        decode_device: Literal["cpu", "cuda"] = "cpu",
+        gpu_prefetch: bool = True,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
+        if decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"data.decode_device={decode_device!r} must be 'cpu' or 'cuda'")
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root else None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self._classes: list[str] | None = None
         self.datasets: dict[str, ImageFolderDataset] = {}
+        self.normalize = Normalize(mean, std, pca_lighting)
+        self.gpu = GPUAugment(
+            augment=train_augment, image_size=image_size, eval_resize=eval_resize, scale_range=scale_range
+        )
 
     # -- classes ------------------------------------------------------------------------------
     def _split_dir(self, name: str) -> Path:
@@ -198,11 +230,29 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 image_size=hp.image_size,
                 scale_range=hp.scale_range,
                 color_jitter=hp.color_jitter,
-                pca_lighting=hp.pca_lighting,
-                mean=hp.mean,
-                std=hp.std,
             )
-        return eval_transform(image_size=hp.image_size, resize_size=hp.eval_resize, mean=hp.mean, std=hp.std)
+        return eval_transform(image_size=hp.image_size, resize_size=hp.eval_resize)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, dict) and isinstance(batch.get("image"), list):  # JPEG bytes stay on the host
+            images = batch.pop("image")
+            batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+            batch["image"] = images
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 batches become normalized floats where they land (the GPU when there is one).
+
+        With ``decode_device: cuda`` the batch's JPEG bytes are decoded and augmented there first.
+        """
+        if not isinstance(batch, dict) or "image" not in batch:
+            return batch
+        training = self.trainer is not None and self.trainer.training
+        if isinstance(batch["image"], list):  # JPEG bytes not yet decoded (no prefetcher)
+            batch = self._prepare_on_gpu(batch, batch["label"].device, train=training)
+        batch["image"] = self.normalize(batch["image"], train=training)
+        return batch
 
     def _split(self, directory: str, train: bool) -> ImageFolderDataset:
         path = self._split_dir(directory)
@@ -216,7 +266,17 @@ class ImageFolderDataModule(pl.LightningDataModule):
                 f"{path}: class folders without images: {', '.join(empty[:10])}"
                 f"{' ...' if len(empty) > 10 else ''}. Every training class needs images; remove the empty folders."
             )
-        return ImageFolderDataset(samples, self._transform(train), skip_corrupt=self.hparams.skip_corrupt)
+        return ImageFolderDataset(
+            samples, self._transform(train), skip_corrupt=self.hparams.skip_corrupt, raw=self._raw()
+        )
+
+    def _raw(self) -> bool:
+        """Whether loaders ship JPEG bytes for GPU decoding (never for prediction, which keeps paths only)."""
+        if self.hparams.decode_device != "cuda":
+            return False
+        if not torch.cuda.is_available():
+            raise RuntimeError("data.decode_device=cuda but CUDA is not available; use decode_device: cpu")
+        return True
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -241,17 +301,31 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
+        raw = getattr(self.datasets[split], "raw", False)
         return make_loader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=hp.num_workers,
             train=train,
-            pin_memory=hp.pin_memory,
+            pin_memory=hp.pin_memory and not raw,
             persistent_workers=hp.persistent_workers,
+            collate_fn=collate_raw if raw else collate_skipping,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        if self.hparams.decode_device == "cuda" and self.hparams.gpu_prefetch:
+            device = torch.device("cuda", torch.cuda.current_device())
+            return CUDAPrefetcher(loader, lambda batch: self._prepare_on_gpu(batch, device, train=True), device)
+        return loader
+
+    def _prepare_on_gpu(self, batch: dict, device: torch.device, train: bool) -> dict:
+        """Copy a host batch of JPEG bytes to ``device``, decode and crop it there (uint8 out)."""
+        images = batch.pop("image")
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        decoded = decode_batch(images, device, batch.get("path"))
+        out["image"] = self.gpu.train(decoded) if train else self.gpu.eval(decoded)
+        return out
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)

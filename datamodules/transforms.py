@@ -1,4 +1,4 @@
-"""Classification pipelines on uint8 tensors with ``torchvision.transforms.v2``.
+"""Classification pipelines: geometry on uint8 tensors in the loader, normalization on the device.
 
 * ``random_resized_crop`` -- the modern recipe (Inception-style scale + aspect-ratio augmentation; the
   ResNeXt paper, Sec. 4, and torchvision's references);
@@ -6,7 +6,10 @@
   random 224 crop of the image or its flip, optional AlexNet-style color augmentation (PCA lighting);
 * evaluation: shorter side 256, center crop 224 (ResNeXt Sec. 5.1's single-crop protocol).
 
-Geometry runs on uint8 images (torchvision's fast path), then the image becomes float and is normalized.
+Loader workers decode, crop, resize and flip uint8 images with ``transforms.v2`` (torchvision's fast
+uint8 path) and hand over uint8 batches -- a quarter of the bytes of float batches to collate, pin and
+copy. :class:`Normalize` then turns a batch into normalized floats (plus PCA lighting when training)
+where it lands, on the GPU when there is one, as DALI and FFCV do.
 """
 
 from __future__ import annotations
@@ -26,38 +29,14 @@ _PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 _PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
 
-class PCALighting:
-    """AlexNet's lighting noise (Krizhevsky et al. 2012, Sec. 4.1) on a float image in [0, 1].
-
-    Adds ``eigvec @ (alpha * eigval)`` to every pixel, ``alpha ~ N(0, std)`` per image; ResNet Sec. 3.4
-    uses it ("the standard color augmentation in [21]").
-    """
-
-    def __init__(self, std: float = 0.1) -> None:
-        self.std = std
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if self.std <= 0:
-            return image
-        alpha = torch.randn(3) * self.std
-        rgb = _PCA_EIGVEC @ (alpha * _PCA_EIGVAL)
-        return image + rgb.to(image.dtype).view(3, 1, 1)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(std={self.std})"
-
-
 def train_transform(
     *,
     augment: TrainAugment = "random_resized_crop",
     image_size: int = 224,
     scale_range: Sequence[int] = (256, 480),
     color_jitter: float = 0.0,
-    pca_lighting: float = 0.0,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:
-    """The training pipeline for uint8 ``3 x H x W`` images (see the module docstring)."""
+    """Training geometry (and color jitter) for uint8 ``3 x H x W`` images; the output stays uint8."""
     if augment == "random_resized_crop":
         geometry: list = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     elif augment == "scale":
@@ -74,25 +53,38 @@ def train_transform(
     color: list = []
     if color_jitter > 0:
         color.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    to_float: list = [v2.ToDtype(torch.float32, scale=True)]
-    if pca_lighting > 0:
-        to_float.append(PCALighting(pca_lighting))
-    return v2.Compose([*geometry, *color, *to_float, v2.Normalize(mean=list(mean), std=list(std))])
+    return v2.Compose([*geometry, *color])
 
 
-def eval_transform(
-    *,
-    image_size: int = 224,
-    resize_size: int = 256,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> v2.Compose:
-    """Shorter side to ``resize_size``, center crop ``image_size``, normalize."""
-    return v2.Compose(
-        [
-            v2.Resize(resize_size, antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ]
-    )
+def eval_transform(*, image_size: int = 224, resize_size: int = 256) -> v2.Compose:
+    """Shorter side to ``resize_size``, center crop ``image_size``; uint8 in, uint8 out."""
+    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)])
+
+
+class Normalize:
+    """uint8 batches to normalized float batches, with AlexNet's PCA lighting noise when training.
+
+    Lighting (Krizhevsky et al. 2012, Sec. 4.1; ResNet Sec. 3.4's "standard color augmentation") adds
+    ``eigvec @ (alpha * eigval)`` to every pixel of an image in [0, 1], ``alpha ~ N(0, pca_lighting)``
+    per image.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pca_lighting: float = 0.0,
+    ) -> None:
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.pca_lighting = pca_lighting
+
+    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images  # already normalized
+        x = images.float().div_(255)
+        if train and self.pca_lighting > 0:
+            alpha = torch.randn(len(x), 3, device=x.device) * self.pca_lighting
+            rgb = (alpha * _PCA_EIGVAL.to(x.device)) @ _PCA_EIGVEC.to(x.device).T  # B x 3
+            x = x + rgb.view(-1, 3, 1, 1)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))

@@ -98,7 +98,12 @@ def test_imagefolder_classes_synsets_and_layout_errors(tmp_path):
     assert dm.class_names == ["round thing", "ring", "square", "five-pointed star", "triangle"]
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
-    assert batch["image"].dtype == torch.float32 and batch["image"].shape == (2, 3, 32, 32)
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (2, 3, 32, 32)  # workers ship uint8
+    raw = batch["image"].clone()
+    batch = dm.on_after_batch_transfer(batch, 0)  # normalized where the batch lands
+    mean, std = torch.tensor(dm.hparams.mean).view(1, 3, 1, 1), torch.tensor(dm.hparams.std).view(1, 3, 1, 1)
+    assert batch["image"].dtype == torch.float32
+    assert torch.allclose(batch["image"], (raw.float() / 255 - mean) / std, atol=1e-6)
     assert batch["label"].tolist() == [0, 1]  # sorted folder order
     for image in (root / "train" / "star").iterdir():
         image.unlink()
@@ -118,7 +123,11 @@ def test_training_augmentations_produce_crops(tmp_path, augment):
     )  # fmt: skip
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (5, 3, 32, 32) and torch.isfinite(batch["image"]).all()
+    assert batch["image"].shape == (5, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    plain = dm.normalize(batch["image"], train=False)
+    lit = dm.normalize(batch["image"], train=True)  # PCA lighting: one RGB shift per image
+    shift = (lit - plain) * torch.tensor(dm.hparams.std).view(1, 3, 1, 1)
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-5) and shift.abs().max() > 0
 
 
 def test_cifar_reads_official_batches_and_subtracts_the_pixel_mean(tmp_path):

@@ -1,0 +1,220 @@
+"""Images/s of our ImageFolder training pipeline against torchvision's ImageFolder + PIL + classic transforms.
+
+    python -m benchmarks.dataloader --images 512 --workers 0 4 8 [--root /tmp/jpegs] [--gpu-decode]
+
+Both pipelines read the same generated ImageNet-sized JPEG files (about 500x375, ~110 KB) and produce
+224x224 RandomResizedCrop + flip batches: torchvision's as normalized floats; ours as uint8, which the
+datamodule normalizes after the transfer, on the device (``ours_img_per_s_with_cpu_normalize`` counts
+that work on the CPU too, for CPU-only training). ``workers 0`` measures one worker in the main
+process (decode + augment per core); more workers measure a ``DataLoader``. One JSON line per setting
+with ``ratio`` = ours / torchvision. ``--gpu-decode`` adds the CUDA path of the datamodule
+(``decode_device: cuda``): batched nvJPEG decoding and augmentation on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+
+def generate_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path:
+    """Photo-like JPEGs (smooth structure plus texture) in an ImageFolder tree, 500x375 or 375x500."""
+    rng = np.random.default_rng(seed)
+    existing = list(root.rglob("*.JPEG")) if root.exists() else []
+    if len(existing) >= count:
+        return root
+    for i in range(count):
+        w, h = (500, 375) if i % 4 else (375, 500)
+        coarse = rng.integers(0, 255, (h // 25 + 1, w // 25 + 1, 3)).astype(np.float32)
+        smooth = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
+        texture = rng.normal(0, 20, (h, w, 3))
+        folder = root / "train" / f"n{i % classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(smooth + texture, 0, 255).astype(np.uint8)).save(
+            folder / f"img_{i:06d}.JPEG", quality=90
+        )
+    return root
+
+
+def ours_dataset(root: Path):
+    from datamodules.imagefolder import ImageFolderDataset, find_classes, list_samples
+    from datamodules.transforms import train_transform
+
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    return ImageFolderDataset(samples, train_transform(augment="random_resized_crop", image_size=224))
+
+
+def torchvision_dataset(root: Path):
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(224),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ]
+    )
+    return datasets.ImageFolder(str(root / "train"), transform=transform)
+
+
+def _collate_ours(batch):
+    return torch.stack([b["image"] for b in batch]), torch.tensor([b["label"] for b in batch])
+
+
+def throughput(dataset, workers: int, batch: int, collate=None, limit: int | None = None, finish=None) -> float:
+    """Images per second through a DataLoader (``workers=0``: in the main process), after one warm-up batch."""
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate,
+        persistent_workers=False, drop_last=True,
+    )  # fmt: skip
+    iterator = iter(loader)
+    next(iterator)
+    count, start = 0, time.perf_counter()
+    for images, _ in iterator:
+        if finish is not None:
+            images = finish(images)
+        count += len(images)
+        if limit and count >= limit:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    root = generate_jpegs(Path(args.root), args.images)
+    files = list((root / "train").rglob("*.JPEG"))
+    mean_kb = sum(f.stat().st_size for f in files) / len(files) / 1024
+    torch.set_num_threads(1)  # one core per worker, as a DataLoader worker has
+    rows = []
+    for workers in args.workers:
+        from datamodules.transforms import Normalize
+
+        ours = throughput(ours_dataset(root), workers, args.batch, _collate_ours)
+        ours_cpu = throughput(ours_dataset(root), workers, args.batch, _collate_ours, finish=Normalize())
+        reference = throughput(torchvision_dataset(root), workers, args.batch)
+        row = {
+            "benchmark": "dataloader",
+            "workers": workers,
+            "images": len(files),
+            "mean_file_kb": round(mean_kb, 1),
+            "ours_img_per_s": round(ours, 1),
+            "ours_img_per_s_with_cpu_normalize": round(ours_cpu, 1),
+            "torchvision_pil_img_per_s": round(reference, 1),
+            "ratio": round(ours / reference, 3),
+            "ratio_with_cpu_normalize": round(ours_cpu / reference, 3),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.gpu_decode and torch.cuda.is_available():
+        rows.append(gpu_decode_throughput(root, args.batch))
+    if args.train_step and torch.cuda.is_available():
+        rows.append(train_on_jpegs(root, args.batch, args.train_step))
+    return rows
+
+
+def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet50") -> dict:
+    """ResNet-50 training img/s fed by the GPU decoding path, against synthetic inputs, same process.
+
+    bf16 autocast, channels_last, SGD; the real-data loop is what Lightning runs: the prefetching
+    loader's batch, normalized on the device, then the step.
+    """
+    import torch.nn.functional as F
+
+    from backbones import build_backbone
+    from datamodules import ImageFolderDataModule
+
+    torch.set_num_threads(4)
+    device = torch.device("cuda")
+    model = build_backbone(model_name, num_classes=1000).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(images.contiguous(memory_format=torch.channels_last)), labels)
+        loss.backward()
+        optimizer.step()
+
+    dm = ImageFolderDataModule(root=str(root), batch_size=batch, num_workers=12, decode_device="cuda")
+    dm.setup("fit")
+    synthetic = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 8, (batch,), device=device)
+
+    def timed(batches) -> float:
+        count = 0
+        for i, (images, target) in enumerate(batches):
+            if i == 3:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            if i >= 3:
+                count += len(target)
+            step(dm.normalize(images, train=True), target)
+            if i >= steps + 3:
+                break
+        torch.cuda.synchronize()
+        return count / (time.perf_counter() - start)
+
+    synthetic_rate = timed((synthetic, labels) for _ in range(steps + 4))
+    real_batches = ((b["image"], b["label"]) for epoch in range(100) for b in dm.train_dataloader())
+    real_rate = timed(real_batches)
+    row = {
+        "benchmark": "train_on_jpegs",
+        "device": torch.cuda.get_device_name(),
+        "model": model_name,
+        "batch": batch,
+        "synthetic_img_per_s": round(synthetic_rate, 1),
+        "jpeg_gpu_decode_img_per_s": round(real_rate, 1),
+        "ratio": round(real_rate / synthetic_rate, 3),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def gpu_decode_throughput(root: Path, batch: int) -> dict:
+    """The datamodule's CUDA path: raw bytes from the loader, nvJPEG + augmentation on the GPU."""
+    from datamodules import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(root=str(root), batch_size=batch, num_workers=12, decode_device="cuda")
+    dm.setup("fit")
+    count, start = 0, None
+    for i, gpu in enumerate(dm.train_dataloader()):  # the prefetching loader: decoded on the GPU
+        gpu = dm.on_after_batch_transfer(gpu, 0)
+        if i == 1:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        elif i > 1:
+            count += len(gpu["label"])
+    torch.cuda.synchronize()
+    row = {
+        "benchmark": "dataloader_gpu_decode",
+        "batch": batch,
+        "img_per_s": round(count / (time.perf_counter() - start), 1),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dataloader", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="/tmp/residual-zoo-jpegs")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--gpu-decode", action="store_true")
+    parser.add_argument("--train-step", type=int, default=0, help="also time N ResNet-50 steps on the JPEGs (CUDA)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
