@@ -142,7 +142,7 @@ def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet
         loss.backward()
         optimizer.step()
 
-    dm = ImageFolderDataModule(root=str(root), batch_size=batch, num_workers=12, decode_device="cuda")
+    dm = ImageFolderDataModule(root=str(root), val_dir="train", batch_size=batch, num_workers=12, decode_device="cuda")
     dm.setup("fit")
     synthetic = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 8, (batch,), device=device)
@@ -181,7 +181,7 @@ def gpu_decode_throughput(root: Path, batch: int) -> dict:
     """The datamodule's CUDA path: raw bytes from the loader, nvJPEG + augmentation on the GPU."""
     from datamodules import ImageFolderDataModule
 
-    dm = ImageFolderDataModule(root=str(root), batch_size=batch, num_workers=12, decode_device="cuda")
+    dm = ImageFolderDataModule(root=str(root), val_dir="train", batch_size=batch, num_workers=12, decode_device="cuda")
     dm.setup("fit")
     count, start = 0, None
     for i, gpu in enumerate(dm.train_dataloader()):  # the prefetching loader: decoded on the GPU
@@ -206,7 +206,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", default="/tmp/residual-zoo-jpegs")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument(
+        "--workers", type=int, nargs="*", default=[0, 2], help="loader settings to compare (none: skip)"
+    )
     parser.add_argument("--gpu-decode", action="store_true")
     parser.add_argument("--train-step", type=int, default=0, help="also time N ResNet-50 steps on the JPEGs (CUDA)")
     return parser.parse_args(argv)

@@ -29,25 +29,25 @@ from torchvision.transforms.v2 import functional as TF
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def is_jpeg(data: torch.Tensor) -> bool:
-    return bytes(data[:3].tolist()) == JPEG_MAGIC
-
-
 def decode_batch(
-    items: Sequence[torch.Tensor], device: torch.device, paths: Sequence[str] | None = None
+    items: Sequence[bytes | torch.Tensor], device: torch.device, paths: Sequence[str] | None = None
 ) -> list[torch.Tensor]:
-    """uint8 ``3 x H x W`` images on ``device`` from a list of JPEG byte tensors or decoded images.
+    """uint8 ``3 x H x W`` images on ``device`` from a list of JPEG files' bytes or decoded images.
 
-    Byte tensors (1-D, on the CPU) go to nvJPEG in one batched call; already decoded images (3-D) are
+    Encoded files (``bytes`` or 1-D uint8 tensors) go to nvJPEG in one batched call; decoded images are
     moved. A batch nvJPEG rejects is decoded image by image, falling back to the CPU decoder; a file
     neither can decode raises ``CorruptImageError`` naming it.
     """
     from .images import CorruptImageError
 
     images: list[torch.Tensor | None] = [None] * len(items)
-    encoded = [(i, item) for i, item in enumerate(items) if item.ndim == 1]
+    encoded = []
     for i, item in enumerate(items):
-        if item.ndim == 3:
+        if isinstance(item, (bytes, bytearray)):
+            encoded.append((i, torch.frombuffer(bytearray(item), dtype=torch.uint8)))
+        elif item.ndim == 1:
+            encoded.append((i, item))
+        else:
             images[i] = item.to(device, non_blocking=True)
     if encoded:
         try:

@@ -18,9 +18,8 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import read_file
 
-from .gpu_decode import CUDAPrefetcher, GPUAugment, decode_batch, is_jpeg
+from .gpu_decode import JPEG_MAGIC, CUDAPrefetcher, GPUAugment, decode_batch
 from .images import CorruptImageError, is_image_file, read_image
 from .loading import collate_skipping, make_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainAugment, eval_transform, train_transform
@@ -101,9 +100,10 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         path, label = self.samples[index]
         if self.raw:  # GPU decoding: ship the JPEG bytes (anything else decoded here, on the CPU)
-            data = read_file(path)
-            if not is_jpeg(data):
-                data = read_image(path)
+            # Python bytes travel through the worker pipe, not shared memory (often small in containers)
+            data = Path(path).read_bytes()
+            if not data.startswith(JPEG_MAGIC):
+                return {"image": read_image(path), "label": label, "index": index, "path": path}
             return {"image": data, "label": label, "index": index, "path": path}
         try:
             image = read_image(path)
