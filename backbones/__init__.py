@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Literal
 
 from . import preact, resnet, resnext
 from .base import Backbone, FeatureInfo
@@ -64,6 +65,11 @@ BACKBONES: dict[str, Callable[..., ResNet]] = {
 }
 
 
+#: The zoo names as a type: task arguments typed with it are checked by LightningCLI when parsing, and
+#: ``--help`` lists the valid names.
+BackboneName = Literal[tuple(BACKBONES)]  # type: ignore[valid-type]
+
+
 def list_backbones() -> list[str]:
     """Every registered zoo name, in the order of ``BACKBONES``."""
     return list(BACKBONES)
@@ -87,6 +93,7 @@ def build_backbone(name: str, **kwargs) -> ResNet:
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "BackboneName",
     "FeatureInfo",
     "ResNet",
     "WeightsError",

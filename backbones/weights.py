@@ -309,3 +309,20 @@ def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = Fals
     )
     report.source = str(source)
     return report
+
+
+def save_weights(net: nn.Module, path: str | Path) -> Path:
+    """Write ``net``'s weights as ``.safetensors`` (no pickle at all) or, for any other suffix, a ``.pth``.
+
+    ``num_batches_tracked`` counters are kept; tensors are made contiguous, as safetensors requires.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path), metadata={"backbone": str(getattr(net, "name", ""))})
+    else:
+        torch.save(state, path)
+    return path

@@ -208,6 +208,7 @@ class CIFARDataModule(pl.LightningDataModule):
             train=train,
             pin_memory=hp.pin_memory,
             persistent_workers=hp.persistent_workers,
+            trainer=self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader:

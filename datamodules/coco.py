@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 
 from .imagefolder import list_images
 from .images import CorruptImageError, read_image
-from .loading import check_enough_for_a_batch, eval_sampler
+from .loading import EpochSeeded, ResumableDataLoader, check_enough_for_a_batch, make_loader, trained_batches
 from .samplers import AspectRatioGroupedSampler, aspect_ratio_groups
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,8 @@ LAYOUT_HELP = (
 )
 
 
-def load_coco(path: str | Path):
-    """A ``pycocotools.coco.COCO`` for ``path``, with errors that name the file and the problem."""
-    from pycocotools.coco import COCO
-
+def read_coco_json(path: str | Path) -> dict:
+    """The parsed annotation file, with errors that name the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist. {LAYOUT_HELP}")
@@ -61,6 +59,38 @@ def load_coco(path: str | Path):
     missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
     if missing:
         raise ValueError(f"{path}: not a COCO instances file, it lacks the {', '.join(missing)} field(s)")
+    return dataset
+
+
+def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False):
+    """A validated ``pycocotools.coco.COCO`` for the annotation file ``path``.
+
+    The file is checked (``datamodules.check.validate_coco``; image files too when ``images_dir`` is
+    given, without decoding them) before pycocotools indexes it. Errors stop here with the report --
+    before any training -- unless ``drop_invalid``, which drops the offending images and annotations and
+    logs how many. Warnings (degenerate or out-of-image boxes, handled later) are logged.
+    """
+    from pycocotools.coco import COCO
+
+    from .check import DataValidationError, validate_coco
+
+    path = Path(path)
+    dataset = read_coco_json(path)
+    report, cleaned = validate_coco(dataset, path, Path(images_dir) if images_dir is not None else None)
+    if report.errors:
+        if not drop_invalid:
+            raise DataValidationError(
+                f"{path} has errors that would break training:\n{report.text()}\nFix the file (python -m "
+                f"datamodules.check --config <config> --fix writes a cleaned copy) or set data.drop_invalid: true."
+            )
+        log.warning(
+            "%s: dropped %d images and %d annotations with errors (data.drop_invalid):\n%s",
+            path, len(dataset["images"]) - len(cleaned["images"]),
+            len(dataset["annotations"]) - len(cleaned["annotations"]), report.text(limit=20),
+        )  # fmt: skip
+        dataset = cleaned
+    elif report.warnings:
+        log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -208,6 +238,8 @@ class COCODetectionDataModule(pl.LightningDataModule):
         flip_prob: horizontal flip probability for training.
         aspect_ratio_group_factor: ``k`` of the aspect-ratio grouping (``2k + 1`` bins); -1 disables it.
         skip_corrupt: skip unreadable images (logged and counted) instead of failing.
+        drop_invalid: drop images and annotations with errors (``datamodules.check``; counts logged)
+            instead of stopping before training with the report.
     """
 
     def __init__(
@@ -226,6 +258,7 @@ class COCODetectionDataModule(pl.LightningDataModule):
         flip_prob: float = 0.5,
         aspect_ratio_group_factor: int = 3,
         skip_corrupt: bool = False,
+        drop_invalid: bool = False,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
@@ -261,7 +294,7 @@ class COCODetectionDataModule(pl.LightningDataModule):
             for split in ("val", "train"):
                 path = self.annotation_file(split)
                 if path.is_file():
-                    self._categories = sorted(load_coco(path).dataset["categories"], key=lambda c: c["id"])
+                    self._categories = sorted(read_coco_json(path)["categories"], key=lambda c: c["id"])
                     break
             else:
                 raise FileNotFoundError(f"no annotation file under {self.root}. {LAYOUT_HELP}")
@@ -290,9 +323,8 @@ class COCODetectionDataModule(pl.LightningDataModule):
         if not images.is_dir():
             raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
         train = split == "train"
-        return COCODetectionDataset(
-            images, load_coco(annotations), train, self._transform(train), self.hparams.skip_corrupt
-        )
+        coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
+        return COCODetectionDataset(images, coco, train, self._transform(train), self.hparams.skip_corrupt)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -311,24 +343,30 @@ class COCODetectionDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, *, batch_size: int, train: bool) -> DataLoader:
         hp = self.hparams
-        sampler = None
-        if train:
-            check_enough_for_a_batch(dataset, batch_size)
         if train and hp.aspect_ratio_group_factor >= 0:
+            check_enough_for_a_batch(dataset, batch_size)
+            seed = torch.initial_seed() % 2**31
             groups = aspect_ratio_groups(dataset.image_sizes(), hp.aspect_ratio_group_factor)
-            sampler = AspectRatioGroupedSampler(dataset, groups, batch_size, seed=torch.initial_seed() % 2**31)
-        elif not train:
-            sampler = eval_sampler(dataset)
-        return DataLoader(
+            return ResumableDataLoader(
+                EpochSeeded(dataset, seed),
+                batch_size=batch_size,
+                sampler=AspectRatioGroupedSampler(dataset, groups, batch_size, seed=seed),
+                drop_last=True,
+                num_workers=hp.num_workers,
+                collate_fn=detection_collate,
+                pin_memory=hp.pin_memory and torch.cuda.is_available(),
+                persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+                progress=trained_batches(self.trainer),
+            )
+        return make_loader(
             dataset,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,
             num_workers=hp.num_workers,
+            train=train,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers,
             collate_fn=detection_collate,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            trainer=self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -555,7 +593,9 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         batch_size: training images per batch and process.
         eval_batch_size: evaluation images per batch (1 evaluates every image at its own size; more
             pads to the largest in the batch).
-        num_workers, skip_corrupt, pin_memory, persistent_workers: as for the other datamodules.
+        mean, std: normalization.
+        num_workers, skip_corrupt, drop_invalid, pin_memory, persistent_workers: as for
+            ``COCODetectionDataModule``.
     """
 
     def __init__(
@@ -582,6 +622,7 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         skip_corrupt: bool = False,
+        drop_invalid: bool = False,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
@@ -648,7 +689,7 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
         images, annotations = self.files.split_files(split)
         if not images.is_dir():
             raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
-        coco = load_coco(annotations)
+        coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
         if self.hparams.categories == "all" and self._classes is None:
             self._classes = category_classes(coco.dataset["categories"], "all")
         train = split == "train"
@@ -674,19 +715,15 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
-        dataset = self.datasets[split]
-        if train:
-            check_enough_for_a_batch(dataset, hp.batch_size)
-        return DataLoader(
-            dataset,
+        return make_loader(
+            self.datasets[split],
             batch_size=hp.batch_size if train else hp.eval_batch_size,
-            shuffle=train,
-            sampler=None if train else eval_sampler(dataset),
-            drop_last=train,
             num_workers=hp.num_workers,
+            train=train,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers,
             collate_fn=segmentation_collate,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            trainer=self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader:

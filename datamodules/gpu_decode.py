@@ -183,6 +183,12 @@ class CUDAPrefetcher:
     def sampler(self):
         return self.loader.sampler
 
+    def state_dict(self) -> dict:  # the loader's position, for Lightning's checkpoints
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
     def __len__(self) -> int:
         return len(self.loader)
 

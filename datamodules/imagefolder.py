@@ -145,6 +145,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean: per-channel mean for normalization.
         std: per-channel std for normalization.
         skip_corrupt: skip unreadable images (each logged, counted in ``data/skipped``) instead of failing.
+        drop_invalid: leave out empty files and class folders without training images (counts logged)
+            instead of stopping before training with a report (``datamodules.check``).
         decode_device: ``cuda`` decodes and augments on the GPU (``datamodules.gpu_decode``): workers
             only read files, so a few cores feed thousands of images per second.
         gpu_prefetch: with ``decode_device: cuda``, prepare the next training batches on a side stream
@@ -172,6 +174,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         skip_corrupt: bool = False,
+        drop_invalid: bool = False,
         decode_device: Literal["cpu", "cuda"] = "cpu",
         gpu_prefetch: bool = True,
         pin_memory: bool = True,
@@ -255,17 +258,47 @@ class ImageFolderDataModule(pl.LightningDataModule):
         return batch
 
     def _split(self, directory: str, train: bool) -> ImageFolderDataset:
+        """One split's samples, after the cheap checks (``datamodules.check``) that need no decoding.
+
+        Class folders without images (training split) and empty files are errors that stop the run here,
+        before training, with a report naming them -- or, with ``drop_invalid``, are dropped and counted.
+        """
+        from .check import DataValidationError, Report
+
         path = self._split_dir(directory)
-        samples = list_samples(path, self.classes)
+        drop = self.hparams.drop_invalid
+        if drop:  # evaluation folders of dropped classes are ignored, not errors
+            samples = []
+            for i, name in enumerate(self.classes):
+                if (path / name).is_dir():
+                    samples.extend((str(p), i) for p in list_images(path / name))
+        else:
+            samples = list_samples(path, self.classes)
+        report = Report(str(path))
+        report.checked["images"] = len(samples)
+        for file, _ in samples:
+            if os.stat(file).st_size == 0:
+                report.error(file, "the file is empty (0 bytes)")
+        counts = Counter(label for _, label in samples)
+        empty = [c for i, c in enumerate(self.classes) if not counts[i]] if train else []
+        for name in empty:
+            report.error(str(path / name), "class folder without images")
+        if report.errors and not drop:
+            raise DataValidationError(
+                f"{path} has errors that would break training:\n{report.text()}\nRemove or replace these "
+                f"files and folders, or set data.drop_invalid: true to leave them out."
+            )
+        if report.errors:
+            bad = {p.where for p in report.errors}
+            samples = [(f, label) for f, label in samples if f not in bad]
+            if empty:  # a class without training images leaves the label set
+                keep = [c for c in self.classes if c not in empty]
+                remap = {self.classes.index(c): k for k, c in enumerate(keep)}
+                samples = [(f, remap[label]) for f, label in samples if label in remap]
+                self._classes = keep
+            log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))
         if not samples:
             raise ValueError(f"{path} holds no image files ({', '.join(('.JPEG', '.jpg', '.png'))}...).")
-        counts = Counter(label for _, label in samples)
-        empty = [c for i, c in enumerate(self.classes) if not counts[i]]
-        if train and empty:
-            raise ValueError(
-                f"{path}: class folders without images: {', '.join(empty[:10])}"
-                f"{' ...' if len(empty) > 10 else ''}. Every training class needs images; remove the empty folders."
-            )
         return ImageFolderDataset(
             samples, self._transform(train), skip_corrupt=self.hparams.skip_corrupt, raw=self._raw()
         )
@@ -310,6 +343,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             pin_memory=hp.pin_memory and not raw,
             persistent_workers=hp.persistent_workers,
             collate_fn=collate_raw if raw else collate_skipping,
+            trainer=self.trainer,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,6 +11,8 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from .samplers import ResumableSampler
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +41,65 @@ def check_enough_for_a_batch(dataset: Dataset, batch_size: int) -> None:
         )
 
 
+class EpochSeeded(Dataset):
+    """A dataset whose sample ``(epoch, index)`` is always drawn with the same random numbers.
+
+    Each access runs the wrapped dataset's transforms with torch's RNG seeded from ``(seed, epoch,
+    index)`` (in a forked RNG state, so nothing else is disturbed): augmentations no longer depend on
+    which worker loads a sample or on what it loaded before, so a run resumed in the middle of an
+    epoch sees exactly the crops and flips the uninterrupted run saw.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A training DataLoader whose position Lightning saves in checkpoints and restores on resume.
+
+    ``state_dict`` records the epoch and how many samples were *trained on* in it (Lightning's
+    completed batches, not what the loader prefetched); ``load_state_dict`` makes the sampler skip them.
+    """
+
+    def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict:
+        completed = self._progress() if self._progress is not None else 0
+        return {"epoch": int(self.sampler.epoch), "samples": int(completed * self.batch_size)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start = state["samples"]
+
+
+def trained_batches(trainer) -> Callable[[], int]:
+    """Batches the trainer completed in the current epoch (0 without a trainer)."""
+
+    def count() -> int:
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+
+    return count
+
+
 def collate_skipping(batch: Sequence) -> dict:
     """``default_collate`` that drops samples the dataset marked unreadable (``None``) and counts them."""
     kept = [sample for sample in batch if sample is not None]
@@ -59,15 +120,33 @@ def make_loader(
     pin_memory: bool = True,
     persistent_workers: bool = True,
     collate_fn: Callable = collate_skipping,
+    trainer=None,
 ) -> DataLoader:
-    """A DataLoader with the project's defaults: shuffling and ``drop_last`` for training only."""
+    """A DataLoader with the project's defaults.
+
+    Training: a resumable, seed-determined shuffle (``ResumableSampler`` over ``EpochSeeded``) whose
+    position goes into checkpoints, and ``drop_last``. Evaluation: in order, split across DDP ranks
+    without repeats (``eval_sampler``).
+    """
     if train:
         check_enough_for_a_batch(dataset, batch_size)
-    sampler = None if train else eval_sampler(dataset)
+        seed = torch.initial_seed() % 2**31
+        return ResumableDataLoader(
+            EpochSeeded(dataset, seed),
+            batch_size=batch_size,
+            sampler=ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True),
+            num_workers=num_workers,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            persistent_workers=persistent_workers and num_workers > 0,
+            drop_last=True,
+            collate_fn=collate_fn,
+            progress=trained_batches(trainer),
+        )
+    sampler = eval_sampler(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
+        shuffle=False,
         sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),

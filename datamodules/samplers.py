@@ -27,6 +27,9 @@ def aspect_ratio_groups(sizes: Sequence[tuple[int, int]], k: int = 3) -> list[in
 class AspectRatioGroupedSampler(DistributedSampler):
     """Shuffled indices whose consecutive ``batch_size`` runs share an aspect-ratio group.
 
+    Yields ``(epoch, index)`` pairs for an ``EpochSeeded`` dataset and, like ``ResumableSampler``, can
+    start in the middle of an epoch (``start``).
+
     Args:
         dataset: the dataset (only its length is used).
         group_ids: group of each sample (:func:`aspect_ratio_groups`).
@@ -47,6 +50,7 @@ class AspectRatioGroupedSampler(DistributedSampler):
         self.batches_per_rank = full_batches // world
         self.num_samples = self.batches_per_rank * batch_size
         self.total_size = self.num_samples * world
+        self.start = 0
 
     def _batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -62,10 +66,32 @@ class AspectRatioGroupedSampler(DistributedSampler):
         shuffled = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffled]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         batches = self._batches()[: self.batches_per_rank * self.num_replicas]
         mine = batches[self.rank :: self.num_replicas]
-        return iter([index for batch in mine for index in batch])
+        start, self.start = self.start, 0  # resuming mid-epoch: skip what was trained on (see ResumableSampler)
+        return iter([(self.epoch, index) for batch in mine for index in batch][start:])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableSampler(DistributedSampler):
+    """Training order that depends only on ``(seed, epoch)`` and can restart in the middle of an epoch.
+
+    Yields ``(epoch, index)`` pairs, shuffled by a generator seeded with ``seed + epoch`` (never the
+    global RNG), split across DDP ranks like ``DistributedSampler`` (whose subclass it is, so Lightning
+    calls ``set_epoch`` and does not replace it). ``start`` skips the samples this rank already trained
+    on in the current epoch, once: a resumed run continues where the interrupted one stopped.
+    """
+
+    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter([(self.epoch, i) for i in indices[start:]])

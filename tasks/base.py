@@ -24,7 +24,7 @@ from backbones.weights import read_state_dict
 log = logging.getLogger(__name__)
 
 #: Task arguments that change how a run executes, not what the model is; kept out of checkpoint hparams.
-RUNTIME_OPTIONS: tuple[str, ...] = ("channels_last", "compile", "predictions_file", "log_samples")
+RUNTIME_OPTIONS: tuple[str, ...] = ("channels_last", "compile", "predictions_file", "log_samples", "nonfinite_loss")
 
 #: torchvision weights trained with ``FrozenBatchNorm2d(eps=0)``: torchvision's builders set eps to 0 when
 #: loading them (``overwrite_eps``), and so do we, to reproduce their outputs exactly.
@@ -108,8 +108,13 @@ class BaseTask(pl.LightningModule):
         weight_decay_norm_bias: bool = True,
         channels_last: bool | None = None,
         compile: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r} must be 'stop' or 'skip'")
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_nonfinite = 0
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
@@ -216,6 +221,47 @@ class BaseTask(pl.LightningModule):
         return type(optimizer)(
             groups, fused=True, **{k: v for k, v in defaults.items() if k not in ("fused", "foreach")}
         )
+
+    def guard_loss(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Stop (or skip the batch) when the loss is NaN or infinite, naming the step and the batch.
+
+        ``stop`` raises :class:`~tasks.reliability.NonFiniteLossError` with the global step, the batch's
+        image paths or ids and the last checkpoint to resume from, before any weight is touched.
+        ``skip`` replaces the loss by a zero that still reaches every parameter (so DDP's gradient
+        all-reduce stays in step across ranks), counts it and logs ``train/skipped_nonfinite``.
+        """
+        if torch.isfinite(loss).all():
+            return loss
+        where = batch.get("path") or batch.get("paths") or batch.get("image_id") or batch.get("image_ids") or []
+        where = [str(w) for w in (where.tolist() if isinstance(where, torch.Tensor) else where)]
+        if self.nonfinite_loss == "skip":
+            self.skipped_nonfinite += 1
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, reduce_fx="max")
+            log.warning("non-finite loss at step %d, batch skipped: %s", self.global_step, ", ".join(where[:8]))
+            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        from .reliability import NonFiniteLossError
+
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+        shown = ", ".join(where[:16]) + (f" ... ({len(where)} in all)" if len(where) > 16 else "")
+        raise NonFiniteLossError(
+            f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+            f"batch: {shown or 'unknown'}. Last good checkpoint: {last or 'none written yet'}. Lower the "
+            f"learning rate or check these images, then resume with --ckpt_path {last or '<checkpoint>'}; "
+            f"model.nonfinite_loss=skip skips such batches instead."
+        )
+
+    # -- random states in checkpoints: a resumed run draws what an uninterrupted one would -------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from .reliability import rng_state
+
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from .reliability import restore_rng_state
+
+        if "rng_state" in checkpoint:
+            restore_rng_state(checkpoint["rng_state"])
 
     def log_learning_rate(self) -> None:
         optimizer = self.optimizers()

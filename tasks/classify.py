@@ -26,10 +26,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from backbones import BackboneName
 from backbones.weights import apply_weights, backbone_subset, read_state_dict
 
 from .base import RUNTIME_OPTIONS, BaseTask, check_num_classes, classes_in
-from .cli import TaskCLI
+from .cli import TaskCLI, script
 from .media import to_display
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ClassificationTask(BaseTask):
         weight_decay_norm_bias: apply weight decay to normalization weights and biases too.
         channels_last: NHWC memory layout; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the backbone.
+        nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the batch, or ``skip`` the batch.
         predictions_file: where ``predict`` writes top-5 classes and scores (``.csv`` or ``.json``);
             defaults to ``<run dir>/predictions.csv``.
         log_samples: images with predicted and true labels logged to W&B each validation epoch.
@@ -67,7 +69,7 @@ class ClassificationTask(BaseTask):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
+        backbone: BackboneName = "resnet50",
         backbone_args: dict[str, Any] | None = None,
         num_classes: int | None = None,
         weights: str | None = None,
@@ -81,6 +83,7 @@ class ClassificationTask(BaseTask):
         weight_decay_norm_bias: bool = True,
         channels_last: bool | None = None,
         compile: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         predictions_file: str | None = None,
         log_samples: int = 16,
     ) -> None:
@@ -91,6 +94,7 @@ class ClassificationTask(BaseTask):
             weight_decay_norm_bias=weight_decay_norm_bias,
             channels_last=channels_last,
             compile=compile,
+            nonfinite_loss=nonfinite_loss,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
@@ -204,7 +208,7 @@ class ClassificationTask(BaseTask):
         if self.mix is not None:
             images, targets = self._apply_mixing(images, labels)
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        loss = self.guard_loss(F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing), batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         if self.mix is None:
             self.train_metrics.update(logits.detach(), labels)
@@ -294,9 +298,11 @@ class ClassificationTask(BaseTask):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["class_names"] = [str(n) for n in (self.class_names or [])]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get("class_names"):
             self.class_names = list(checkpoint["class_names"])
 
@@ -324,4 +330,4 @@ def main(args: ArgsType = None) -> TaskCLI:
 __all__ = ["ClassificationTask", "main", "write_predictions"]
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -110,6 +110,39 @@ class TaskCLI(LightningCLI):
             }
         )
 
+    # -- resuming --------------------------------------------------------------------------------
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` and refuse unreadable or unsafe checkpoints before anything runs.
+
+        ``last`` is the newest ``last.ckpt`` of this run name (``runs/<run_name>/*/checkpoints``); the
+        resumed run continues in that run's directory, with its W&B run. A missing or unreadable
+        checkpoint is an error, never a silent fresh start.
+        """
+        self._resume_dir = None
+        if self.config.get("subcommand"):
+            cfg = self.config[self.config.subcommand]
+            path = cfg.get("ckpt_path")
+            if path == "last":
+                root = Path(cfg.trainer.get("default_root_dir") or "runs") / self._run_name(cfg)
+                found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+                if not found:
+                    raise FileNotFoundError(
+                        f"--ckpt_path last: no {root}/*/checkpoints/last.ckpt to resume from. Pass a checkpoint path, "
+                        f"or the --run_name / --trainer.default_root_dir of the run to resume."
+                    )
+                cfg.ckpt_path = str(found[-1])
+                self._resume_dir = found[-1].parent.parent
+            elif path:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+                if self.config.subcommand == "fit" and Path(path).parent.name == "checkpoints":
+                    self._resume_dir = Path(path).parent.parent
+            if cfg.get("ckpt_path"):
+                from backbones.weights import _torch_load
+
+                _torch_load(Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}")  # refuses pickled code, clearly
+        super()._parse_ckpt_path()
+
     # -- run directory, logger and safety defaults ------------------------------------------------
     def _run_name(self, cfg: Namespace) -> str:
         if cfg.get("run_name"):
@@ -123,6 +156,9 @@ class TaskCLI(LightningCLI):
         inherited = os.environ.get(RUN_DIR_ENV)
         if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
             return Path(inherited)  # a process started by Lightning's DDP launcher for the parent's run
+        if getattr(self, "_resume_dir", None) is not None and self.subcommand == "fit":
+            os.environ[RUN_DIR_ENV] = str(self._resume_dir)
+            return self._resume_dir  # resuming: same directory, same W&B run
         root = Path(cfg.trainer.get("default_root_dir") or "runs") / name
         version = cfg.get("run_version")
         if not version and os.environ.get("SLURM_JOB_ID"):
@@ -180,6 +216,16 @@ class TaskCLI(LightningCLI):
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(init.id)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+        """Add the reliability defaults: atomic, weights-only checkpoints and a checkpoint on interruption."""
+        from .reliability import AtomicCheckpointIO, InterruptCheckpoint
+
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, [*callbacks, InterruptCheckpoint()])
+
     # -- after each subcommand, even a failed one: close the W&B run, so in-process runs start fresh ----
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -190,3 +236,34 @@ class TaskCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None and self.trainer.is_global_zero:
                     logger.experiment.finish()
+
+
+def script(main) -> None:
+    """Run a task's ``main`` as a command: user errors print one clear message instead of a traceback.
+
+    Bad data, configuration and weight files raise errors whose message names the file or field and the
+    fix; that message is what the user needs. ``RESIDUAL_ZOO_TRACEBACK=1`` shows the full traceback.
+    """
+    import sys
+
+    from backbones.weights import WeightsError
+    from datamodules.check import DataValidationError
+    from datamodules.images import CorruptImageError
+
+    from .reliability import NonFiniteLossError
+
+    user_errors = (
+        ValueError,
+        FileNotFoundError,
+        WeightsError,
+        CorruptImageError,
+        NonFiniteLossError,
+        DataValidationError,
+    )
+    try:
+        main()
+    except user_errors as err:
+        if os.environ.get("RESIDUAL_ZOO_TRACEBACK"):
+            raise
+        print(f"error: {err}\n(set RESIDUAL_ZOO_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        sys.exit(1)

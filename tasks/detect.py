@@ -21,6 +21,7 @@ import torch.distributed as dist
 from lightning.pytorch.cli import ArgsType, LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from backbones import BackboneName
 from backbones.base import NormKind
 from backbones.weights import load_state_dict_checked
 
@@ -33,7 +34,7 @@ from .base import (
     read_model_weights,
     set_frozen_bn_eps,
 )
-from .cli import TaskCLI
+from .cli import TaskCLI, script
 from .coco_eval import METRIC_NAMES, Backend, evaluate_detections, to_coco_results
 from .detection_models import HeadKind, build_faster_rcnn
 from .media import to_display
@@ -76,6 +77,7 @@ class DetectionTask(BaseTask):
         evaluator: ``faster_coco_eval`` (same numbers, faster) or ``pycocotools``.
         optimizer, scheduler, scheduler_interval, weight_decay_norm_bias, channels_last, compile:
             as for every task (``tasks.base.BaseTask``).
+        nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the batch, or ``skip`` the batch.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
         draw_predictions: with ``predict``, also write images with the boxes drawn next to the file.
         log_samples: validation images logged to W&B with predicted and ground-truth boxes.
@@ -86,7 +88,7 @@ class DetectionTask(BaseTask):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
+        backbone: BackboneName = "resnet50",
         backbone_args: dict[str, Any] | None = None,
         head: HeadKind = "fpn",
         num_classes: int | None = None,
@@ -108,6 +110,7 @@ class DetectionTask(BaseTask):
         weight_decay_norm_bias: bool = True,
         channels_last: bool | None = False,
         compile: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         detections_file: str | None = None,
         draw_predictions: bool = False,
         log_samples: int = 4,
@@ -119,6 +122,7 @@ class DetectionTask(BaseTask):
             weight_decay_norm_bias=weight_decay_norm_bias,
             channels_last=channels_last,
             compile=compile,
+            nonfinite_loss=nonfinite_loss,
         )
         if weights and weights_backbone:
             raise ValueError("set either model.weights (whole detector) or model.weights_backbone, not both")
@@ -217,7 +221,7 @@ class DetectionTask(BaseTask):
             return None
         targets = [{"boxes": t["boxes"], "labels": self._labels_for(t["labels"])} for t in batch["targets"]]
         losses = self(batch["images"], targets)
-        loss = sum(losses.values())
+        loss = self.guard_loss(sum(losses.values()), batch)
         n = len(batch["images"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=n)
@@ -392,10 +396,12 @@ class DetectionTask(BaseTask):
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["category_ids"] = list(self.category_ids or [])
         checkpoint["class_names"] = [str(n) for n in (self.class_names or [])]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get("category_ids"):
             self.category_ids = list(checkpoint["category_ids"])
             self.class_names = list(checkpoint.get("class_names") or []) or None
@@ -407,4 +413,4 @@ def main(args: ArgsType = None) -> TaskCLI:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

@@ -20,12 +20,12 @@ from lightning.pytorch.cli import ArgsType, LRSchedulerCallable, OptimizerCallab
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from backbones import build_backbone
+from backbones import BackboneName, build_backbone
 from backbones.base import NormKind
 from backbones.weights import load_state_dict_checked
 
 from .base import RUNTIME_OPTIONS, BaseTask, check_num_classes, classes_in, read_model_weights
-from .cli import TaskCLI
+from .cli import TaskCLI, script
 from .media import to_display
 from .schedulers import WarmupPolyLR
 from .segmentation_models import DilatedFCN, SegHeadKind, SkipFCN, confusion_scores, native_output_stride
@@ -53,6 +53,7 @@ class SegmentationTask(BaseTask):
         optimizer: injected optimizer (the configs: SGD 0.02, momentum 0.9, weight decay 1e-4).
         scheduler: injected schedule; ``None`` uses poly decay ``(1 - t/T) ** 0.9`` stepped per iteration.
         scheduler_interval, weight_decay_norm_bias, channels_last, compile: as for every task.
+        nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the batch, or ``skip`` the batch.
         predictions_dir: where ``predict`` writes class-index PNG masks (default ``<run dir>/masks``).
         overlays: with ``predict``, also write color overlays next to the masks.
         log_samples: validation images logged to W&B with predicted and ground-truth masks.
@@ -63,7 +64,7 @@ class SegmentationTask(BaseTask):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
+        backbone: BackboneName = "resnet50",
         backbone_args: dict[str, Any] | None = None,
         head: SegHeadKind = "dilated",
         num_classes: int | None = None,
@@ -79,6 +80,7 @@ class SegmentationTask(BaseTask):
         weight_decay_norm_bias: bool = True,
         channels_last: bool | None = None,
         compile: bool = False,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         predictions_dir: str | None = None,
         overlays: bool = False,
         log_samples: int = 4,
@@ -90,6 +92,7 @@ class SegmentationTask(BaseTask):
             weight_decay_norm_bias=weight_decay_norm_bias,
             channels_last=channels_last,
             compile=compile,
+            nonfinite_loss=nonfinite_loss,
         )
         if weights and weights_backbone:
             raise ValueError("set either model.weights (whole model) or model.weights_backbone, not both")
@@ -179,6 +182,7 @@ class SegmentationTask(BaseTask):
             return None
         outputs = self(batch["image"])
         loss, parts = self._loss(outputs, batch["mask"])
+        loss = self.guard_loss(loss, batch)
         n = len(batch["image"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         if "aux" in parts:
@@ -286,9 +290,11 @@ class SegmentationTask(BaseTask):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["class_names"] = [str(n) for n in (self.class_names or [])]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get("class_names"):
             self.class_names = list(checkpoint["class_names"])
 
@@ -299,4 +305,4 @@ def main(args: ArgsType = None) -> TaskCLI:
 
 
 if __name__ == "__main__":
-    main()
+    script(main)

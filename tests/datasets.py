@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 
 from datamodules.shapes import generate_classification
@@ -115,3 +116,49 @@ def classify_checkpoint(tmp_path: Path, backbone: str = "resnet18") -> tuple[str
 CPU = [
     "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"
 ]  # fmt: skip
+
+
+class StepRecorder(pl.Callback):
+    """Records each optimizer step's learning rate; optionally sends this process SIGTERM after a step.
+
+    Args:
+        path: JSON file the ``[global_step, lr]`` pairs are appended to.
+        sigterm_at: send SIGTERM after this global step (as a cluster does before it kills a job).
+    """
+
+    def __init__(self, path: str, sigterm_at: int = -1) -> None:
+        self.path = Path(path)
+        self.sigterm_at = sigterm_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+        import os
+        import signal
+
+        rows = json.loads(self.path.read_text()) if self.path.exists() else []
+        rows.append([trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]])
+        self.path.write_text(json.dumps(rows))
+        if trainer.global_step == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
+    """The W&B offline run under ``run_dir``, read once the W&B service has flushed it to disk.
+
+    ``run.finish()`` returns when the W&B service has the records; the service writes the ``.wandb``
+    file from its own process, a moment later under load.
+    """
+    import time
+
+    from tasks.wandb_offline import read_offline_run
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = read_offline_run(run_dir)
+            if run["history"] or time.monotonic() > deadline:
+                return run
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import CPU, write_cifar, write_imagefolder
+from datasets import CPU, logged_run, write_cifar, write_imagefolder
 
 from tasks.classify import ClassificationTask, main
-from tasks.wandb_offline import metric_series, read_offline_run
+from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_CONFIGS = sorted(CONFIGS.glob("imagenet_*.yaml"))
@@ -78,7 +78,7 @@ def test_every_config_fits_one_step_and_logs_to_wandb_offline(config, imagefolde
     assert run_dir.parent.name == config.stem  # the run is named after its config
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    logged = read_offline_run(run_dir / "wandb")
+    logged = logged_run(run_dir / "wandb")
     assert logged["id"] == (run_dir / "wandb_id").read_text()
     assert metric_series(logged, "val/acc1") and metric_series(logged, "val/acc5") and metric_series(logged, "val/loss")
     assert metric_series(logged, "train/loss_epoch")
@@ -108,7 +108,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
             "--seed_everything", "0", *CPU,
         ]
     )  # fmt: skip
-    logged = read_offline_run(_only_run_dir(runs) / "wandb")
+    logged = logged_run(_only_run_dir(runs) / "wandb")
     losses = metric_series(logged, "train/loss_epoch")
     accuracy = metric_series(logged, "val/acc1")
     assert len(losses) == 10 and losses[-1] < 0.7 * losses[0]

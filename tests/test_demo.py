@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import CPU
+from datasets import CPU, logged_run
 
 from datamodules import ShapesClassificationDataModule, ShapesDetectionDataModule, ShapesSegmentationDataModule
 from datamodules.coco import load_coco
 from datamodules.shapes import SHAPES, generate_coco
 from tasks import classify, demo, segment
-from tasks.wandb_offline import metric_series, read_offline_run
+from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -62,7 +62,7 @@ def test_make_demo_steps_end_to_end(tmp_path, monkeypatch):
     assert checkpoint.name == "best.ckpt" and checkpoint.is_file()
     assert torch.load(checkpoint, weights_only=True)["category_ids"] == [1, 2, 3, 4, 5]
     assert {"val/mAP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"} <= set(summary["metrics"])
-    logged = read_offline_run(summary["wandb_run"])
+    logged = logged_run(summary["wandb_run"])
     assert metric_series(logged, "val/mAP") and metric_series(logged, "train/loss_epoch")
     drawn = sorted(Path(summary["drawn_images"]).glob("*.jpg"))
     assert len(drawn) == 8  # two predict batches of four images
@@ -88,4 +88,4 @@ def test_other_demo_configs_train(module, config, tmp_path, monkeypatch):
     runs = ["--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs")]
     cli = module.main(["fit", "--config", str(CONFIGS / config), *root, *size, "--data.num_workers", "0", *runs, *CPU])
     assert Path(cli.trainer.checkpoint_callback.best_model_path).is_file()
-    assert read_offline_run(Path(cli.trainer.default_root_dir) / "wandb")["history"]
+    assert logged_run(Path(cli.trainer.default_root_dir) / "wandb")["history"]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import CATEGORY_IDS, CPU, classify_checkpoint, write_coco
+from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, write_coco
 
 from datamodules import COCODetectionDataModule
 from tasks import detect
 from tasks.detect import DetectionTask
-from tasks.wandb_offline import metric_series, read_offline_run
+from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DETECTION_CONFIGS = sorted(
@@ -144,7 +144,7 @@ def test_short_training_detects_and_metrics_equal_pycocotools(tmp_path):
 
     root = write_coco(tmp_path / "shapes", train_images=120, val_images=20, size=(128, 128), object_size=(24, 56))
     cli = _short_training(root, tmp_path / "runs", epochs=5)
-    logged = read_offline_run(Path(cli.trainer.default_root_dir) / "wandb")
+    logged = logged_run(Path(cli.trainer.default_root_dir) / "wandb")
     ap50 = metric_series(logged, "val/AP50")
     assert len(ap50) == 5 and ap50[-1] > 0.15, ap50  # from scratch, on 2 CPU cores, in ~1 minute
     losses = metric_series(logged, "train/loss_epoch")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import CATEGORY_IDS, CPU, classify_checkpoint, write_coco
+from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, write_coco
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -17,7 +17,7 @@ from datamodules.coco import VOC_CATEGORY_IDS, category_classes, load_coco, sema
 from tasks import segment
 from tasks.segment import SegmentationTask
 from tasks.segmentation_models import confusion_scores
-from tasks.wandb_offline import metric_series, read_offline_run
+from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COMMON = [
@@ -178,7 +178,7 @@ def test_short_training_beats_the_all_background_baseline(tmp_path):
     labeled = masks[masks != 255]
     present = labeled.unique().numel()
     baseline = (labeled == 0).float().mean().item() / present
-    logged = read_offline_run(Path(cli.trainer.default_root_dir) / "wandb")
+    logged = logged_run(Path(cli.trainer.default_root_dir) / "wandb")
     miou = metric_series(logged, "val/mIoU")
     assert len(miou) == 8
     assert max(miou) > baseline + 0.04, (miou, baseline)

@@ -1,0 +1,278 @@
+"""Dataset validation before training: ``python -m datamodules.check --config <config> [--fix]``.
+
+Scans the dataset a config points to and reports, file by file, what would break or silently corrupt a
+run: unreadable or truncated images, annotation files that are not valid COCO, boxes of zero or
+negative size or outside their image, category ids missing from ``categories``, annotations of images
+that do not exist, images listed twice or missing on disk, ImageFolder classes without images. The
+report ends with counts; the command exits with status 1 when there are errors.
+
+The datamodules run the cheap part (everything but decoding every image) when they set up, and stop
+with this report before training starts. ``data.drop_invalid: true`` drops the offending items instead
+(counts logged); ``--fix`` writes a cleaned copy of a COCO annotation file next to it. Decoding every
+image is this command's job (``--no-decode`` skips it); during training ``data.skip_corrupt: true``
+skips unreadable images as they are met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class DataValidationError(ValueError):
+    """The dataset has errors that would break training or corrupt its results."""
+
+
+@dataclass
+class Problem:
+    severity: str  # "error" or "warning"
+    where: str  # the file (and the entry in it)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():7s} {self.where}: {self.message}"
+
+
+@dataclass
+class Report:
+    """Problems found in one dataset split, and how much was checked."""
+
+    subject: str
+    checked: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+
+    def error(self, where: str, message: str) -> None:
+        self.problems.append(Problem("error", where, message))
+
+    def warning(self, where: str, message: str) -> None:
+        self.problems.append(Problem("warning", where, message))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def summary(self) -> str:
+        checked = ", ".join(f"{n} {kind}" for kind, n in self.checked.items())
+        return f"{self.subject}: {len(self.errors)} errors, {len(self.warnings)} warnings ({checked} checked)"
+
+    def text(self, limit: int = 50) -> str:
+        shown = [str(p) for p in (self.errors + self.warnings)[:limit]]
+        more = len(self.problems) - len(shown)
+        lines = shown + ([f"... and {more} more"] if more > 0 else []) + [self.summary()]
+        return "\n".join(lines)
+
+
+def _image_problem(path: Path, decode: bool) -> str | None:
+    """Why ``path`` cannot be used as an image, or ``None``."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "the file does not exist"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if decode:
+        from .images import CorruptImageError, read_image
+
+        try:
+            read_image(path)
+        except CorruptImageError as err:
+            return str(err).split(": ", 1)[-1]
+    return None
+
+
+# -- COCO ---------------------------------------------------------------------------------------------
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_coco(
+    dataset: dict, annotation_file: Path, images_dir: Path | None = None, decode: bool = False
+) -> tuple[Report, dict]:
+    """Check a COCO instances dataset; return the report and a copy with the offending entries removed.
+
+    Errors (would break training or corrupt results): entries without their required fields, image ids
+    or file names listed twice, annotations of images not in ``images``, category ids not in
+    ``categories``, image files missing on disk or unreadable. Warnings (handled by the datamodules, but
+    worth knowing): boxes no wider or taller than one pixel (dropped), boxes reaching outside the image
+    (clipped).
+    """
+    report = Report(str(annotation_file))
+    name = annotation_file.name
+    images_ok: dict[int, dict] = {}
+    seen_files: set[str] = set()
+    on_disk: set[str] | None = None
+    if images_dir is not None:
+        on_disk = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
+        if not images_dir.is_dir():
+            report.error(str(images_dir), "the image folder does not exist")
+    for i, image in enumerate(dataset.get("images") or []):
+        report.checked["images"] += 1
+        where = f"{name} images[{i}]"
+        if not isinstance(image, dict) or not isinstance(image.get("id"), int) or not image.get("file_name"):
+            report.error(where, "an image needs an integer 'id' and a 'file_name'")
+            continue
+        if not (_number(image.get("width")) and _number(image.get("height"))):
+            report.error(where, f"image id {image['id']} lacks 'width'/'height'")
+            continue
+        if image["id"] in images_ok:
+            report.error(where, f"image id {image['id']} is listed twice")
+            continue
+        if image["file_name"] in seen_files:
+            report.error(where, f"file {image['file_name']} is listed twice (image id {image['id']})")
+            continue
+        if on_disk is not None and images_dir.is_dir():
+            if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
+                report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
+                continue
+            problem = _image_problem(images_dir / image["file_name"], decode) if decode else None
+            if problem is None and not decode:
+                try:
+                    if (images_dir / image["file_name"]).stat().st_size == 0:
+                        problem = "the file is empty (0 bytes)"
+                except OSError as err:
+                    problem = str(err)
+            if problem:
+                report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: {problem}")
+                continue
+        seen_files.add(image["file_name"])
+        images_ok[image["id"]] = image
+    categories = {c.get("id") for c in dataset.get("categories") or [] if isinstance(c, dict)}
+    annotations_ok = []
+    for i, ann in enumerate(dataset.get("annotations") or []):
+        report.checked["annotations"] += 1
+        where = f"{name} annotations[{i}]"
+        if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
+            report.error(where, "an annotation needs 'image_id', 'category_id' and 'bbox'")
+            continue
+        ident = f"annotation id {ann.get('id', '?')}"
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+            report.error(where, f"{ident}: 'bbox' must be four numbers [x, y, width, height], got {bbox!r}")
+            continue
+        if ann["category_id"] not in categories:
+            report.error(
+                where, f"{ident}: category_id {ann['category_id']} is not in 'categories' {sorted(categories)}"
+            )
+            continue
+        image = images_ok.get(ann["image_id"])
+        if image is None:
+            report.error(where, f"{ident}: image_id {ann['image_id']} is not a usable image of this file")
+            continue
+        x, y, w, h = bbox
+        if w <= 1 or h <= 1:
+            report.warning(where, f"{ident} (image {image['file_name']}): degenerate box {bbox} (dropped for training)")
+        elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+            report.warning(
+                where,
+                f"{ident} (image {image['file_name']}): box {bbox} reaches outside the "
+                f"{image['width']}x{image['height']} image (clipped)",
+            )
+        annotations_ok.append(ann)
+    cleaned = dict(dataset)
+    cleaned["images"] = list(images_ok.values())
+    cleaned["annotations"] = [a for a in annotations_ok if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+    return report, cleaned
+
+
+# -- ImageFolder ----------------------------------------------------------------------------------------
+def validate_imagefolder(split_dir: Path, classes: list[str], decode: bool = False) -> Report:
+    """Check ``split_dir/<class>/<images>``: class folders without images, empty or unreadable files."""
+    from .imagefolder import list_images
+
+    report = Report(str(split_dir))
+    for name in classes:
+        folder = split_dir / name
+        report.checked["classes"] += 1
+        files = list_images(folder) if folder.is_dir() else []
+        if not files:
+            report.error(str(folder), "class folder without images")
+        for path in files:
+            report.checked["images"] += 1
+            problem = _image_problem(path, decode)
+            if problem:
+                report.error(str(path), problem)
+    return report
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def check_datamodule(datamodule, decode: bool = True, fix: bool = False) -> list[Report]:
+    """Every split of a configured datamodule (ImageFolder or COCO kinds)."""
+    from .coco import COCODetectionDataModule, COCOSegmentationDataModule, read_coco_json
+    from .imagefolder import ImageFolderDataModule, find_classes
+
+    reports = []
+    if isinstance(datamodule, ImageFolderDataModule):
+        hp = datamodule.hparams
+        train = datamodule._split_dir(hp.train_dir)
+        classes = find_classes(train)
+        for split in dict.fromkeys([hp.train_dir, hp.val_dir]):
+            reports.append(validate_imagefolder(datamodule.root / split, classes, decode))
+        return reports
+    if isinstance(datamodule, (COCODetectionDataModule, COCOSegmentationDataModule)):
+        files = datamodule.files if isinstance(datamodule, COCOSegmentationDataModule) else datamodule
+        for split in ("train", "val"):
+            images, annotations = files.split_files(split)
+            try:
+                dataset = read_coco_json(annotations)
+            except (ValueError, FileNotFoundError) as err:
+                report = Report(str(annotations))
+                report.error(str(annotations), str(err))
+                reports.append(report)
+                continue
+            report, cleaned = validate_coco(dataset, annotations, images, decode)
+            reports.append(report)
+            if fix and report.problems:
+                target = annotations.with_name(annotations.stem + ".fixed.json")
+                target.write_text(json.dumps(cleaned))
+                dropped_images = len(dataset["images"]) - len(cleaned["images"])
+                dropped_anns = len(dataset["annotations"]) - len(cleaned["annotations"])
+                print(f"wrote {target}: {dropped_images} images and {dropped_anns} annotations dropped; point "
+                      f"data.{split}_annotations at it")  # fmt: skip
+        return reports
+    raise ValueError(f"no checks for {type(datamodule).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    known, rest = pre.parse_known_args(argv)
+    parser = ArgumentParser(prog="python -m datamodules.check", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", help="a task config: its data section is checked")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    parser.add_argument("--fix", action="store_true", help="write cleaned COCO annotation files (*.fixed.json)")
+    parser.add_argument("--no_decode", action="store_true", help="skip decoding every image (fast)")
+    if known.config:
+        section = (yaml.safe_load(Path(known.config).read_text()) or {}).get("data")
+        if section is None:
+            parser.error(f"{known.config} has no data section")
+        rest = ["--data", json.dumps(section), *rest]
+    args = parser.parse_args(rest)
+    datamodule = parser.instantiate_classes(args).data
+    if hasattr(datamodule, "prepare_data"):
+        datamodule.prepare_data()
+    reports = check_datamodule(datamodule, decode=not args.no_decode, fix=args.fix)
+    for report in reports:
+        print(report.text(limit=200))
+    errors = sum(len(r.errors) for r in reports)
+    print(f"total: {errors} errors, {sum(len(r.warnings) for r in reports)} warnings")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""What keeps a days-long run from losing work: atomic and safe checkpoints, interruption, exact resume.
+
+* :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file in the same folder, flushes it
+  to disk and renames it over the target, so a process killed mid-save leaves the previous checkpoint
+  intact; it reads every checkpoint with ``torch.load(weights_only=True)``, so resuming from a file
+  cannot run code.
+* :class:`InterruptCheckpoint` writes ``last.ckpt`` when a run is stopped by Ctrl-C or SIGTERM (Lightning
+  turns SIGTERM into ``SIGTERMException`` at the next batch boundary).
+* :func:`rng_state` / :func:`restore_rng_state` put Python's, NumPy's and torch's random states into the
+  checkpoint (as tensors and plain numbers, loadable with ``weights_only=True``), so a resumed run draws
+  the same shuffles and augmentations as an uninterrupted one.
+* :class:`NonFiniteLossError` is what a task raises when its loss stops being finite.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically (temporary file, fsync, rename) and read with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)  # atomic on POSIX: readers see the old file or the new one
+        finally:
+            partial.unlink(missing_ok=True)
+        try:  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        from backbones.weights import WeightsError, _torch_load
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            return _torch_load(path, f"checkpoint {path}")
+        except WeightsError as err:
+            raise WeightsError(
+                f"{err} A checkpoint from an earlier run that cannot be read cannot be resumed."
+            ) from None
+
+
+class InterruptCheckpoint(pl.Callback):
+    """Save ``last.ckpt`` (next to the other checkpoints) when training is interrupted by Ctrl-C or SIGTERM."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+            return
+        callback = trainer.checkpoint_callback
+        folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("interrupted (%s): saved %s; resume with --ckpt_path %s", type(exception).__name__, path, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's and torch's (CPU and CUDA) random states, as tensors and plain numbers."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["cached"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,340 @@
+"""Bad data, bad configs, crashes and untrusted files: every failure early, clear and recoverable."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import CPU, write_coco, write_imagefolder
+
+from backbones import WeightsError, build_backbone, load_weights
+from backbones.export import export
+from datamodules import COCODetectionDataModule, COCOSegmentationDataModule, ImageFolderDataModule
+from datamodules.check import DataValidationError
+from datamodules.check import main as check_main
+from datamodules.images import CorruptImageError
+from tasks import classify, detect
+from tasks.reliability import AtomicCheckpointIO, NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- bad data: one case per kind of bad input ----------------------------------------------------------
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    return write_imagefolder(tmp_path / "images", per_class=3, val_per_class=1, size=32)
+
+
+def _dm(root: Path, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root=str(root), image_size=32, eval_resize=32, batch_size=2, num_workers=0, **kwargs)
+
+
+def test_truncated_jpeg_is_named_and_the_rest_still_loads(folder):
+    bad = folder / "train" / "ring" / "ring_0001.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    assert check_main(["--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder)]) == 1
+    dm = _dm(folder, skip_corrupt=True)
+    dm.setup("fit")
+    seen = [batch for batch in dm.train_dataloader()]
+    skipped, kept = sum(b["skipped"] for b in seen), sum(len(b["label"]) for b in seen)
+    assert skipped == 1 and kept + skipped == 14  # 15 images, 7 full batches of 2
+    strict = _dm(folder)
+    strict.setup("fit")
+    index = [p for p, _ in strict.datasets["train"].samples].index(str(bad))
+    with pytest.raises(CorruptImageError, match=f"{bad}.*truncated"):
+        strict.datasets["train"][index]
+
+
+def test_zero_byte_file_stops_before_training_or_is_dropped(folder, tmp_path, capsys):
+    empty = folder / "train" / "star" / "star_0000.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(DataValidationError, match=f"{empty}: the file is empty"):
+        _dm(folder).setup("fit")
+    runs = tmp_path / "runs"
+    with pytest.raises(DataValidationError):  # the run stops at setup: no step, no checkpoint
+        classify.main(["fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder),
+                       "--data.image_size", "32", "--data.num_workers", "0", "--data.batch_size", "2",
+                       "--model.backbone", "cifar_resnet20", "--trainer.logger", "false",
+                       "--trainer.default_root_dir", str(runs), *CPU])  # fmt: skip
+    assert not list(runs.rglob("*.ckpt"))
+    lenient = _dm(folder, drop_invalid=True)
+    lenient.setup("fit")
+    assert len(lenient.datasets["train"]) == 14 and str(empty) not in {p for p, _ in lenient.datasets["train"].samples}
+
+
+def test_non_image_file_is_reported_by_the_check(folder, capsys):
+    fake = folder / "val" / "circle" / "circle_0000.jpg"
+    fake.write_text("this is a note, not a picture")
+    code = check_main(["--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder)])
+    out = capsys.readouterr().out
+    assert code == 1 and f"ERROR   {fake}: cannot decode the image (Unsupported image file" in out
+    assert "1 errors, 0 warnings (5 classes, 5 images checked)" in out
+    assert check_main(["--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder), "--no_decode"]) == 0
+
+
+def test_empty_class_folder_is_named_or_dropped(folder):
+    for image in (folder / "train" / "square").iterdir():
+        image.unlink()
+    with pytest.raises(DataValidationError, match=r"train/square: class folder without images"):
+        _dm(folder).setup("fit")
+    dm = _dm(folder, drop_invalid=True)
+    dm.setup("fit")
+    assert dm.classes == ["circle", "ring", "star", "triangle"] and dm.num_classes == 4
+    labels = {label for _, label in dm.datasets["val"].samples}
+    assert labels == {0, 1, 2, 3} and len(dm.datasets["val"]) == 4  # square's val image left out
+
+
+@pytest.fixture
+def coco(tmp_path) -> Path:
+    return write_coco(tmp_path / "coco", train_images=6, val_images=4)
+
+
+def _edit(coco: Path, split: str, change) -> Path:
+    path = coco / "annotations" / f"instances_{split}.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_malformed_json_names_the_file(coco):
+    path = coco / "annotations" / "instances_train2017.json"
+    path.write_text(path.read_text()[:-40])
+    dm = COCODetectionDataModule(str(coco), num_workers=0)
+    with pytest.raises(ValueError, match=f"{path}: not valid JSON"):
+        dm.setup("fit")
+
+
+def test_wrong_category_id_names_the_annotation(coco, capsys):
+    def change(data):
+        data["annotations"][0]["category_id"] = 999
+
+    path = _edit(coco, "train2017", change)
+    with pytest.raises(DataValidationError, match=r"annotations\[0\]: annotation id 1: category_id 999 is not in"):
+        COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
+    dm = COCODetectionDataModule(str(coco), num_workers=0, drop_invalid=True)
+    dm.setup("fit")
+    assert 1 not in dm.datasets["train"].coco.anns and len(dm.datasets["train"].coco.anns) > 3
+    assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--fix"]) == 1
+    fixed = path.with_name("instances_train2017.fixed.json")
+    assert fixed.is_file()
+    assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco),
+                       "--data.train_annotations", "annotations/instances_train2017.fixed.json"]) == 0  # fmt: skip
+
+
+def test_degenerate_and_out_of_image_boxes_are_reported_and_handled(coco, capsys):
+    def change(data):
+        data["annotations"][0]["bbox"] = [90.0, 90.0, 30.0, 30.0]  # the 96 x 96 image ends at 96
+        data["annotations"][1]["bbox"] = [10.0, 10.0, -4.0, 5.0]
+
+    _edit(coco, "val2017", change)
+    check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--no_decode"])
+    out = capsys.readouterr().out
+    assert "annotation id" in out and "reaches outside the 96x96 image (clipped)" in out
+    assert "degenerate box [10.0, 10.0, -4.0, 5.0] (dropped for training)" in out
+    dm = COCODetectionDataModule(str(coco), num_workers=0)
+    dm.setup("validate")  # warnings do not stop anything
+    dataset = dm.datasets["val"]
+    image_id = dataset.coco.anns[
+        json.loads((coco / "annotations" / "instances_val2017.json").read_text())["annotations"][0]["id"]
+    ]["image_id"]
+    boxes, _ = dataset.targets[image_id]
+    assert boxes[:, 2:].max() <= 96  # clipped to the image
+
+
+def test_missing_image_file_and_duplicates_are_named(coco):
+    missing = coco / "train2017" / "000000000002.jpg"
+    missing.unlink()
+
+    def change(data):
+        data["images"].append(dict(data["images"][0]))  # listed twice
+
+    _edit(coco, "train2017", change)
+    with pytest.raises(DataValidationError) as err:
+        COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
+    assert f"{missing}: image id 2: the file does not exist" in str(err.value)
+    assert "image id 1 is listed twice" in str(err.value)
+    dm = COCOSegmentationDataModule(str(coco), categories="all", num_workers=0, min_area=0, drop_invalid=True,
+                                    base_size=64, crop_size=48, batch_size=2)  # fmt: skip
+    dm.setup("fit")
+    assert 2 not in dm.datasets["train"].ids and len(dm.datasets["train"]) >= 5
+    next(iter(dm.train_dataloader()))  # the rest loads
+
+
+# -- untrusted files ---------------------------------------------------------------------------------
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_malicious_pickle_is_refused_by_every_loading_path(tmp_path, monkeypatch, folder):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": {"backbone.conv1.weight": _Exploit()}, "hyper_parameters": {}}, f)
+    paths = [
+        lambda: load_weights(build_backbone("resnet18"), evil),
+        lambda: classify.ClassificationTask(backbone="resnet18", weights=str(evil)),
+        lambda: classify.ClassificationTask(backbone="resnet18", num_classes=3, weights_backbone=str(evil)),
+        lambda: detect.DetectionTask(backbone="resnet18", weights=str(evil)),
+        lambda: detect.DetectionTask(backbone="resnet18", num_classes=3, weights_backbone=str(evil)),
+        lambda: AtomicCheckpointIO().load_checkpoint(evil),
+        lambda: export(evil, tmp_path / "out.safetensors"),
+        lambda: classify.main(
+            [
+                "validate",
+                "--data",
+                "datamodules.ImageFolderDataModule",
+                "--data.root",
+                str(folder),
+                "--ckpt_path",
+                str(evil),
+                "--trainer.logger",
+                "false",
+                *CPU,
+            ]
+        ),  # fmt: skip
+    ]
+    from tasks.segment import SegmentationTask
+
+    paths.append(lambda: SegmentationTask(backbone="resnet18", weights=str(evil)))
+    for load in paths:
+        with pytest.raises(WeightsError, match="refused to load"):
+            load()
+    assert not (tmp_path / "PWNED").exists()
+
+
+# -- checkpoints survive kills; runs resume exactly --------------------------------------------------
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    target = tmp_path / "last.ckpt"
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from tasks.reliability import AtomicCheckpointIO
+        io = AtomicCheckpointIO()
+        io.save_checkpoint({{"step": 1, "weights": torch.ones(4)}}, {str(target)!r})
+        real_save = torch.save
+        def slow_save(obj, f, *args, **kwargs):
+            f.write(b"PK" + b"x" * 1_000_000)  # half a checkpoint on disk ...
+            f.flush()
+            print("writing", flush=True)
+            time.sleep(60)  # ... when the kill comes
+        torch.save = slow_save
+        io.save_checkpoint({{"step": 2, "weights": torch.zeros(4)}}, {str(target)!r})
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    restored = AtomicCheckpointIO().load_checkpoint(target)
+    assert restored["step"] == 1 and torch.equal(restored["weights"], torch.ones(4))
+
+
+def _fit_args(root: Path, runs: Path, name: str, extra: list[str]) -> list[str]:
+    return [
+        "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32",
+        "--data.eval_resize", "32", "--data.batch_size", "4", "--data.num_workers", "0",
+        "--data.train_augment", "random_resized_crop", "--model.backbone", "cifar_resnet20",
+        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.1", "--model.optimizer.momentum", "0.9",
+        "--model.scheduler", "tasks.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[10, 20]",
+        "--model.scheduler.warmup_iters", "5", "--model.scheduler_interval", "step", "--seed_everything", "0",
+        "--trainer.deterministic", "true", "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(runs),
+        "--run_name", name, *CPU, *extra,
+    ]  # fmt: skip
+
+
+def _recorder(path: Path, sigterm_at: int = -1) -> list[str]:
+    return ["--trainer.callbacks+=datasets.StepRecorder", "--trainer.callbacks.path", str(path),
+            "--trainer.callbacks.sigterm_at", str(sigterm_at)]  # fmt: skip
+
+
+def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = write_imagefolder(tmp_path / "data", per_class=6, val_per_class=2, size=32)
+    whole = classify.main(_fit_args(root, tmp_path / "a", "a", _recorder(tmp_path / "a.json")))
+    with pytest.raises(SystemExit):  # SIGTERM in the middle of the second epoch (7 steps per epoch)
+        classify.main(_fit_args(root, tmp_path / "b", "b", _recorder(tmp_path / "b.json", sigterm_at=10)))
+    last = next((tmp_path / "b").rglob("last.ckpt"))
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] == 10 and state["epoch"] == 1
+    run_id = (last.parent.parent / "wandb_id").read_text()
+    resumed = classify.main(
+        _fit_args(root, tmp_path / "b", "b", ["--ckpt_path", "last", *_recorder(tmp_path / "b.json")])
+    )
+    assert Path(resumed.trainer.default_root_dir) == last.parent.parent  # the same run directory ...
+    assert (last.parent.parent / "wandb_id").read_text() == run_id  # ... and W&B run
+    steps_a = json.loads((tmp_path / "a.json").read_text())
+    steps_b = json.loads((tmp_path / "b.json").read_text())
+    assert steps_a == steps_b and len(steps_a) == 28  # the same learning rate at every step
+    assert resumed.trainer.global_step == whole.trainer.global_step == 28
+    ours, reference = resumed.model.backbone.state_dict(), whole.model.backbone.state_dict()
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)  # bit for bit
+    optimizer_a = whole.trainer.optimizers[0].state_dict()["state"]
+    optimizer_b = resumed.trainer.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(optimizer_a[k]["momentum_buffer"], optimizer_b[k]["momentum_buffer"]) for k in optimizer_a)
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="--ckpt_path last: no .*last.ckpt to resume from"):
+        classify.main(_fit_args(folder, tmp_path / "runs", "nothing", ["--ckpt_path", "last"]))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        classify.main(_fit_args(folder, tmp_path / "runs", "nothing", ["--ckpt_path", str(tmp_path / "gone.ckpt")]))
+
+
+# -- training faults ---------------------------------------------------------------------------------
+def test_a_nan_loss_stops_the_run_naming_the_step_batch_and_checkpoint(folder, tmp_path, monkeypatch):
+    original = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # the fifth training loss is NaN
+        loss = original(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    args = _fit_args(folder, tmp_path / "runs", "nan", ["--trainer.logger", "false", "--trainer.max_epochs", "3",
+                                                         "--trainer.num_sanity_val_steps", "0"])  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as err:
+        classify.main(args)
+    message = str(err.value)
+    assert "the training loss is nan at step" in message and "epoch 1" in message
+    assert str(folder / "train") in message  # the batch's image paths
+    assert "Last good checkpoint:" in message and "last.ckpt" in message and "nonfinite_loss=skip" in message
+    calls["n"] = 0
+    done = classify.main([*args, "--model.nonfinite_loss", "skip", "--run_name", "nan_skip"])
+    assert done.model.skipped_nonfinite == 1 and done.trainer.global_step == 9  # all steps ran
+
+
+def test_exported_weights_are_safetensors_that_load_back(tmp_path):
+    from datasets import classify_checkpoint
+
+    ckpt, trained = classify_checkpoint(tmp_path, "resnet18")
+    out = export(ckpt, tmp_path / "resnet18.safetensors")
+    assert out.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
+    net = build_backbone("resnet18", num_classes=5)
+    load_weights(net, out)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items())
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.classify", "fit", "--data", "datamodules.ImageFolderDataModule",
+         "--data.root", str(tmp_path / "nowhere"), "--trainer.logger", "false", "--trainer.accelerator", "cpu"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {tmp_path / 'nowhere' / 'train'} does not exist")
+    assert "Traceback" not in result.stderr
