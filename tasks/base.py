@@ -109,8 +109,16 @@ class BaseTask(pl.LightningModule):
         channels_last: bool | None = None,
         compile: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        reference_batch_size: int | None = None,
+        scale_lr: bool = False,
     ) -> None:
         super().__init__()
+        if scale_lr and not reference_batch_size:
+            raise ValueError(
+                "model.scale_lr needs model.reference_batch_size: the global batch the learning rate is for"
+            )
+        self.reference_batch_size = reference_batch_size
+        self.scale_lr = scale_lr
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r} must be 'stop' or 'skip'")
         self.nonfinite_loss = nonfinite_loss
@@ -185,6 +193,7 @@ class BaseTask(pl.LightningModule):
         params = parameter_groups(self, self.weight_decay_norm_bias)
         factory = self.optimizer_factory or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
         optimizer = self._fused(factory(params))
+        self._scale_learning_rate(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -199,6 +208,34 @@ class BaseTask(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor  # "÷10 whenever the error plateaus" (ResNet Sec. 3.4)
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def global_batch_size(self) -> int | None:
+        """Images per optimizer step over all processes: batch size x processes x accumulation."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_process = getattr(datamodule, "batch_size", None)
+        if per_process is None:
+            return None
+        return int(per_process) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _scale_learning_rate(self, optimizer: torch.optim.Optimizer) -> None:
+        """The linear scaling rule (Goyal et al. 2017, arXiv 1706.02677 §2.1): lr x global batch / reference.
+
+        The configs state the global batch their learning rate is for (``reference_batch_size``: 256 on
+        ImageNet, 16 for COCO detection); with ``scale_lr`` the rate follows the actual global batch.
+        Large factors want a warm-up (the configs' ``WarmupMultiStepLR`` ``warmup_iters``), as Goyal et al. use.
+        """
+        if not self.scale_lr:
+            return
+        actual = self.global_batch_size()
+        if actual is None:
+            raise ValueError("model.scale_lr: the datamodule does not tell its batch_size")
+        factor = actual / self.reference_batch_size
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            group["initial_lr"] = group["lr"]
+        log.info(
+            "learning rate scaled by %d / %d = %.4g (linear scaling rule)", actual, self.reference_batch_size, factor
+        )
 
     def _fused(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The same optimizer with its fused CUDA kernel (one launch for all parameters) when one exists.

@@ -59,6 +59,8 @@ class ClassificationTask(BaseTask):
         channels_last: NHWC memory layout; ``None`` uses it on CUDA.
         compile: ``torch.compile`` the backbone.
         nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the batch, or ``skip`` the batch.
+        reference_batch_size: the global batch the optimizer's learning rate is meant for.
+        scale_lr: scale the learning rate linearly with the actual global batch (Goyal et al. 2017).
         predictions_file: where ``predict`` writes top-5 classes and scores (``.csv`` or ``.json``);
             defaults to ``<run dir>/predictions.csv``.
         log_samples: images with predicted and true labels logged to W&B each validation epoch.
@@ -84,6 +86,8 @@ class ClassificationTask(BaseTask):
         channels_last: bool | None = None,
         compile: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        reference_batch_size: int | None = None,
+        scale_lr: bool = False,
         predictions_file: str | None = None,
         log_samples: int = 16,
     ) -> None:
@@ -95,6 +99,8 @@ class ClassificationTask(BaseTask):
             channels_last=channels_last,
             compile=compile,
             nonfinite_loss=nonfinite_loss,
+            reference_batch_size=reference_batch_size,
+            scale_lr=scale_lr,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")

@@ -47,6 +47,20 @@ def wandb_credentials_available() -> bool:
         return False
 
 
+def _process_age() -> float:
+    """Seconds since this process started."""
+    import time
+
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.process_time()
+
+
 def generate_run_id() -> str:
     """A W&B-style run id (8 lowercase letters and digits)."""
     import secrets
@@ -163,9 +177,40 @@ class TaskCLI(LightningCLI):
         version = cfg.get("run_version")
         if not version and os.environ.get("SLURM_JOB_ID"):
             version = f"job_{os.environ['SLURM_JOB_ID']}"  # the same across requeues and ranks
-        run_dir = root / (version or next_version(root))
+        elif not version and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+            version = f"torchrun_{os.environ['TORCHELASTIC_RUN_ID']}"  # torchrun --rdzv-id: shared by all ranks
+        if version:
+            run_dir = root / version
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+            run_dir = self._agree_on_run_dir(root)  # ranks started together by an external launcher
+        else:
+            run_dir = root / next_version(root)
         os.environ[RUN_DIR_ENV] = str(run_dir)  # children of Lightning's launcher inherit it
         return run_dir
+
+    @staticmethod
+    def _agree_on_run_dir(root: Path, timeout: float = 300.0) -> Path:
+        """Rank 0 picks ``version_<n>``; the other ranks of this launch read its choice from a marker file.
+
+        The marker is keyed by the rendezvous address and port, and only a marker written after this
+        process started counts, so an earlier launch's marker is never reused.
+        """
+        import time
+
+        key = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
+        marker = root / f".launch-{key}"
+        started = time.time() - _process_age()
+        if int(os.environ["RANK"]) == 0:
+            run_dir = root / next_version(root)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(run_dir))
+            return run_dir
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if marker.is_file() and marker.stat().st_mtime >= started - 5:
+                return Path(marker.read_text())
+            time.sleep(0.2)
+        raise TimeoutError(f"rank {os.environ['RANK']}: rank 0 did not announce the run directory in {marker}")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -78,6 +78,8 @@ class DetectionTask(BaseTask):
         optimizer, scheduler, scheduler_interval, weight_decay_norm_bias, channels_last, compile:
             as for every task (``tasks.base.BaseTask``).
         nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the batch, or ``skip`` the batch.
+        reference_batch_size: the global batch the optimizer's learning rate is meant for.
+        scale_lr: scale the learning rate linearly with the actual global batch (Goyal et al. 2017).
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
         draw_predictions: with ``predict``, also write images with the boxes drawn next to the file.
         log_samples: validation images logged to W&B with predicted and ground-truth boxes.
@@ -111,6 +113,8 @@ class DetectionTask(BaseTask):
         channels_last: bool | None = False,
         compile: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        reference_batch_size: int | None = None,
+        scale_lr: bool = False,
         detections_file: str | None = None,
         draw_predictions: bool = False,
         log_samples: int = 4,
@@ -123,6 +127,8 @@ class DetectionTask(BaseTask):
             channels_last=channels_last,
             compile=compile,
             nonfinite_loss=nonfinite_loss,
+            reference_batch_size=reference_batch_size,
+            scale_lr=scale_lr,
         )
         if weights and weights_backbone:
             raise ValueError("set either model.weights (whole detector) or model.weights_backbone, not both")

@@ -54,6 +54,8 @@ class SegmentationTask(BaseTask):
         scheduler: injected schedule; ``None`` uses poly decay ``(1 - t/T) ** 0.9`` stepped per iteration.
         scheduler_interval, weight_decay_norm_bias, channels_last, compile: as for every task.
         nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the batch, or ``skip`` the batch.
+        reference_batch_size: the global batch the optimizer's learning rate is meant for.
+        scale_lr: scale the learning rate linearly with the actual global batch (Goyal et al. 2017).
         predictions_dir: where ``predict`` writes class-index PNG masks (default ``<run dir>/masks``).
         overlays: with ``predict``, also write color overlays next to the masks.
         log_samples: validation images logged to W&B with predicted and ground-truth masks.
@@ -81,6 +83,8 @@ class SegmentationTask(BaseTask):
         channels_last: bool | None = None,
         compile: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
+        reference_batch_size: int | None = None,
+        scale_lr: bool = False,
         predictions_dir: str | None = None,
         overlays: bool = False,
         log_samples: int = 4,
@@ -93,6 +97,8 @@ class SegmentationTask(BaseTask):
             channels_last=channels_last,
             compile=compile,
             nonfinite_loss=nonfinite_loss,
+            reference_batch_size=reference_batch_size,
+            scale_lr=scale_lr,
         )
         if weights and weights_backbone:
             raise ValueError("set either model.weights (whole model) or model.weights_backbone, not both")

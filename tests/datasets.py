@@ -119,16 +119,20 @@ CPU = [
 
 
 class StepRecorder(pl.Callback):
-    """Records each optimizer step's learning rate; optionally sends this process SIGTERM after a step.
+    """Records each optimizer step's learning rate; optionally signals this process after a step.
 
     Args:
         path: JSON file the ``[global_step, lr]`` pairs are appended to.
-        sigterm_at: send SIGTERM after this global step (as a cluster does before it kills a job).
+        sigterm_at: send ``signal_name`` after this global step (as a cluster does before it kills a job).
+        signal_name: ``SIGTERM`` or ``SIGUSR1`` (SLURM's warning before the time limit).
+        stop: also ask the trainer to stop after that step (the job ends there).
     """
 
-    def __init__(self, path: str, sigterm_at: int = -1) -> None:
+    def __init__(self, path: str, sigterm_at: int = -1, signal_name: str = "SIGTERM", stop: bool = False) -> None:
         self.path = Path(path)
         self.sigterm_at = sigterm_at
+        self.signal_name = signal_name
+        self.stop = stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import json
@@ -139,7 +143,8 @@ class StepRecorder(pl.Callback):
         rows.append([trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]])
         self.path.write_text(json.dumps(rows))
         if trainer.global_step == self.sigterm_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+            trainer.should_stop = trainer.should_stop or self.stop
 
 
 def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
@@ -162,3 +167,16 @@ def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.5)
+
+
+class MetricsDump(pl.Callback):
+    """Writes the trainer's metrics to a JSON file after validation (on global rank 0)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            import json
+
+            self.path.write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))

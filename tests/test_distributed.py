@@ -1,0 +1,140 @@
+"""DDP (2 CPU ranks, gloo) gives the same answers as one process; SLURM is detected and requeues."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import CPU, write_coco, write_imagefolder
+
+from tasks import classify
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{TESTS}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+ONE = ["--trainer.devices", "1", "--trainer.accelerator", "cpu"]
+QUIET = [
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.logger",
+    "false",
+]
+
+
+def _dump(path: Path) -> list[str]:
+    return ["--trainer.callbacks+=datasets.MetricsDump", "--trainer.callbacks.path", str(path)]
+
+
+CASES = {
+    # task module: (data args, model args, metric that must agree exactly)
+    "tasks.classify": (
+        lambda root: ["--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+                      "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", "4",
+                      "--data.eval_batch_size", "2"],
+        ["--model.backbone", "cifar_resnet20"], ["val/acc1", "val/acc5"],
+    ),
+    "tasks.detect": (
+        lambda root: ["--data", "datamodules.COCODetectionDataModule", "--data.root", str(root),
+                      "--data.batch_size", "2"],
+        ["--model.backbone", "resnet18", "--model.norm", "bn", "--model.freeze_at", "0", "--model.min_size", "96",
+         "--model.max_size", "96", "--model.fpn_channels", "32", "--model.box_score_thresh", "0.0",
+         "--model.detector_args", '{"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 100}'],
+        ["val/mAP", "val/AP50", "val/AP75"],
+    ),
+    "tasks.segment": (
+        lambda root: ["--data", "datamodules.COCOSegmentationDataModule", "--data.root", str(root),
+                      "--data.categories", "all", "--data.min_area", "0", "--data.base_size", "64",
+                      "--data.crop_size", "48", "--data.batch_size", "2", "--data.cache_dir", str(root / "cache")],
+        ["--model.backbone", "resnet18"], ["val/mIoU", "val/pixel_acc"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module", list(CASES))
+def test_ddp_fits_and_evaluates_exactly_like_one_process(module, tmp_path):
+    data, model, metrics = CASES[module]
+    if module == "tasks.classify":
+        root = write_imagefolder(tmp_path / "data", per_class=2, val_per_class=1, size=32)  # 5 val images: odd
+    else:
+        root = write_coco(tmp_path / "data", train_images=6, val_images=6)  # 7 val images with the empty one
+    common = [
+        *data(root),
+        "--data.num_workers",
+        "0",
+        *model,
+        *QUIET,
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+    ]
+    # fit under DDP on 2 ranks (Lightning launches the second process)
+    _run(module, ["fit", *common, *DDP, "--trainer.max_epochs", "1", "--run_name", "ddp",
+                  *_dump(tmp_path / "fit_ddp.json")], tmp_path)  # fmt: skip
+    ckpt = next((tmp_path / "runs" / "ddp").rglob("last.ckpt"))
+    assert set(metrics) <= set(json.loads((tmp_path / "fit_ddp.json").read_text()))
+    # the same checkpoint evaluated by one process and by two ranks
+    _run(module, ["validate", *common, *ONE, "--ckpt_path", str(ckpt), *_dump(tmp_path / "one.json")], tmp_path)
+    _run(module, ["validate", *common, *DDP, "--ckpt_path", str(ckpt), *_dump(tmp_path / "two.json")], tmp_path)
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    for name in metrics:
+        assert one[name] == two[name], (name, one[name], two[name])
+
+
+def test_torchrun_launch_shares_one_run_directory(tmp_path):
+    root = write_imagefolder(tmp_path / "data", per_class=2, val_per_class=1, size=32)
+    data, model, _ = CASES["tasks.classify"]
+    env_args = [*data(root), "--data.num_workers", "0", *model, *QUIET, *DDP, "--trainer.max_epochs", "1",
+                "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "torchrun"]  # fmt: skip
+    _run("torch.distributed.run", ["--nproc_per_node", "2", "--master_port", "29533", "-m", "tasks.classify", "fit",
+                                   *env_args], tmp_path)  # fmt: skip
+    runs = [p for p in (tmp_path / "runs" / "torchrun").iterdir() if p.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_slurm_environment_requeue_and_resume(tmp_path, monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # records the requeue instead of talking to a SLURM controller
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "zoo", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+                       "SLURM_NTASKS_PER_NODE": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    root = write_imagefolder(tmp_path / "data", per_class=4, val_per_class=1, size=32)  # 20 images: 5 steps of 4
+    data, model, _ = CASES["tasks.classify"]
+    args = ["fit", *data(root), "--data.num_workers", "0", *model, *CPU, "--trainer.max_epochs", "3",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "slurm", "--seed_everything", "0",
+            "--trainer.callbacks+=datasets.StepRecorder"]  # fmt: skip
+    first = classify.main([*args, "--trainer.callbacks.path", str(tmp_path / "steps1.json"),
+                           "--trainer.callbacks.sigterm_at", "7", "--trainer.callbacks.signal_name", "SIGUSR1",
+                           "--trainer.callbacks.stop", "true"])  # fmt: skip
+    environment = first.trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue  # detected from SLURM_* variables
+    run_dir = tmp_path / "runs" / "slurm" / "job_4242"
+    assert Path(first.trainer.default_root_dir) == run_dir and (run_dir / "hpc_ckpt_1.ckpt").is_file()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    run_id = (run_dir / "wandb_id").read_text()
+    # the requeued job keeps its id, finds the same run directory and resumes from the hpc checkpoint
+    resumed = classify.main([*args, "--trainer.callbacks.path", str(tmp_path / "steps2.json")])
+    steps = json.loads((tmp_path / "steps2.json").read_text())
+    assert steps[0][0] == 8 and resumed.trainer.global_step == 15  # continued after step 7, to 3 epochs of 5 steps
+    assert Path(resumed.trainer.default_root_dir) == run_dir and (run_dir / "wandb_id").read_text() == run_id
