@@ -214,8 +214,13 @@ class ResidualUnit(nn.Module):
     def _shortcut(self, x: Tensor) -> Tensor:
         return x if self.downsample is None else self.downsample(x)
 
+    #: set by diagnostics (``studies.gradient_flow``): called with (unit, shortcut, residual) before merging
+    probe = None
+
     def _merge(self, h: Tensor, f: Tensor, x: Tensor, inplace: bool = True) -> Tensor:
         """Combine shortcut ``h`` and residual ``f`` as the skip variant says (Identity Mappings Table 1)."""
+        if self.probe is not None:
+            self.probe(self, h, f)
         skip = self.skip
         if skip in ("identity", "conv"):
             if inplace:

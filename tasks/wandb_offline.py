@@ -50,7 +50,7 @@ def _key(item) -> str:
 
 
 def read_offline_run(run: str | Path) -> dict:
-    """``{"id", "history": [{metric: value, ...} per logged step], "config": {...}, "summary": {...}}``.
+    """``{"id", "history": [{metric: value, ...} per logged step], "config", "summary", "tags", "group"}``.
 
     ``run`` is an ``offline-run-*`` folder, its ``.wandb`` file, or a task's run directory (the newest
     offline run below it is read).
@@ -63,7 +63,14 @@ def read_offline_run(run: str | Path) -> dict:
         if not files:
             raise FileNotFoundError(f"{path}: no W&B run file (run-*.wandb) below it")
         path = files[-1]
-    out: dict = {"id": path.stem.removeprefix("run-"), "history": [], "config": {}, "summary": {}}
+    out: dict = {
+        "id": path.stem.removeprefix("run-"),
+        "history": [],
+        "config": {},
+        "summary": {},
+        "tags": [],
+        "group": "",
+    }
     for raw in _records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -73,6 +80,9 @@ def read_offline_run(run: str | Path) -> dict:
         elif kind == "config":
             for item in record.config.update:
                 out["config"][_key(item)] = json.loads(item.value_json)
+        elif kind == "run":
+            out["tags"] = list(record.run.tags)
+            out["group"] = record.run.run_group
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][_key(item)] = json.loads(item.value_json)
