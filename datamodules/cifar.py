@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .loading import make_loader
+from .loading import SplitLoaders, make_loader
 
 DOWNLOAD_HELP = (
     "Download the 'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
@@ -123,7 +123,7 @@ class CIFARDataset(Dataset):
         return {"image": image, "label": int(self.labels[index]), "index": index, "path": f"#{index}"}
 
 
-class CIFARDataModule(pl.LightningDataModule):
+class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
     """CIFAR-10 or CIFAR-100 for ``tasks.classify``.
 
     Args:
@@ -210,12 +210,3 @@ class CIFARDataModule(pl.LightningDataModule):
             persistent_workers=hp.persistent_workers,
             trainer=self.trainer,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)

@@ -33,8 +33,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .imagefolder import list_images
-from .images import CorruptImageError, read_image
-from .loading import EpochSeeded, ResumableDataLoader, check_enough_for_a_batch, make_loader, trained_batches
+from .images import read_image, read_image_or_skip
+from .loading import (
+    EpochSeeded,
+    ResumableDataLoader,
+    SplitLoaders,
+    check_enough_for_a_batch,
+    make_loader,
+    trained_batches,
+)
 from .samplers import AspectRatioGroupedSampler, aspect_ratio_groups
 
 log = logging.getLogger(__name__)
@@ -165,12 +172,8 @@ class COCODetectionDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         image_id = self.ids[index]
         path = self.path(image_id)
-        try:
-            image = read_image(path)
-        except CorruptImageError as err:
-            if not self.skip_corrupt:
-                raise
-            log.warning("skipping unreadable image: %s", err)
+        image = read_image_or_skip(path, self.skip_corrupt)
+        if image is None:
             return None
         boxes, categories = self.targets[image_id]
         target = {
@@ -220,7 +223,7 @@ def detection_collate(batch: list[dict | None]) -> dict:
     }
 
 
-class COCODetectionDataModule(pl.LightningDataModule):
+class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
     """COCO (or any COCO-format dataset) for ``tasks.detect``.
 
     Args:
@@ -341,8 +344,10 @@ class COCODetectionDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.predict_root={self.hparams.predict_root} holds no image files")
             self.datasets["predict"] = ImageListDataset(paths, self._transform(False))
 
-    def _loader(self, dataset: Dataset, *, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
         if train and hp.aspect_ratio_group_factor >= 0:
             check_enough_for_a_batch(dataset, batch_size)
             seed = torch.initial_seed() % 2**31
@@ -368,18 +373,6 @@ class COCODetectionDataModule(pl.LightningDataModule):
             collate_fn=detection_collate,
             trainer=self.trainer,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], batch_size=self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["val"], batch_size=self.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"], batch_size=self.eval_batch_size, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["predict"], batch_size=self.eval_batch_size, train=False)
 
 
 # -- semantic segmentation from instance annotations ------------------------------------------------
@@ -517,12 +510,8 @@ class COCOSegmentationDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         image_id = self.ids[index]
         path = self.images_dir / self.coco.imgs[image_id]["file_name"]
-        try:
-            image = read_image(path)
-        except CorruptImageError as err:
-            if not self.skip_corrupt:
-                raise
-            log.warning("skipping unreadable image: %s", err)
+        image = read_image_or_skip(path, self.skip_corrupt)
+        if image is None:
             return None
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.mask(image_id)))
         return {
@@ -573,7 +562,7 @@ def segmentation_collate(batch: list[dict | None]) -> dict:
     return out
 
 
-class COCOSegmentationDataModule(pl.LightningDataModule):
+class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     """COCO instance annotations as semantic segmentation masks, for ``tasks.segment``.
 
     Args:
@@ -725,15 +714,3 @@ class COCOSegmentationDataModule(pl.LightningDataModule):
             collate_fn=segmentation_collate,
             trainer=self.trainer,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)

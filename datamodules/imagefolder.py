@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .gpu_decode import JPEG_MAGIC, CUDAPrefetcher, GPUAugment, decode_batch
-from .images import CorruptImageError, is_image_file, read_image
-from .loading import collate_skipping, make_loader
+from .images import is_image_file, read_image, read_image_or_skip
+from .loading import SplitLoaders, collate_skipping, make_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainAugment, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,8 @@ class ImageFolderDataset(Dataset):
             if not data.startswith(JPEG_MAGIC):
                 return {"image": read_image(path), "label": label, "index": index, "path": path}
             return {"image": data, "label": label, "index": index, "path": path}
-        try:
-            image = read_image(path)
-        except CorruptImageError as err:
-            if not self.skip_corrupt:
-                raise
-            log.warning("skipping unreadable image: %s", err)
+        image = read_image_or_skip(path, self.skip_corrupt)
+        if image is None:
             return None
         return {"image": self.transform(image), "label": label, "index": index, "path": path}
 
@@ -123,7 +119,7 @@ def collate_raw(batch: Sequence[dict]) -> dict:
     return out
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
     """ImageNet (or any ImageFolder tree) for ``tasks.classify``.
 
     Args:
@@ -347,7 +343,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader("train", train=True)
+        loader = super().train_dataloader()
         if self.hparams.decode_device == "cuda" and self.hparams.gpu_prefetch:
             device = torch.device("cuda", torch.cuda.current_device())
             return CUDAPrefetcher(loader, lambda batch: self._prepare_on_gpu(batch, device, train=True), device)
@@ -360,12 +356,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
         decoded = decode_batch(images, device, batch.get("path"))
         out["image"] = self.gpu.train(decoded) if train else self.gpu.eval(decoded)
         return out
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)

@@ -8,11 +8,14 @@ tensors that ``transforms.v2`` processes directly.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
+
+log = logging.getLogger(__name__)
 
 #: File name endings read as images (the formats ``decode_image`` supports), compared case-insensitively.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -50,3 +53,17 @@ def read_image(path: str | Path) -> torch.Tensor:
             f"{path}: cannot decode the image ({_reason(err)}). Replace or delete the file, or set "
             f"`data.skip_corrupt: true` to skip unreadable images."
         ) from None
+
+
+def read_image_or_skip(path: str | Path, skip_corrupt: bool) -> torch.Tensor | None:
+    """``read_image(path)``; with ``skip_corrupt`` an unreadable file is logged and ``None`` returned.
+
+    Datasets return that ``None``; their collate functions drop it and count it (``data/skipped``).
+    """
+    try:
+        return read_image(path)
+    except CorruptImageError as err:
+        if not skip_corrupt:
+            raise
+        log.warning("skipping unreadable image: %s", err)
+        return None

@@ -154,3 +154,22 @@ def make_loader(
         drop_last=train,
         collate_fn=collate_fn,
     )
+
+
+class SplitLoaders:
+    """A datamodule's four loader hooks, each one call of its ``_loader(split, train)``."""
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)

@@ -239,7 +239,18 @@ def _coco_generation(train_images: int, val_images: int, size: int, seed: int) -
     }
 
 
-class ShapesDetectionDataModule(COCODetectionDataModule):
+class _GeneratedCOCO:
+    """``prepare_data`` writes the shapes in COCO's layout into ``root`` when it is empty."""
+
+    root: Path
+    generation: dict
+
+    def prepare_data(self) -> None:
+        if _empty(self.root):
+            generate_coco(self.root, **self.generation)
+
+
+class ShapesDetectionDataModule(_GeneratedCOCO, COCODetectionDataModule):
     """The generated shapes in COCO 2017's layout, for ``tasks.detect`` (generated when ``root`` is empty).
 
     Args:
@@ -260,12 +271,8 @@ class ShapesDetectionDataModule(COCODetectionDataModule):
         super().__init__(root=root, **kwargs)
         self.generation = _coco_generation(num_train_images, num_val_images, size, seed)
 
-    def prepare_data(self) -> None:
-        if _empty(self.root):
-            generate_coco(self.root, **self.generation)
 
-
-class ShapesSegmentationDataModule(COCOSegmentationDataModule):
+class ShapesSegmentationDataModule(_GeneratedCOCO, COCOSegmentationDataModule):
     """The generated shapes as semantic masks (every shape a class), for ``tasks.segment``.
 
     Args:
@@ -300,7 +307,3 @@ class ShapesSegmentationDataModule(COCOSegmentationDataModule):
         )
         self.hparams.update(base_size=base_size or size, crop_size=crop_size or size - size // 8)
         self.generation = _coco_generation(num_train_images, num_val_images, size, seed)
-
-    def prepare_data(self) -> None:
-        if _empty(self.root):
-            generate_coco(self.root, **self.generation)
