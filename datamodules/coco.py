@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .imagefolder import list_images
 from .images import read_image, read_image_or_skip
 from .loading import (
     EpochSeeded,
@@ -329,20 +328,8 @@ class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
         return COCODetectionDataset(images, coco, train, self._transform(train), self.hparams.skip_corrupt)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._split("train")
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = self._split("val")
-        if stage == "test":
-            self.datasets["test"] = self._split("test")
-        if stage == "predict":
-            if not self.hparams.predict_root:
-                raise ValueError("predict needs data.predict_root: a folder of images")
-            paths = list_images(Path(self.hparams.predict_root).expanduser())
-            if not paths:
-                raise ValueError(f"data.predict_root={self.hparams.predict_root} holds no image files")
-            self.datasets["predict"] = ImageListDataset(paths, self._transform(False))
+    def _predict_dataset(self, paths: list[Path]) -> Dataset:
+        return ImageListDataset(paths, self._transform(False))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
@@ -687,20 +674,8 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
             min_area=self.hparams.min_area, skip_corrupt=self.hparams.skip_corrupt, rules=self.hparams.mask_rules,
         )  # fmt: skip
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._split("train")
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = self._split("val")
-        if stage == "test":
-            self.datasets["test"] = self._split("test")
-        if stage == "predict":
-            if not self.hparams.predict_root:
-                raise ValueError("predict needs data.predict_root: a folder of images")
-            paths = list_images(Path(self.hparams.predict_root).expanduser())
-            if not paths:
-                raise ValueError(f"data.predict_root={self.hparams.predict_root} holds no image files")
-            self.datasets["predict"] = SegmentationImageList(paths, self._transform(False))
+    def _predict_dataset(self, paths: list[Path]) -> Dataset:
+        return SegmentationImageList(paths, self._transform(False))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams

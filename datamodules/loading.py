@@ -157,10 +157,42 @@ def make_loader(
 
 
 class SplitLoaders:
-    """A datamodule's four loader hooks, each one call of its ``_loader(split, train)``."""
+    """A datamodule's ``setup`` and four loader hooks, over its ``_split``, ``_predict_dataset`` and ``_loader``.
+
+    ``setup`` builds the splits a stage needs (``_split("train")`` ...); ``predict`` reads every image
+    under ``hparams.predict_root``.
+    """
+
+    datasets: dict[str, Dataset]
+
+    def _split(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _predict_dataset(self, paths: list) -> Dataset:
+        raise NotImplementedError
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._split("train")
+        if stage in ("fit", "validate"):
+            self.datasets["val"] = self._split("val")
+        if stage == "test":
+            self.datasets["test"] = self._split("test")
+        if stage == "predict":
+            from pathlib import Path
+
+            from .imagefolder import list_images
+
+            root = self.hparams.predict_root
+            if not root:
+                raise ValueError("predict needs data.predict_root: a folder of images")
+            paths = list_images(Path(root).expanduser())
+            if not paths:
+                raise ValueError(f"data.predict_root={root} holds no image files")
+            self.datasets["predict"] = self._predict_dataset(paths)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -184,3 +184,24 @@ def test_short_training_beats_the_all_background_baseline(tmp_path):
     assert max(miou) > baseline + 0.04, (miou, baseline)
     losses = metric_series(logged, "train/loss_epoch")
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_predict_writes_original_size_class_masks_and_overlays(coco, tmp_path):
+    from PIL import Image
+
+    args = ["--data", "datamodules.COCOSegmentationDataModule", "--data.root", str(coco), "--data.categories", "all",
+            "--data.min_area", "0", "--data.base_size", "64", "--data.crop_size", "48", "--data.batch_size", "2",
+            "--data.num_workers", "0", "--data.cache_dir", str(tmp_path / "cache"), "--model.backbone", "resnet18",
+            "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger", "false", *CPU]  # fmt: skip
+    cli = segment.main(["fit", *args, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"])
+    out = tmp_path / "masks"
+    segment.main(["predict", *args, "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path,
+                  "--data.predict_root", str(coco / "val2017"), "--model.predictions_dir", str(out),
+                  "--model.overlays", "true"])  # fmt: skip
+    images = sorted((coco / "val2017").glob("*.jpg"))
+    masks = sorted(out.glob("*.png"))
+    assert [m.stem for m in masks] == [i.stem for i in images]
+    for image, mask in zip(images, masks):
+        array = np.asarray(Image.open(mask))
+        assert array.shape == Image.open(image).size[::-1] and array.max() < 6  # class indices at full size
+    assert len(list(out.glob("*_overlay.jpg"))) == len(images)
