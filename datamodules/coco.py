@@ -191,7 +191,11 @@ class COCODetectionDataset(Dataset):
 
 
 class ImageListDataset(Dataset):
-    """Unlabeled images (``predict``): ``image_id`` is the 1-based position in the sorted file list."""
+    """Unlabeled images for ``predict`` (detection and segmentation).
+
+    ``image_id`` is the 1-based position in the sorted file list; ``original_size`` is the image's size
+    before ``transform``, so predictions can be mapped back to it.
+    """
 
     def __init__(self, paths: list[Path], transform) -> None:
         self.paths = paths
@@ -201,13 +205,16 @@ class ImageListDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        image = self.transform(tv_tensors.Image(read_image(self.paths[index])))
+        image = read_image(self.paths[index])
         return {
-            "image": image.as_subclass(torch.Tensor),
-            "target": {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+            "image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+            "original_size": torch.tensor(image.shape[-2:]),
             "image_id": index + 1,
             "path": str(self.paths[index]),
         }
+
+
+_NO_TARGET = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
 
 
 def detection_collate(batch: list[dict | None]) -> dict:
@@ -215,7 +222,7 @@ def detection_collate(batch: list[dict | None]) -> dict:
     kept = [sample for sample in batch if sample is not None]
     return {
         "images": [s["image"] for s in kept],
-        "targets": [s["target"] for s in kept],
+        "targets": [s.get("target") or _NO_TARGET for s in kept],  # unlabeled (predict) images have none
         "image_ids": [s["image_id"] for s in kept],
         "paths": [s["path"] for s in kept],
         "skipped": len(batch) - len(kept),
@@ -509,23 +516,6 @@ class COCOSegmentationDataset(Dataset):
         }
 
 
-class SegmentationImageList(Dataset):
-    """Unlabeled images for ``predict``, with their original size."""
-
-    def __init__(self, paths: list[Path], transform) -> None:
-        self.paths = paths
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict:
-        image = read_image(self.paths[index])
-        size = torch.tensor(image.shape[-2:])
-        return {"image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
-                "original_size": size, "image_id": index + 1, "path": str(self.paths[index])}  # fmt: skip
-
-
 def segmentation_collate(batch: list[dict | None]) -> dict:
     """Stack samples, padding differently sized evaluation images (image with 0, mask with 255)."""
     kept = [sample for sample in batch if sample is not None]
@@ -675,7 +665,7 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         )  # fmt: skip
 
     def _predict_dataset(self, paths: list[Path]) -> Dataset:
-        return SegmentationImageList(paths, self._transform(False))
+        return ImageListDataset(paths, self._transform(False))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams
