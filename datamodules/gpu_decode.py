@@ -6,8 +6,9 @@ the transfer the batch is decoded by nvJPEG in one ``torchvision.io.decode_jpeg(
 call, and
 
 * training crops (random-resized, the ResNet paper's scale augmentation, or resize + center crop) are
-  resampled for the whole batch at once by ``torchvision.ops.roi_align`` with adaptive sampling (an
-  area average, like an antialiased resize), then flipped;
+  drawn in the loader workers from each file's header (:meth:`GPUAugment.sample`), then resampled for
+  the whole batch at once by ``torchvision.ops.roi_align`` with adaptive sampling (an area average, like
+  an antialiased resize) and flipped;
 * evaluation crops use the same ``transforms.v2`` resize and center crop as the CPU path, image by
   image, so GPU and CPU evaluation tensors differ only by the JPEG decoders' rounding.
 
@@ -17,24 +18,54 @@ worker, as on the CPU path.
 
 from __future__ import annotations
 
-import math
-import random
+import io
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import ColorJitter
 from torchvision.transforms.v2 import functional as TF
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def pack_encoded(images: Sequence[torch.Tensor]) -> dict:
+    """A batch of encoded files (1-D uint8 tensors) as one flat buffer, built in the loader worker.
+
+    The buffer crosses to the training process as one shared-memory tensor instead of one pickled
+    ``bytes`` object or one shared-memory segment per file: the receiving thread does almost no work
+    under the GIL, which the training loop needs to launch its kernels. Images the worker had to decode
+    itself (``ndim == 3``) travel beside it.
+    """
+    encoded = [image for image in images if image.ndim == 1]
+    return {
+        "encoded": torch.cat(encoded) if encoded else torch.empty(0, dtype=torch.uint8),
+        "sizes": torch.tensor([image.numel() if image.ndim == 1 else 0 for image in images], dtype=torch.int64),
+        "decoded": [image for image in images if image.ndim != 1],
+    }
+
+
+def is_packed(images) -> bool:
+    return isinstance(images, dict) and "encoded" in images and "sizes" in images
+
+
+def unpack_encoded(packed: dict) -> list[torch.Tensor]:
+    """The per-sample list of :func:`pack_encoded`: views into the flat buffer and the decoded images."""
+    sizes = packed["sizes"].tolist()
+    parts = iter(torch.split(packed["encoded"], [size for size in sizes if size > 0]))
+    decoded = iter(packed["decoded"])
+    return [next(parts) if size > 0 else next(decoded) for size in sizes]
+
+
 def decode_batch(
-    items: Sequence[bytes | torch.Tensor], device: torch.device, paths: Sequence[str] | None = None
+    items: Sequence[torch.Tensor], device: torch.device, paths: Sequence[str] | None = None
 ) -> list[torch.Tensor]:
     """uint8 ``3 x H x W`` images on ``device`` from a list of JPEG files' bytes or decoded images.
 
-    Encoded files (``bytes`` or 1-D uint8 tensors) go to nvJPEG in one batched call; decoded images are
+    Encoded files (1-D uint8 tensors) go to nvJPEG in one batched call; decoded images are
     moved. A batch nvJPEG rejects is decoded image by image, falling back to the CPU decoder; a file
     neither can decode raises ``CorruptImageError`` naming it.
     """
@@ -43,9 +74,7 @@ def decode_batch(
     images: list[torch.Tensor | None] = [None] * len(items)
     encoded = []
     for i, item in enumerate(items):
-        if isinstance(item, (bytes, bytearray)):
-            encoded.append((i, torch.frombuffer(bytearray(item), dtype=torch.uint8)))
-        elif item.ndim == 1:
+        if item.ndim == 1:
             encoded.append((i, item))
         else:
             images[i] = item.to(device, non_blocking=True)
@@ -68,28 +97,25 @@ def decode_batch(
     return images  # type: ignore[return-value]
 
 
+def header_size(data: bytes) -> tuple[int, int]:
+    """``(height, width)`` of an encoded image, read from its header alone (PIL parses no pixels).
+
+    Like ``decode_jpeg`` and ``decode_image`` here, the size ignores EXIF orientation.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return height, width
+
+
 def random_resized_crop_box(
     height: int, width: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
 ) -> tuple[float, float, float, float]:
-    """``(x1, y1, x2, y2)`` of a random-resized crop, drawn as torchvision's ``RandomResizedCrop`` does."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * random.uniform(*scale)
-        aspect = math.exp(random.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top, left = random.randint(0, height - h), random.randint(0, width - w)
-            return left, top, left + w, top + h
-    in_ratio = width / height  # fallback: a central crop
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    top, left = (height - h) // 2, (width - w) // 2
+    """``(x1, y1, x2, y2)`` of a random-resized crop, drawn by torchvision's ``RandomResizedCrop`` itself.
+
+    ``get_params`` reads only the image's size, so an empty ``0 x H x W`` tensor stands in for the image;
+    the draws use torch's RNG, so a seeded worker (``loading.EpochSeeded``) gets the same box every time.
+    """
+    top, left, h, w = RandomResizedCrop.get_params(torch.empty(0, height, width), scale=list(scale), ratio=list(ratio))
     return left, top, left + w, top + h
 
 
@@ -97,9 +123,9 @@ def scale_crop_box(
     height: int, width: int, size: int, scale_range: tuple[int, int]
 ) -> tuple[float, float, float, float]:
     """The ResNet paper's augmentation as a box: shorter side to ``s ~ U[scale_range]``, random ``size`` crop."""
-    s = random.randint(*scale_range)
+    s = int(torch.randint(scale_range[0], scale_range[1] + 1, ()))
     side = size * min(height, width) / s  # the crop's side in original pixels
-    top, left = random.uniform(0, height - side), random.uniform(0, width - side)
+    top, left = float(torch.rand(())) * (height - side), float(torch.rand(())) * (width - side)
     return left, top, left + side, top + side
 
 
@@ -109,8 +135,10 @@ def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[fl
     return left, top, left + side, top + side
 
 
-def crop_batch(images: list[torch.Tensor], boxes: list[tuple], size: int, chunk: int = 64) -> torch.Tensor:
-    """Resample each image's box to ``size x size`` with one ``roi_align`` per chunk (uint8 out)."""
+def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, size: int, chunk: int = 64) -> torch.Tensor:
+    """Resample each image's box (``B x 4`` ``x1, y1, x2, y2``) to ``size x size`` with one ``roi_align``
+    per chunk of images (uint8 out)."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
     out = []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk]
@@ -120,16 +148,22 @@ def crop_batch(images: list[torch.Tensor], boxes: list[tuple], size: int, chunk:
         padded = part[0].new_zeros((len(part), 3, height, width), dtype=dtype)
         for k, image in enumerate(part):
             padded[k, :, : image.shape[-2], : image.shape[-1]] = image
-        rois = torch.tensor(
-            [[k, *box] for k, box in enumerate(boxes[start : start + chunk])], dtype=dtype, device=padded.device
-        )
+        part_boxes = boxes[start : start + chunk]
+        index = torch.arange(len(part), dtype=torch.float32, device=part_boxes.device)[:, None]
+        rois = torch.cat([index, part_boxes], dim=1)
+        rois = rois.to(padded.device, dtype, non_blocking=True)
         crops = roi_align(padded, rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
         out.append(crops.round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(out)
 
 
 class GPUAugment:
-    """The datamodule's train/eval pipelines on GPU-decoded images (see the module docstring)."""
+    """The datamodule's train/eval pipelines on GPU-decoded images (see the module docstring).
+
+    Training is split in two: :meth:`sample` draws an image's crop box and flip in the loader worker,
+    from the file's header and torch's RNG (so draws are reproducible per ``(epoch, index)`` and survive a
+    mid-epoch resume, as on the CPU path), and :meth:`train` applies a whole batch's draws on the GPU.
+    """
 
     def __init__(
         self,
@@ -138,25 +172,33 @@ class GPUAugment:
         image_size: int = 224,
         eval_resize: int = 256,
         scale_range: tuple[int, int] = (256, 480),
+        color_jitter: float = 0.0,
     ) -> None:
         self.augment = augment
         self.image_size = image_size
         self.eval_resize = eval_resize
         self.scale_range = tuple(scale_range)
+        j = color_jitter
+        self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
 
-    def train(self, images: list[torch.Tensor]) -> torch.Tensor:
-        boxes = []
-        for image in images:
-            h, w = image.shape[-2:]
-            if self.augment == "random_resized_crop":
-                boxes.append(random_resized_crop_box(h, w))
-            elif self.augment == "scale":
-                boxes.append(scale_crop_box(h, w, self.image_size, self.scale_range))
-            else:
-                boxes.append(center_crop_box(h, w, self.image_size, self.image_size))
+    def sample(self, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
+        """One training image's crop box ``(x1, y1, x2, y2)`` and horizontal flip, as the CPU path draws them."""
+        if self.augment == "random_resized_crop":
+            box = random_resized_crop_box(height, width)
+        elif self.augment == "scale":
+            box = scale_crop_box(height, width, self.image_size, self.scale_range)
+        else:  # "none": resize and center crop, no flip
+            return center_crop_box(height, width, self.image_size, self.image_size), False
+        return box, bool(torch.rand(()) < 0.5)
+
+    def train(self, images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Crop, resample and flip a batch as drawn by :meth:`sample` (``boxes``: ``B x 4``, ``flips``: ``B``)."""
         crops = crop_batch(images, boxes, self.image_size)
-        flip = torch.rand(len(crops), device=crops.device) < 0.5
-        return torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+        flips = flips.to(crops.device, non_blocking=True).view(-1, 1, 1, 1)
+        crops = torch.where(flips, crops.flip(-1), crops)
+        if self.jitter is not None:  # per image, as on the CPU path (torchvision's op draws once per call)
+            crops = torch.stack([self.jitter(crop) for crop in crops])
+        return crops
 
     def eval(self, images: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -19,8 +19,17 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .gpu_decode import JPEG_MAGIC, CUDAPrefetcher, GPUAugment, decode_batch
-from .images import is_image_file, read_image, read_image_or_skip
+from .gpu_decode import (
+    JPEG_MAGIC,
+    CUDAPrefetcher,
+    GPUAugment,
+    decode_batch,
+    header_size,
+    is_packed,
+    pack_encoded,
+    unpack_encoded,
+)
+from .images import is_image_file, read_image_or_skip
 from .loading import SplitLoaders, collate_skipping, make_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainAugment, eval_transform, train_transform
 
@@ -87,35 +96,63 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(
-        self, samples: Sequence[tuple[str, int]], transform, skip_corrupt: bool = False, raw: bool = False
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform,
+        skip_corrupt: bool = False,
+        raw: bool = False,
+        draw: Callable[[int, int], tuple[tuple[float, float, float, float], bool]] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.raw = raw
+        self.draw = draw
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict | None:
         path, label = self.samples[index]
-        if self.raw:  # GPU decoding: ship the JPEG bytes (anything else decoded here, on the CPU)
-            # Python bytes travel through the worker pipe, not shared memory (often small in containers)
-            data = Path(path).read_bytes()
-            if not data.startswith(JPEG_MAGIC):
-                return {"image": read_image(path), "label": label, "index": index, "path": path}
-            return {"image": data, "label": label, "index": index, "path": path}
+        if self.raw:
+            return self._raw_item(path, label, index)
         image = read_image_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
         return {"image": self.transform(image), "label": label, "index": index, "path": path}
 
+    def _raw_item(self, path: str, label: int, index: int) -> dict | None:
+        """GPU decoding: the JPEG's bytes (anything else decoded here, on the CPU) and, for training, the
+        crop box and flip drawn from the header's size (``GPUAugment.sample``)."""
+        data = bytearray(Path(path).read_bytes())
+        image: torch.Tensor | None = None
+        if data.startswith(JPEG_MAGIC):
+            try:
+                height, width = header_size(data)
+                image = torch.frombuffer(data, dtype=torch.uint8)
+            except OSError:  # not even a readable header: the CPU decoder names the file (or skips it)
+                pass
+        if image is None:
+            image = read_image_or_skip(path, self.skip_corrupt)
+            if image is None:
+                return None
+            height, width = image.shape[-2:]
+        item = {"image": image, "label": label, "index": index, "path": path}
+        if self.draw is not None:
+            box, flip = self.draw(height, width)
+            item["box"], item["flip"] = torch.tensor(box, dtype=torch.float32), torch.tensor(flip)
+        return item
 
-def collate_raw(batch: Sequence[dict]) -> dict:
-    """Batches of undecoded images: the byte tensors stay a list, the rest is collated as usual."""
-    images = [sample["image"] for sample in batch]
-    out = collate_skipping([{k: v for k, v in sample.items() if k != "image"} for sample in batch])
-    out["image"] = images
+
+def collate_raw(batch: Sequence[dict | None]) -> dict:
+    """Batches of undecoded images: the files' bytes packed in one buffer (``gpu_decode.pack_encoded``),
+    the rest collated as usual (unreadable samples, ``None``, dropped and counted)."""
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        return {"skipped": len(batch)}
+    out = collate_skipping([{k: v for k, v in sample.items() if k != "image"} for sample in kept])
+    out["skipped"] = len(batch) - len(kept)
+    out["image"] = pack_encoded([sample["image"] for sample in kept])
     return out
 
 
@@ -187,7 +224,11 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         self.datasets: dict[str, ImageFolderDataset] = {}
         self.normalize = Normalize(mean, std, pca_lighting)
         self.gpu = GPUAugment(
-            augment=train_augment, image_size=image_size, eval_resize=eval_resize, scale_range=scale_range
+            augment=train_augment,
+            image_size=image_size,
+            eval_resize=eval_resize,
+            scale_range=scale_range,
+            color_jitter=color_jitter,
         )
 
     # -- classes ------------------------------------------------------------------------------
@@ -233,7 +274,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         return eval_transform(image_size=hp.image_size, resize_size=hp.eval_resize)
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if isinstance(batch, dict) and isinstance(batch.get("image"), list):  # JPEG bytes stay on the host
+        if isinstance(batch, dict) and is_packed(batch.get("image")):  # JPEG bytes stay on the host
             images = batch.pop("image")
             batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
             batch["image"] = images
@@ -248,7 +289,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         if not isinstance(batch, dict) or "image" not in batch:
             return batch
         training = self.trainer is not None and self.trainer.training
-        if isinstance(batch["image"], list):  # JPEG bytes not yet decoded (no prefetcher)
+        if is_packed(batch["image"]):  # JPEG bytes not yet decoded (no prefetcher)
             batch = self._prepare_on_gpu(batch, batch["label"].device, train=training)
         batch["image"] = self.normalize(batch["image"], train=training)
         return batch
@@ -295,8 +336,13 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))
         if not samples:
             raise ValueError(f"{path} holds no image files ({', '.join(('.JPEG', '.jpg', '.png'))}...).")
+        raw = self._raw()
         return ImageFolderDataset(
-            samples, self._transform(train), skip_corrupt=self.hparams.skip_corrupt, raw=self._raw()
+            samples,
+            self._transform(train),
+            skip_corrupt=self.hparams.skip_corrupt,
+            raw=raw,
+            draw=self.gpu.sample if raw and train else None,
         )
 
     def _raw(self) -> bool:
@@ -351,8 +397,13 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _prepare_on_gpu(self, batch: dict, device: torch.device, train: bool) -> dict:
         """Copy a host batch of JPEG bytes to ``device``, decode and crop it there (uint8 out)."""
-        images = batch.pop("image")
+        if "image" not in batch:  # every sample was unreadable and skipped
+            return batch
+        images = unpack_encoded(batch.pop("image"))
         out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         decoded = decode_batch(images, device, batch.get("path"))
-        out["image"] = self.gpu.train(decoded) if train else self.gpu.eval(decoded)
+        if train:
+            out["image"] = self.gpu.train(decoded, out.pop("box"), out.pop("flip"))
+        else:
+            out["image"] = self.gpu.eval(decoded)
         return out

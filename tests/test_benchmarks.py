@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from datasets import write_imagefolder
 
 from benchmarks import coco_eval, dataloader, train_step
 from datamodules import ImageFolderDataModule
-from datamodules.gpu_decode import GPUAugment, crop_batch, decode_batch
-from datamodules.imagefolder import list_images
+from datamodules.gpu_decode import GPUAugment, crop_batch, decode_batch, unpack_encoded
+from datamodules.imagefolder import ImageFolderDataset, collate_raw, find_classes, list_images, list_samples
+from datamodules.images import CorruptImageError
+from datamodules.loading import EpochSeeded
+from datamodules.transforms import train_transform
 
 
 @pytest.mark.parametrize(
@@ -50,12 +55,77 @@ def test_gpu_pipeline_logic_on_the_cpu(tmp_path):
     pipeline = GPUAugment(image_size=64, eval_resize=72)
     expected = torch.stack([eval_transform(image_size=64, resize_size=72)(im) for im in images])
     assert torch.equal(pipeline.eval(images), expected)  # identical ops, identical decoder
-    train = pipeline.train(images)
+    boxes, flips = zip(*(pipeline.sample(*im.shape[-2:]) for im in images))
+    train = pipeline.train(images, torch.tensor(boxes), torch.tensor(flips))
     assert train.shape == (len(paths), 3, 64, 64) and train.dtype == torch.uint8
     # a full-image box resamples like an area-averaging resize
-    full = crop_batch(images[:1], [(0, 0, 96, 96)], 48)[0].float()
+    full = crop_batch(images[:1], torch.tensor([[0, 0, 96, 96]]), 48)[0].float()
     reference = torch.nn.functional.avg_pool2d(images[0].float()[None], 2)[0]
     assert (full - reference).abs().mean() < 1.0
+
+
+@pytest.mark.parametrize("augment", ["random_resized_crop", "none"])
+def test_gpu_training_crops_are_the_cpu_paths_draws(augment, tmp_path):
+    """For the same ``(epoch, index)``, the GPU path's worker draws the CPU path's crop box and flip.
+
+    Both run under ``EpochSeeded``: the box comes from torchvision's ``RandomResizedCrop`` on the JPEG
+    header's size, the flip from the next draw, so a GPU-decoded run is as reproducible (and resumable
+    mid-epoch) as a CPU one. Resampled by ``roi_align`` on the CPU, the crops equal the CPU transforms'
+    to a fraction of a level; a wrong box or flip would differ by tens of levels.
+    """
+    root = write_imagefolder(tmp_path / "jpegs", per_class=3, val_per_class=1, size=96)
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    pipeline = GPUAugment(augment=augment, image_size=64)
+    raw = EpochSeeded(ImageFolderDataset(samples, None, raw=True, draw=pipeline.sample), seed=7)
+    cpu = EpochSeeded(ImageFolderDataset(samples, train_transform(augment=augment, image_size=64)), seed=7)
+    batch = collate_raw([raw[(2, i)] for i in range(len(samples))])
+    assert batch["box"].shape == (len(samples), 4) and batch["flip"].dtype == torch.bool
+    if augment == "random_resized_crop":
+        assert 0 < batch["flip"].sum() < len(samples)  # both branches are exercised
+    images = decode_batch(unpack_encoded(batch["image"]), torch.device("cpu"))
+    gpu_path = pipeline.train(images, batch["box"], batch["flip"])
+    cpu_path = torch.stack([cpu[(2, i)]["image"] for i in range(len(samples))])
+    difference = (gpu_path.float() - cpu_path.float()).abs()
+    assert difference.mean() < 0.6 and difference.mean(dim=(1, 2, 3)).max() < 1.0, difference.mean()
+    assert torch.equal(raw[(2, 4)]["box"], batch["box"][4])  # the same draw every time
+
+
+def test_raw_items_for_unreadable_files(tmp_path):
+    """A GPU-path worker decodes what nvJPEG cannot take (PNG) on the CPU and names a corrupt file."""
+    root = write_imagefolder(tmp_path / "jpegs", per_class=1, val_per_class=1, size=40)
+    png, broken = tmp_path / "a.png", tmp_path / "b.JPEG"
+    from torchvision.io import write_png
+
+    write_png(torch.zeros(3, 30, 50, dtype=torch.uint8), str(png))
+    broken.write_bytes(b"\xff\xd8\xff" + b"\x00" * 20)  # a JPEG signature and nothing else
+    samples = [(str(png), 0), (str(broken), 0), *list_samples(root / "train", find_classes(root / "train"))]
+    draw = GPUAugment(image_size=16).sample
+    item = ImageFolderDataset(samples, None, raw=True, draw=draw)[0]
+    assert item["image"].shape == (3, 30, 50) and item["box"][2] <= 50 and item["box"][3] <= 30
+    with pytest.raises(CorruptImageError, match="b.JPEG"):
+        ImageFolderDataset(samples, None, raw=True, draw=draw)[1]
+    skipping = ImageFolderDataset(samples, None, raw=True, draw=draw, skip_corrupt=True)
+    items = [skipping[i] for i in range(len(samples))]
+    batch = collate_raw(items)
+    assert batch["skipped"] == 1 and len(batch["label"]) == len(samples) - 1
+    # the worker packs the files' bytes into one buffer; the training process gets each file back intact
+    unpacked = unpack_encoded(batch["image"])
+    kept = [item["image"] for item in items if item is not None]
+    assert len(unpacked) == len(kept) and all(torch.equal(a, b) for a, b in zip(unpacked, kept))
+    assert unpacked[0].ndim == 3 and batch["image"]["encoded"].numel() == sum(im.numel() for im in kept[1:])
+    assert collate_raw([None]) == {"skipped": 1}
+
+
+def test_packed_batches_cross_worker_processes(tmp_path):
+    """Loader workers send a batch's files as one shared-memory buffer; every file arrives byte for byte."""
+    root = write_imagefolder(tmp_path / "jpegs", per_class=3, val_per_class=1, size=40)
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    dataset = ImageFolderDataset(samples, None, raw=True, draw=GPUAugment(image_size=16).sample)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate_raw)
+    received = [(image, path) for batch in loader for image, path in zip(unpack_encoded(batch["image"]), batch["path"])]
+    assert len(received) == len(samples)
+    for image, path in received:
+        assert image.ndim == 1 and image.numpy().tobytes() == Path(path).read_bytes()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
