@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -24,22 +26,36 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 
-def generate_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path:
-    """Photo-like JPEGs (smooth structure plus texture) in an ImageFolder tree, 500x375 or 375x500."""
+def _write_jpeg(args: tuple[Path, int, int, int]) -> None:
+    path, width, height, seed = args
     rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+    texture = rng.standard_normal((height, width, 3), dtype=np.float32) * 20
+    Image.fromarray(np.clip(smooth + texture, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def generate_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> Path:
+    """Photo-like JPEGs (smooth structure plus texture) in an ImageFolder tree, 500x375 or 375x500.
+
+    Each file is drawn from its own seed, so the set is the same however many processes write it.
+    """
     existing = list(root.rglob("*.JPEG")) if root.exists() else []
     if len(existing) >= count:
         return root
+    jobs = []
     for i in range(count):
-        w, h = (500, 375) if i % 4 else (375, 500)
-        coarse = rng.integers(0, 255, (h // 25 + 1, w // 25 + 1, 3)).astype(np.float32)
-        smooth = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BICUBIC), np.float32)
-        texture = rng.normal(0, 20, (h, w, 3))
         folder = root / "train" / f"n{i % classes:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(smooth + texture, 0, 255).astype(np.uint8)).save(
-            folder / f"img_{i:06d}.JPEG", quality=90
-        )
+        width, height = (500, 375) if i % 4 else (375, 500)
+        jobs.append((folder / f"img_{i:06d}.JPEG", width, height, seed * 1_000_003 + i))
+    processes = min(len(os.sched_getaffinity(0)), 16, max(1, count // 64))
+    if processes > 1:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            pool.map(_write_jpeg, jobs, chunksize=32)
+    else:
+        for job in jobs:
+            _write_jpeg(job)
     return root
 
 
@@ -119,16 +135,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet50") -> dict:
+def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet50", workers: int = 12) -> dict:
     """ResNet-50 training img/s fed by the GPU decoding path, against synthetic inputs, same process.
 
     bf16 autocast, channels_last, SGD; the real-data loop is what Lightning runs: the prefetching
-    loader's batch, normalized on the device, then the step.
+    loader's batch (or, ``ratio_inline``, the batch decoded in the training thread as without
+    ``gpu_prefetch``), normalized on the device, then the step. The loader is made once and iterated
+    for every epoch, as Lightning does.
     """
     import torch.nn.functional as F
 
     from backbones import build_backbone
     from datamodules import ImageFolderDataModule
+    from datamodules.transforms import Normalize
 
     torch.set_num_threads(4)
     device = torch.device("cuda")
@@ -142,10 +161,9 @@ def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet
         loss.backward()
         optimizer.step()
 
-    dm = ImageFolderDataModule(root=str(root), val_dir="train", batch_size=batch, num_workers=12, decode_device="cuda")
-    dm.setup("fit")
     synthetic = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 8, (batch,), device=device)
+    norm = Normalize()
 
     def timed(batches) -> float:
         count = 0
@@ -155,23 +173,40 @@ def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet
                 start = time.perf_counter()
             if i >= 3:
                 count += len(target)
-            step(dm.normalize(images, train=True), target)
+            step(norm(images, train=True), target)
             if i >= steps + 3:
                 break
         torch.cuda.synchronize()
         return count / (time.perf_counter() - start)
 
+    def jpeg_batches(prefetch: bool):
+        """What Lightning runs: one loader for every epoch, decoded by the prefetch thread or inline."""
+        dm = ImageFolderDataModule(
+            root=str(root), val_dir="train", batch_size=batch, num_workers=workers, decode_device="cuda",
+            gpu_prefetch=prefetch,
+        )  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        for _ in range(1000):
+            for b in loader:
+                if not prefetch:  # decoded in the training thread, on the current stream
+                    b = dm._prepare_on_gpu(b, device, train=True)
+                yield b["image"], b["label"]
+
     synthetic_rate = timed((synthetic, labels) for _ in range(steps + 4))
-    real_batches = ((b["image"], b["label"]) for epoch in range(100) for b in dm.train_dataloader())
-    real_rate = timed(real_batches)
+    real_rate = timed(jpeg_batches(prefetch=True))
+    inline_rate = timed(jpeg_batches(prefetch=False))
     row = {
         "benchmark": "train_on_jpegs",
         "device": torch.cuda.get_device_name(),
         "model": model_name,
         "batch": batch,
+        "workers": workers,
         "synthetic_img_per_s": round(synthetic_rate, 1),
         "jpeg_gpu_decode_img_per_s": round(real_rate, 1),
         "ratio": round(real_rate / synthetic_rate, 3),
+        "jpeg_gpu_decode_inline_img_per_s": round(inline_rate, 1),
+        "ratio_inline": round(inline_rate / synthetic_rate, 3),
     }
     print(json.dumps(row), flush=True)
     return row

@@ -65,7 +65,8 @@ class EpochSeeded(Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # torch seeds are 64-bit: a run's seed can be any uint32 (LightningCLI draws one when unset)
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             return self.dataset[index]
 
 

@@ -163,3 +163,18 @@ def test_cifar_batches_cannot_run_code(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="refusing to unpickle posix.system"):
         CIFARDataModule(root=str(tmp_path)).setup("fit")
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 - 1, 2**32 - 1])
+def test_training_draws_work_for_any_run_seed(tmp_path, seed):
+    """LightningCLI draws a uint32 seed when none is set; every one must seed the per-sample RNG, reproducibly."""
+    root = write_imagefolder(tmp_path / "d", per_class=1, val_per_class=1, size=48)
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        dm = ImageFolderDataModule(root=str(root), image_size=32, batch_size=5, num_workers=0)
+        dm.setup("fit")
+        batches.append(next(iter(dm.train_dataloader())))
+    assert torch.equal(batches[0]["image"], batches[1]["image"]) and torch.equal(
+        batches[0]["index"], batches[1]["index"]
+    )
