@@ -135,9 +135,14 @@ def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[fl
     return left, top, left + side, top + side
 
 
-def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, size: int, chunk: int = 64) -> torch.Tensor:
+def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
     """Resample each image's box (``B x 4`` ``x1, y1, x2, y2``) to ``size x size`` with one ``roi_align``
-    per chunk of images (uint8 out)."""
+    per chunk of images (uint8 out).
+
+    The chunk's images are copied into one zero-padded half-precision tensor first (~0.4 GB for 256
+    ImageNet-sized images). On an H200, ResNet-50 training fed this way ran at 0.798 of its synthetic
+    rate with chunks of 256 and 0.775 with chunks of 64 (``benchmarks/results/h200_2026-11-27b.jsonl``).
+    """
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
     out = []
     for start in range(0, len(images), chunk):
