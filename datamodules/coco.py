@@ -39,6 +39,7 @@ from .loading import (
     SplitLoaders,
     check_enough_for_a_batch,
     make_loader,
+    run_seed,
     trained_batches,
 )
 from .samplers import AspectRatioGroupedSampler, aspect_ratio_groups
@@ -344,7 +345,7 @@ class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
         batch_size = self.batch_size if train else self.eval_batch_size
         if train and hp.aspect_ratio_group_factor >= 0:
             check_enough_for_a_batch(dataset, batch_size)
-            seed = torch.initial_seed() % 2**31
+            seed = run_seed()
             groups = aspect_ratio_groups(dataset.image_sizes(), hp.aspect_ratio_group_factor)
             return ResumableDataLoader(
                 EpochSeeded(dataset, seed),

@@ -32,6 +32,23 @@ def eval_sampler(dataset: Dataset) -> UnrepeatedDistributedSampler | None:
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
 
+def run_seed() -> int:
+    """The seed of the training shuffle and of the per-sample draws: the process's torch seed, and under
+    DDP rank 0's.
+
+    Every rank must shuffle with the same seed, or the ranks' shares of an epoch overlap and miss
+    samples. ``seed_everything: <int>`` gives every rank the same seed, and so does Lightning's own DDP
+    launcher for ``seed_everything: true``; processes started by ``torchrun`` or ``srun`` each draw
+    their own, so the seed is taken from rank 0.
+    """
+    seed = torch.initial_seed() % 2**31
+    if distributed():
+        shared = [seed]
+        dist.broadcast_object_list(shared, src=0)
+        seed = shared[0]
+    return seed
+
+
 def check_enough_for_a_batch(dataset: Dataset, batch_size: int) -> None:
     """Training drops incomplete batches: a training set smaller than one batch would train on nothing."""
     if len(dataset) < batch_size:
@@ -131,7 +148,7 @@ def make_loader(
     """
     if train:
         check_enough_for_a_batch(dataset, batch_size)
-        seed = torch.initial_seed() % 2**31
+        seed = run_seed()
         return ResumableDataLoader(
             EpochSeeded(dataset, seed),
             batch_size=batch_size,

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import CPU, write_coco, write_imagefolder
 
+from datamodules.loading import make_loader
 from tasks import classify
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,3 +140,44 @@ def test_slurm_environment_requeue_and_resume(tmp_path, monkeypatch):
     steps = json.loads((tmp_path / "steps2.json").read_text())
     assert steps[0][0] == 8 and resumed.trainer.global_step == 15  # continued after step 7, to 3 epochs of 5 steps
     assert Path(resumed.trainer.default_root_dir) == run_dir and (run_dir / "wandb_id").read_text() == run_id
+
+
+class _Indices:
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index, "draw": torch.rand(())}
+
+
+def _rank_epoch(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from datamodules.loading import make_loader, run_seed
+
+    torch.manual_seed(1000 + rank)  # as processes started by torchrun with seed_everything: true
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        loader = make_loader(_Indices(), batch_size=4, num_workers=0, train=True)
+        batches = list(loader)
+        Path(out, f"{rank}.json").write_text(json.dumps({
+            "seed": run_seed(),
+            "indices": [i for b in batches for i in b["index"].tolist()],
+            "draws": {i: d for b in batches for i, d in zip(b["index"].tolist(), b["draw"].tolist())},
+        }))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_seeds_still_share_one_shuffle(tmp_path):
+    """Each rank's shuffle and per-sample draws use rank 0's seed: the ranks split the epoch exactly."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_epoch, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["seed"] == ranks[1]["seed"] == 1000
+    assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == list(range(40))
+    one = json.loads((tmp_path / "0.json").read_text())["draws"]
+    torch.manual_seed(1000)  # the draws a single process with rank 0's seed makes for the same samples
+    single = make_loader(_Indices(), batch_size=4, num_workers=0, train=True).dataset
+    assert all(abs(single[(0, int(i))]["draw"].item() - d) < 1e-7 for i, d in one.items())

@@ -338,3 +338,37 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-2].startswith(f"error: {tmp_path / 'nowhere' / 'train'} does not exist")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("task", "backbone", "options"),
+    [
+        ("detect", "resnet18", {"head": "c4"}),
+        ("detect", "preact_resnet18", {"head": "c4"}),
+        ("detect", "resnet18", {"head": "fpn"}),
+        ("segment", "resnet18", {}),
+    ],
+)
+def test_detection_and_segmentation_checkpoints_export_the_whole_backbone(task, backbone, options, tmp_path):
+    """C4 detectors keep res5 in the box head; the export puts it back, so every trained tensor is in the file."""
+    from tasks.detect import DetectionTask
+    from tasks.segment import SegmentationTask
+
+    torch.manual_seed(0)
+    if task == "detect":
+        model = DetectionTask(backbone=backbone, num_classes=3, min_size=64, max_size=64, **options)
+    else:
+        model = SegmentationTask(backbone=backbone, num_classes=3)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor))  # every tensor distinct from a fresh network's
+    ckpt = tmp_path / "task.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+    net = build_backbone(backbone, num_classes=0)
+    load_weights(net, export(ckpt, tmp_path / "backbone.safetensors"))
+    values = {tuple(t.flatten()[:8].tolist()) for t in model.state_dict().values() if t.is_floating_point()}
+    exported = [k for k, t in net.state_dict().items() if t.is_floating_point()]
+    assert exported and all(tuple(net.state_dict()[k].flatten()[:8].tolist()) in values for k in exported)
+    if options.get("head") == "c4":
+        assert torch.equal(net.layer4[0].conv1.weight, model.detector.roi_heads.box_head.res5[0][0].conv1.weight)
