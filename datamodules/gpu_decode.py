@@ -19,6 +19,7 @@ worker, as on the CPU path.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,8 @@ from torchvision.transforms.v2 import ColorJitter
 from torchvision.transforms.v2 import functional as TF
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+log = logging.getLogger(__name__)
 
 
 def pack_encoded(images: Sequence[torch.Tensor]) -> dict:
@@ -61,13 +64,14 @@ def unpack_encoded(packed: dict) -> list[torch.Tensor]:
 
 
 def decode_batch(
-    items: Sequence[torch.Tensor], device: torch.device, paths: Sequence[str] | None = None
-) -> list[torch.Tensor]:
+    items: Sequence[torch.Tensor], device: torch.device, paths: Sequence[str] | None = None, skip: bool = False
+) -> list[torch.Tensor | None]:
     """uint8 ``3 x H x W`` images on ``device`` from a list of JPEG files' bytes or decoded images.
 
     Encoded files (1-D uint8 tensors) go to nvJPEG in one batched call; decoded images are
     moved. A batch nvJPEG rejects is decoded image by image, falling back to the CPU decoder; a file
-    neither can decode raises ``CorruptImageError`` naming it.
+    neither can decode raises ``CorruptImageError`` naming it, or with ``skip`` is logged and left
+    ``None`` (``data.skip_corrupt``).
     """
     from .images import CorruptImageError
 
@@ -91,10 +95,26 @@ def decode_batch(
                         decoded.append(decode_image(data, mode=ImageReadMode.RGB).to(device))
                     except RuntimeError as err:
                         name = paths[i] if paths else f"batch item {i}"
-                        raise CorruptImageError(f"{name}: cannot decode the image ({err})") from None
+                        error = CorruptImageError(f"{name}: cannot decode the image ({err})")
+                        if not skip:
+                            raise error from None
+                        log.warning("skipping unreadable image: %s", error)
+                        decoded.append(None)
         for (i, _), image in zip(encoded, decoded):
             images[i] = image
-    return images  # type: ignore[return-value]
+    return images
+
+
+def select_samples(batch: dict, keep: Sequence[int], size: int) -> dict:
+    """The samples ``keep`` of a collated batch of ``size``: tensors and lists indexed along their first axis."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size:
+            value = value[torch.as_tensor(keep, dtype=torch.long, device=value.device)]
+        elif isinstance(value, list) and len(value) == size:
+            value = [value[i] for i in keep]
+        out[key] = value
+    return out
 
 
 def header_size(data: bytes) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from .gpu_decode import (
     header_size,
     is_packed,
     pack_encoded,
+    select_samples,
     unpack_encoded,
 )
 from .images import is_image_file, read_image_or_skip
@@ -291,6 +292,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         if is_packed(batch["image"]):  # JPEG bytes not yet decoded (no prefetcher)
             batch = self._prepare_on_gpu(batch, batch["label"].device, train=training)
+            if "image" not in batch:  # nothing in it was readable (data.skip_corrupt)
+                return batch
         batch["image"] = self.normalize(batch["image"], train=training)
         return batch
 
@@ -401,7 +404,15 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             return batch
         images = unpack_encoded(batch.pop("image"))
         out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        decoded = decode_batch(images, device, batch.get("path"))
+        decoded = decode_batch(images, device, batch.get("path"), skip=self.hparams.skip_corrupt)
+        keep = [i for i, image in enumerate(decoded) if image is not None]
+        if len(keep) < len(decoded):  # files only the decoder found unreadable (data.skip_corrupt)
+            skipped = int(out.get("skipped", 0)) + len(decoded) - len(keep)
+            if not keep:
+                return {"skipped": skipped}
+            out = select_samples(out, keep, len(decoded))
+            out["skipped"] = skipped
+            decoded = [decoded[i] for i in keep]
         if train:
             out["image"] = self.gpu.train(decoded, out.pop("box"), out.pop("flip"))
         else:

@@ -146,3 +146,39 @@ def test_gpu_decoding_matches_the_cpu_path(tmp_path):
     # in normalized units, std ~0.225 = 57 levels): the bulk must agree to a few levels.
     p99 = difference.quantile(0.99)
     assert difference.mean() < 0.025 and p99 < 0.25, (difference.mean(), p99)
+
+
+def _header_only_jpeg(path: Path) -> None:
+    """A JPEG whose header (and so its size) reads fine but whose image data is missing: only the decoder fails."""
+    data = path.read_bytes()
+    start = data.index(b"\xff\xc0")
+    end = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
+    path.write_bytes(data[:end] + b"\xff\xd9")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_path_skips_files_only_the_decoder_rejects(train, tmp_path):
+    """With ``skip_corrupt`` the batch loses the bad file (labels, boxes and paths with it); without, the
+    error names it."""
+    root = write_imagefolder(tmp_path / "jpegs", per_class=2, val_per_class=1, size=40)
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    bad = Path(samples[1][0])
+    _header_only_jpeg(bad)
+    outcomes = {}
+    for skip in (True, False):
+        dm = ImageFolderDataModule(root=str(root), image_size=16, eval_resize=20, skip_corrupt=skip)
+        dataset = ImageFolderDataset(samples, None, raw=True, draw=dm.gpu.sample if train else None)
+        batch = collate_raw([dataset[i] for i in range(len(samples))])
+        try:
+            outcomes[skip] = dm._prepare_on_gpu(batch, torch.device("cpu"), train=train)
+        except CorruptImageError as err:
+            outcomes[skip] = err
+    assert isinstance(outcomes[False], CorruptImageError) and str(bad) in str(outcomes[False])
+    out = outcomes[True]
+    n = len(samples) - 1
+    assert out["skipped"] == 1 and out["image"].shape == (n, 3, 16, 16) and str(bad) not in out["path"]
+    assert out["label"].tolist() == [label for path, label in samples if path != str(bad)] and len(out["index"]) == n
+    # a batch of nothing but unreadable files becomes a batch the task skips
+    dm = ImageFolderDataModule(root=str(root), image_size=16, skip_corrupt=True)
+    dataset = ImageFolderDataset([samples[1]], None, raw=True, draw=dm.gpu.sample)
+    assert dm._prepare_on_gpu(collate_raw([dataset[0]]), torch.device("cpu"), train=True) == {"skipped": 1}
