@@ -182,7 +182,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         drop_invalid: leave out empty files and class folders without training images (counts logged)
             instead of stopping before training with a report (``datamodules.check``).
         decode_device: ``cuda`` decodes and augments on the GPU (``datamodules.gpu_decode``): workers
-            only read files, so a few cores feed thousands of images per second.
+            only read files and draw each crop from the file's header (the same draws as the CPU path,
+            so resuming stays exact), so a few cores feed thousands of images per second.
         gpu_prefetch: with ``decode_device: cuda``, prepare the next training batches on a side stream
             while the current one trains (``datamodules.gpu_decode.CUDAPrefetcher``).
         pin_memory: pin host memory when CUDA is used.
