@@ -29,7 +29,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch, torchvision, lightning; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
 
 CL="--precision bf16 --channels-last"
-step 150 python3 -m benchmarks.train_step --task classify --models resnet50 resnet101 resnext50_32x4d --device $DEV --batch $CB --size $CS $CL $STEPS
+CB_OPTS="--cudnn-benchmark"  # what the classification task sets (trainer.benchmark)
+step 150 python3 -m benchmarks.train_step --task classify --models resnet50 resnet101 resnext50_32x4d --device $DEV --batch $CB --size $CS $CL $CB_OPTS $STEPS
 step 200 python3 -m benchmarks.dataloader --root /tmp/zoo-jpegs --images $IMAGES --batch $JB --workers 0 $( [ "$DEV" = cuda ] && echo "--gpu-decode --train-step $TRAIN" )
 step 90 python3 -m benchmarks.train_step --task detect --models resnet50 --device $DEV --batch $DB --size $DS --precision bf16 --steps 8 --warmup 3
 step 90 python3 -m benchmarks.train_step --task segment --models resnet101 --device $DEV --batch $SB --size $SS $CL --steps 8 --warmup 3
@@ -44,5 +45,5 @@ if [ "$DEV" = cuda ]; then
     --trainer.max_epochs 2 --trainer.logger false --trainer.enable_progress_bar false \
     --trainer.default_root_dir /tmp/runs 2>&1 | tail -4 | tee "$OUT/fit_detect.txt"
 fi
-step 240 python3 -m benchmarks.train_step --task classify --models resnet50 --device $DEV --batch $CB --size $CS $CL --compile $STEPS
+step 240 python3 -m benchmarks.train_step --task classify --models resnet50 --device $DEV --batch $CB --size $CS $CL $CB_OPTS --compile $STEPS
 echo "done" >&2

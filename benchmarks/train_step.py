@@ -201,6 +201,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     build, make_loss, default_size = TASKS[args.task]
     size = args.size or default_size
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark  # the same for both implementations
     names = args.models or {"classify": ["resnet50"], "detect": ["resnet50"], "segment": ["resnet101"]}[args.task]
     rows = []
     for name in names:
@@ -228,6 +229,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "precision": args.precision,
             "channels_last": args.channels_last,
             "compile": args.compile,
+            "cudnn_benchmark": args.cudnn_benchmark,
             "ours_img_per_s": round(results["ours"]["img_per_s"], 2),
             "torchvision_img_per_s": round(results["torchvision"]["img_per_s"], 2),
             "speed_ratio": round(results["ours"]["img_per_s"] / results["torchvision"]["img_per_s"], 4),
@@ -250,6 +252,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["32", "bf16"], default="32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="cuDNN algorithm search, as the classification task does"
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     return parser.parse_args(argv)

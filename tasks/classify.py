@@ -68,6 +68,8 @@ class ClassificationTask(BaseTask):
 
     monitor = "val/acc1"
     mode = "max"
+    #: every training batch has one shape: let cuDNN time its algorithms once (``--trainer.benchmark``)
+    cudnn_benchmark = True
 
     def __init__(
         self,

@@ -10,7 +10,10 @@ On top of Lightning's CLI it
 * logs to Weights & Biases by default, offline when no W&B credentials are configured (``wandb sync``
   uploads later), and logs the full resolved config as the run's hyperparameters;
 * reads every checkpoint with ``weights_only=True``;
-* on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise.
+* on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise;
+* sets ``--trainer.benchmark`` (cuDNN's algorithm search) from the task: on for classification, whose
+  batches all have one shape (as torchvision's reference script does), off for detection and
+  segmentation, whose shapes vary.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ class TaskCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
+                "trainer.benchmark": getattr(model_class, "cudnn_benchmark", None),
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.WandbLogger",
                     "init_args": {"project": PROJECT},

@@ -87,6 +87,8 @@ class DetectionTask(BaseTask):
 
     monitor = "val/mAP"
     mode = "max"
+    #: batch shapes follow the images' sizes: timing cuDNN's algorithms for each new one costs more than it saves
+    cudnn_benchmark = False
 
     def __init__(
         self,

@@ -63,6 +63,8 @@ class SegmentationTask(BaseTask):
 
     monitor = "val/mIoU"
     mode = "max"
+    #: evaluation runs on whole images of many shapes, and each new shape would be timed again
+    cudnn_benchmark = False
 
     def __init__(
         self,

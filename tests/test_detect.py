@@ -183,3 +183,10 @@ def test_category_ids_round_trip():
     assert rows[0]["bbox"] == [1.0, 2.0, 10.0, 20.0] and rows[0]["image_id"] == 42
     with pytest.raises(ValueError, match="category id 8 is not one of the model's"):
         task._labels_for(torch.tensor([8]))
+
+
+def test_detection_leaves_cudnn_benchmark_off(capsys):
+    """Detection batches change shape with the images, so cuDNN's per-shape algorithm search stays off."""
+    with pytest.raises(SystemExit):
+        detect.main(["fit", "--config", str(CONFIGS / "coco_resnet50_fpn.yaml"), "--print_config"])
+    assert "benchmark: false" in capsys.readouterr().out

@@ -205,3 +205,10 @@ def test_predict_writes_original_size_class_masks_and_overlays(coco, tmp_path):
         array = np.asarray(Image.open(mask))
         assert array.shape == Image.open(image).size[::-1] and array.max() < 6  # class indices at full size
     assert len(list(out.glob("*_overlay.jpg"))) == len(images)
+
+
+def test_segmentation_leaves_cudnn_benchmark_off(capsys):
+    """Evaluation runs on whole images of many shapes, so cuDNN's per-shape algorithm search stays off."""
+    with pytest.raises(SystemExit):
+        segment.main(["fit", "--config", str(CONFIGS / "coco_fcn_resnet50.yaml"), "--print_config"])
+    assert "benchmark: false" in capsys.readouterr().out
