@@ -11,9 +11,9 @@ On top of Lightning's CLI it
   uploads later), and logs the full resolved config as the run's hyperparameters;
 * reads every checkpoint with ``weights_only=True``;
 * on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise;
-* sets ``--trainer.benchmark`` (cuDNN's algorithm search) from the task: on for classification, whose
-  batches all have one shape (as torchvision's reference script does), off for detection and
-  segmentation, whose shapes vary.
+* sets ``--trainer.benchmark`` (cuDNN's algorithm search), unless given or ``--trainer.deterministic``
+  is on, from the task: on for classification, whose batches all have one shape (as torchvision's
+  reference script does), off for detection and segmentation, whose shapes vary.
 """
 
 from __future__ import annotations
@@ -120,7 +120,6 @@ class TaskCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
-                "trainer.benchmark": getattr(model_class, "cudnn_benchmark", None),
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.WandbLogger",
                     "init_args": {"project": PROJECT},
@@ -236,6 +235,9 @@ class TaskCLI(LightningCLI):
             and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         ):
             cfg.trainer.precision = "bf16-mixed"
+        if cfg.trainer.get("benchmark") is None and not cfg.trainer.get("deterministic"):
+            # (with --trainer.deterministic, cuDNN's search would make the run non-deterministic)
+            cfg.trainer.benchmark = getattr(self.model_class, "cudnn_benchmark", None)
         self._configure_wandb(cfg, name, run_dir)
 
     def _configure_wandb(self, cfg: Namespace, name: str, run_dir: Path) -> None:

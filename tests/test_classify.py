@@ -88,9 +88,20 @@ def test_every_config_fits_one_step_and_logs_to_wandb_offline(config, imagefolde
     )
 
 
-def test_fast_dev_run(imagefolder, tmp_path):
-    main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"), *_tiny_imagenet_args(imagefolder, tmp_path),
-          "--trainer.fast_dev_run", "true"])  # fmt: skip
+def test_fast_dev_run(imagefolder, tmp_path, monkeypatch):
+    cli = main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"),
+                *_tiny_imagenet_args(imagefolder, tmp_path), "--trainer.fast_dev_run", "true"])  # fmt: skip
+    assert cli.config.fit.trainer.benchmark is True  # one crop size: cuDNN picks its algorithms once
+    assert torch.backends.cudnn.benchmark is True
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # Lightning sets it for deterministic runs
+    try:  # --trainer.deterministic keeps cuDNN's (non-deterministic) search off
+        cli = main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"),
+                    *_tiny_imagenet_args(imagefolder, tmp_path), "--trainer.fast_dev_run", "true",
+                    "--trainer.deterministic", "true"])  # fmt: skip
+        assert cli.config.fit.trainer.benchmark is None and torch.backends.cudnn.benchmark is False
+    finally:  # Lightning sets these process-wide
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = False
 
 
 def test_a_small_model_learns_the_shapes(tmp_path):
@@ -214,6 +225,5 @@ def test_print_config_shows_the_full_resolved_config(capsys):
         "milestones:",
         "class_path: datamodules.ImageFolderDataModule",
         "monitor: val/acc1",
-        "benchmark: true",  # cuDNN picks its algorithms once for the fixed crop size
     ):
         assert expected in out, expected
