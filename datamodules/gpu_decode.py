@@ -206,29 +206,57 @@ class GPUAugment:
         j = color_jitter
         self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
 
-    def sample(self, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
-        """One training image's crop box ``(x1, y1, x2, y2)`` and horizontal flip, as the CPU path draws them."""
+    def sample(self, height: int, width: int) -> dict[str, torch.Tensor]:
+        """One training image's draws, in the CPU pipeline's order: ``box`` ``(x1, y1, x2, y2)``, ``flip``
+        and, with color jitter, ``jitter`` (:meth:`jitter_params`)."""
         if self.augment == "random_resized_crop":
-            box = random_resized_crop_box(height, width)
+            box, flip = random_resized_crop_box(height, width), bool(torch.rand(()) < 0.5)
         elif self.augment == "scale":
-            box = scale_crop_box(height, width, self.image_size, self.scale_range)
+            box, flip = scale_crop_box(height, width, self.image_size, self.scale_range), bool(torch.rand(()) < 0.5)
         else:  # "none": resize and center crop, no flip
-            return center_crop_box(height, width, self.image_size, self.image_size), False
-        return box, bool(torch.rand(()) < 0.5)
+            box, flip = center_crop_box(height, width, self.image_size, self.image_size), False
+        draws = {"box": torch.tensor(box, dtype=torch.float32), "flip": torch.tensor(flip)}
+        if self.jitter is not None:
+            draws["jitter"] = self.jitter_params()
+        return draws
 
-    def train(self, images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Crop, resample and flip a batch as drawn by :meth:`sample` (``boxes``: ``B x 4``, ``flips``: ``B``)."""
+    def jitter_params(self) -> torch.Tensor:
+        """torchvision's ``ColorJitter`` draw as 7 numbers: the order of its 4 operations, then the
+        brightness, contrast and saturation factors."""
+        params = self.jitter.make_params([])
+        factors = [params[f"{name}_factor"] for name in ("brightness", "contrast", "saturation")]
+        return torch.tensor([*params["fn_idx"].tolist(), *factors], dtype=torch.float64)
+
+    def train(
+        self, images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor, jitter: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Crop, resample, flip and color-jitter a batch as drawn by :meth:`sample` (``boxes``: ``B x 4``,
+        ``flips``: ``B``, ``jitter``: ``B x 7``, needed when color jitter is on)."""
         crops = crop_batch(images, boxes, self.image_size)
         flips = flips.to(crops.device, non_blocking=True).view(-1, 1, 1, 1)
         crops = torch.where(flips, crops.flip(-1), crops)
-        if self.jitter is not None:  # per image, as on the CPU path (torchvision's op draws once per call)
-            crops = torch.stack([self.jitter(crop) for crop in crops])
+        if self.jitter is not None:  # image by image, with each image's own draw (as on the CPU path)
+            if jitter is None:
+                raise ValueError("color jitter is on: train() needs each image's draw from sample()")
+            rows = jitter.tolist()
+            crops = torch.stack([self.jitter.transform(crop, _jitter_dict(row)) for crop, row in zip(crops, rows)])
         return crops
 
     def eval(self, images: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(
             [TF.center_crop(TF.resize(image, self.eval_resize, antialias=True), self.image_size) for image in images]
         )
+
+
+def _jitter_dict(row: Sequence[float]) -> dict:
+    """:meth:`GPUAugment.jitter_params`'s numbers back as ``ColorJitter.transform``'s parameters."""
+    return {
+        "fn_idx": [int(i) for i in row[:4]],
+        "brightness_factor": row[4],
+        "contrast_factor": row[5],
+        "saturation_factor": row[6],
+        "hue_factor": None,
+    }
 
 
 class CUDAPrefetcher:

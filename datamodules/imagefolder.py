@@ -102,7 +102,7 @@ class ImageFolderDataset(Dataset):
         transform,
         skip_corrupt: bool = False,
         raw: bool = False,
-        draw: Callable[[int, int], tuple[tuple[float, float, float, float], bool]] | None = None,
+        draw: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
@@ -140,8 +140,7 @@ class ImageFolderDataset(Dataset):
             height, width = image.shape[-2:]
         item = {"image": image, "label": label, "index": index, "path": path}
         if self.draw is not None:
-            box, flip = self.draw(height, width)
-            item["box"], item["flip"] = torch.tensor(box, dtype=torch.float32), torch.tensor(flip)
+            item.update(self.draw(height, width))
         return item
 
 
@@ -404,6 +403,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         if "image" not in batch:  # every sample was unreadable and skipped
             return batch
         images = unpack_encoded(batch.pop("image"))
+        jitter = batch.pop("jitter", None)  # read on the host, image by image
         out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         decoded = decode_batch(images, device, batch.get("path"), skip=self.hparams.skip_corrupt)
         keep = [i for i, image in enumerate(decoded) if image is not None]
@@ -414,8 +414,9 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             out = select_samples(out, keep, len(decoded))
             out["skipped"] = skipped
             decoded = [decoded[i] for i in keep]
+            jitter = jitter[keep] if jitter is not None else None
         if train:
-            out["image"] = self.gpu.train(decoded, out.pop("box"), out.pop("flip"))
+            out["image"] = self.gpu.train(decoded, out.pop("box"), out.pop("flip"), jitter)
         else:
             out["image"] = self.gpu.eval(decoded)
         return out

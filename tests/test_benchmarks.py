@@ -55,8 +55,8 @@ def test_gpu_pipeline_logic_on_the_cpu(tmp_path):
     pipeline = GPUAugment(image_size=64, eval_resize=72)
     expected = torch.stack([eval_transform(image_size=64, resize_size=72)(im) for im in images])
     assert torch.equal(pipeline.eval(images), expected)  # identical ops, identical decoder
-    boxes, flips = zip(*(pipeline.sample(*im.shape[-2:]) for im in images))
-    train = pipeline.train(images, torch.tensor(boxes), torch.tensor(flips))
+    draws = [pipeline.sample(*im.shape[-2:]) for im in images]
+    train = pipeline.train(images, torch.stack([d["box"] for d in draws]), torch.stack([d["flip"] for d in draws]))
     assert train.shape == (len(paths), 3, 64, 64) and train.dtype == torch.uint8
     # a full-image box resamples like an area-averaging resize
     full = crop_batch(images[:1], torch.tensor([[0, 0, 96, 96]]), 48)[0].float()
@@ -64,29 +64,34 @@ def test_gpu_pipeline_logic_on_the_cpu(tmp_path):
     assert (full - reference).abs().mean() < 1.0
 
 
-@pytest.mark.parametrize("augment", ["random_resized_crop", "none"])
-def test_gpu_training_crops_are_the_cpu_paths_draws(augment, tmp_path):
-    """For the same ``(epoch, index)``, the GPU path's worker draws the CPU path's crop box and flip.
+@pytest.mark.parametrize(
+    ("augment", "jitter"), [("random_resized_crop", 0.0), ("none", 0.0), ("random_resized_crop", 0.4)]
+)
+def test_gpu_training_crops_are_the_cpu_paths_draws(augment, jitter, tmp_path):
+    """For the same ``(epoch, index)``, the GPU path's worker draws the CPU path's crop box, flip and
+    color jitter.
 
     Both run under ``EpochSeeded``: the box comes from torchvision's ``RandomResizedCrop`` on the JPEG
-    header's size, the flip from the next draw, so a GPU-decoded run is as reproducible (and resumable
-    mid-epoch) as a CPU one. Resampled by ``roi_align`` on the CPU, the crops equal the CPU transforms'
-    to a fraction of a level; a wrong box or flip would differ by tens of levels.
+    header's size, the flip and the ``ColorJitter`` parameters from the next draws, so a GPU-decoded run
+    is as reproducible (and resumable mid-epoch) as a CPU one. Resampled by ``roi_align`` on the CPU, the
+    crops equal the CPU transforms' to a fraction of a level; a wrong box, flip or jitter would differ by
+    tens of levels.
     """
     root = write_imagefolder(tmp_path / "jpegs", per_class=3, val_per_class=1, size=96)
     samples = list_samples(root / "train", find_classes(root / "train"))
-    pipeline = GPUAugment(augment=augment, image_size=64)
+    pipeline = GPUAugment(augment=augment, image_size=64, color_jitter=jitter)
     raw = EpochSeeded(ImageFolderDataset(samples, None, raw=True, draw=pipeline.sample), seed=7)
-    cpu = EpochSeeded(ImageFolderDataset(samples, train_transform(augment=augment, image_size=64)), seed=7)
+    transform = train_transform(augment=augment, image_size=64, color_jitter=jitter)
+    cpu = EpochSeeded(ImageFolderDataset(samples, transform), seed=7)
     batch = collate_raw([raw[(2, i)] for i in range(len(samples))])
     assert batch["box"].shape == (len(samples), 4) and batch["flip"].dtype == torch.bool
     if augment == "random_resized_crop":
         assert 0 < batch["flip"].sum() < len(samples)  # both branches are exercised
     images = decode_batch(unpack_encoded(batch["image"]), torch.device("cpu"))
-    gpu_path = pipeline.train(images, batch["box"], batch["flip"])
+    gpu_path = pipeline.train(images, batch["box"], batch["flip"], batch.get("jitter"))
     cpu_path = torch.stack([cpu[(2, i)]["image"] for i in range(len(samples))])
     difference = (gpu_path.float() - cpu_path.float()).abs()
-    assert difference.mean() < 0.6 and difference.mean(dim=(1, 2, 3)).max() < 1.0, difference.mean()
+    assert difference.mean() < 0.6 and difference.mean(dim=(1, 2, 3)).max() < 1.0, difference.mean(dim=(1, 2, 3))
     assert torch.equal(raw[(2, 4)]["box"], batch["box"][4])  # the same draw every time
 
 
