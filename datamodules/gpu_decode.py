@@ -27,7 +27,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import ColorJitter
+from torchvision.transforms.v2 import ColorJitter, RandomCrop, RandomShortestSize
 from torchvision.transforms.v2 import functional as TF
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -140,13 +140,16 @@ def random_resized_crop_box(
 
 
 def scale_crop_box(
-    height: int, width: int, size: int, scale_range: tuple[int, int]
+    height: int, width: int, shortest: RandomShortestSize, crop: RandomCrop
 ) -> tuple[float, float, float, float]:
-    """The ResNet paper's augmentation as a box: shorter side to ``s ~ U[scale_range]``, random ``size`` crop."""
-    s = int(torch.randint(scale_range[0], scale_range[1] + 1, ()))
-    side = size * min(height, width) / s  # the crop's side in original pixels
-    top, left = float(torch.rand(())) * (height - side), float(torch.rand(())) * (width - side)
-    return left, top, left + side, top + side
+    """The ResNet paper's augmentation (Sec. 3.4) as a box in the original image: the CPU path's
+    ``RandomShortestSize`` (shorter side ``s ~ U[scale_range]``) then ``RandomCrop``, drawn by those
+    transforms themselves on stand-in ``0 x H x W`` tensors, mapped back through the resize."""
+    new_height, new_width = shortest.make_params([torch.empty(0, height, width)])["size"]
+    window = crop.make_params([torch.empty(0, new_height, new_width)])
+    sx, sy = width / new_width, height / new_height
+    left, top = window["left"], window["top"]
+    return left * sx, top * sy, (left + window["width"]) * sx, (top + window["height"]) * sy
 
 
 def center_crop_box(height: int, width: int, size: int, resize: int) -> tuple[float, float, float, float]:
@@ -203,6 +206,8 @@ class GPUAugment:
         self.image_size = image_size
         self.eval_resize = eval_resize
         self.scale_range = tuple(scale_range)
+        self.shortest = RandomShortestSize(min_size=list(range(self.scale_range[0], self.scale_range[1] + 1)))
+        self.crop = RandomCrop(image_size)
         j = color_jitter
         self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
 
@@ -212,7 +217,7 @@ class GPUAugment:
         if self.augment == "random_resized_crop":
             box, flip = random_resized_crop_box(height, width), bool(torch.rand(()) < 0.5)
         elif self.augment == "scale":
-            box, flip = scale_crop_box(height, width, self.image_size, self.scale_range), bool(torch.rand(()) < 0.5)
+            box, flip = scale_crop_box(height, width, self.shortest, self.crop), bool(torch.rand(()) < 0.5)
         else:  # "none": resize and center crop, no flip
             box, flip = center_crop_box(height, width, self.image_size, self.image_size), False
         draws = {"box": torch.tensor(box, dtype=torch.float32), "flip": torch.tensor(flip)}

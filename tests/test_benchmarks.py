@@ -65,7 +65,7 @@ def test_gpu_pipeline_logic_on_the_cpu(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("augment", "jitter"), [("random_resized_crop", 0.0), ("none", 0.0), ("random_resized_crop", 0.4)]
+    ("augment", "jitter"), [("random_resized_crop", 0.0), ("scale", 0.0), ("none", 0.0), ("random_resized_crop", 0.4)]
 )
 def test_gpu_training_crops_are_the_cpu_paths_draws(augment, jitter, tmp_path):
     """For the same ``(epoch, index)``, the GPU path's worker draws the CPU path's crop box, flip and
@@ -79,9 +79,9 @@ def test_gpu_training_crops_are_the_cpu_paths_draws(augment, jitter, tmp_path):
     """
     root = write_imagefolder(tmp_path / "jpegs", per_class=3, val_per_class=1, size=96)
     samples = list_samples(root / "train", find_classes(root / "train"))
-    pipeline = GPUAugment(augment=augment, image_size=64, color_jitter=jitter)
+    pipeline = GPUAugment(augment=augment, image_size=64, scale_range=(72, 90), color_jitter=jitter)
     raw = EpochSeeded(ImageFolderDataset(samples, None, raw=True, draw=pipeline.sample), seed=7)
-    transform = train_transform(augment=augment, image_size=64, color_jitter=jitter)
+    transform = train_transform(augment=augment, image_size=64, scale_range=(72, 90), color_jitter=jitter)
     cpu = EpochSeeded(ImageFolderDataset(samples, transform), seed=7)
     batch = collate_raw([raw[(2, i)] for i in range(len(samples))])
     assert batch["box"].shape == (len(samples), 4) and batch["flip"].dtype == torch.bool
