@@ -35,7 +35,7 @@ step 200 python3 -m benchmarks.dataloader --root /tmp/zoo-jpegs --images $IMAGES
 step 90 python3 -m benchmarks.train_step --task detect --models resnet50 --device $DEV --batch $DB --size $DS --precision bf16 --steps 8 --warmup 3
 step 90 python3 -m benchmarks.train_step --task segment --models resnet101 --device $DEV --batch $SB --size $SS $CL --steps 8 --warmup 3
 if [ "$DEV" = cuda ]; then
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k gpu 2>&1 | tail -3 | tee "$OUT/pytest_gpu.txt"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_benchmarks.py -k "gpu or raw or packed" 2>&1 | tail -3 | tee "$OUT/pytest_gpu.txt"
   # the tasks themselves on the GPU (bf16, channels_last, fused SGD, the prefetching GPU decoder in Lightning)
   timeout 120 python3 -m tasks.classify fit --data datamodules.ImageFolderDataModule --data.root /tmp/zoo-jpegs \
     --data.val_dir train --data.decode_device cuda --data.batch_size 128 --data.num_workers 8 \
