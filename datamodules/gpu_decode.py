@@ -120,10 +120,15 @@ def select_samples(batch: dict, keep: Sequence[int], size: int) -> dict:
 def header_size(data: bytes) -> tuple[int, int]:
     """``(height, width)`` of an encoded image, read from its header alone (PIL parses no pixels).
 
-    Like ``decode_jpeg`` and ``decode_image`` here, the size ignores EXIF orientation.
+    Like ``decode_jpeg`` and ``decode_image`` here, the size ignores EXIF orientation. Raises ``OSError``
+    for a header PIL cannot read (PIL's decompression-bomb guard included: torchvision has no such limit,
+    so callers decode such files instead).
     """
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise OSError(str(err)) from None
     return height, width
 
 

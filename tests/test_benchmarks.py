@@ -187,3 +187,14 @@ def test_gpu_path_skips_files_only_the_decoder_rejects(train, tmp_path):
     dm = ImageFolderDataModule(root=str(root), image_size=16, skip_corrupt=True)
     dataset = ImageFolderDataset([samples[1]], None, raw=True, draw=dm.gpu.sample)
     assert dm._prepare_on_gpu(collate_raw([dataset[0]]), torch.device("cpu"), train=True) == {"skipped": 1}
+
+
+def test_raw_items_decode_on_the_cpu_what_pil_will_not_size(tmp_path, monkeypatch):
+    """PIL's decompression-bomb guard refuses to read some headers; such files are decoded in the worker."""
+    from PIL import Image
+
+    root = write_imagefolder(tmp_path / "jpegs", per_class=1, val_per_class=1, size=40)
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x40 = 1,600 pixels > 2 x 100: refused
+    item = ImageFolderDataset(samples, None, raw=True, draw=GPUAugment(image_size=16).sample)[0]
+    assert item["image"].shape == (3, 40, 40) and item["box"].shape == (4,)
