@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -131,17 +132,27 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.gpu_decode and torch.cuda.is_available():
         rows.append(gpu_decode_throughput(root, args.batch))
     if args.train_step and torch.cuda.is_available():
-        rows.append(train_on_jpegs(root, args.batch, args.train_step))
+        rows.append(train_on_jpegs(root, args.batch, args.train_step, cpu_shares=args.cpu_share))
     return rows
 
 
-def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet50", workers: int = 12) -> dict:
+def train_on_jpegs(
+    root: Path,
+    batch: int,
+    steps: int,
+    model_name: str = "resnet50",
+    workers: int = 12,
+    cpu_shares: Sequence[float] = (),
+    device: str = "cuda",
+) -> dict:
     """ResNet-50 training img/s fed by the GPU decoding path, against synthetic inputs, same process.
 
     bf16 autocast, channels_last, SGD; the real-data loop is what Lightning runs: the prefetching
     loader's batch (or, ``ratio_inline``, the batch decoded in the training thread as without
     ``gpu_prefetch``), normalized on the device, then the step. The loader is made once and iterated
-    for every epoch, as Lightning does.
+    for every epoch, as Lightning does. Also measured: the CPU-decoding loader (``ratio_cpu_decode``:
+    ``decode_device: cpu`` with the same workers) and, for each of ``cpu_shares``, the GPU path with
+    that share of the images decoded by the workers (``ratio_cpu_share_<s>``).
     """
     import torch.nn.functional as F
 
@@ -150,7 +161,7 @@ def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet
     from datamodules.transforms import Normalize
 
     torch.set_num_threads(4)
-    device = torch.device("cuda")
+    device = torch.device(device)
     model = build_backbone(model_name, num_classes=1000).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
 
@@ -179,23 +190,27 @@ def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet
         torch.cuda.synchronize()
         return count / (time.perf_counter() - start)
 
-    def jpeg_batches(prefetch: bool):
+    def jpeg_batches(prefetch: bool, decode_device: str = "cuda", cpu_share: float = 0.0):
         """What Lightning runs: one loader for every epoch, decoded by the prefetch thread or inline."""
         dm = ImageFolderDataModule(
-            root=str(root), val_dir="train", batch_size=batch, num_workers=workers, decode_device="cuda",
-            gpu_prefetch=prefetch,
+            root=str(root), val_dir="train", batch_size=batch, num_workers=workers, decode_device=decode_device,
+            gpu_prefetch=prefetch, cpu_share=cpu_share,
         )  # fmt: skip
         dm.setup("fit")
         loader = dm.train_dataloader()
         for _ in range(1000):
             for b in loader:
-                if not prefetch:  # decoded in the training thread, on the current stream
+                if decode_device == "cpu":  # uint8 crops from the workers, pinned: copied as Lightning does
+                    b = {"image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device)}
+                elif not prefetch:  # decoded in the training thread, on the current stream
                     b = dm._prepare_on_gpu(b, device, train=True)
                 yield b["image"], b["label"]
 
     synthetic_rate = timed((synthetic, labels) for _ in range(steps + 4))
     real_rate = timed(jpeg_batches(prefetch=True))
     inline_rate = timed(jpeg_batches(prefetch=False))
+    cpu_rate = timed(jpeg_batches(prefetch=False, decode_device="cpu"))
+    shares = {share: timed(jpeg_batches(prefetch=True, cpu_share=share)) for share in cpu_shares}
     row = {
         "benchmark": "train_on_jpegs",
         "device": torch.cuda.get_device_name(),
@@ -207,6 +222,9 @@ def train_on_jpegs(root: Path, batch: int, steps: int, model_name: str = "resnet
         "ratio": round(real_rate / synthetic_rate, 3),
         "jpeg_gpu_decode_inline_img_per_s": round(inline_rate, 1),
         "ratio_inline": round(inline_rate / synthetic_rate, 3),
+        "jpeg_cpu_decode_img_per_s": round(cpu_rate, 1),
+        "ratio_cpu_decode": round(cpu_rate / synthetic_rate, 3),
+        **{f"ratio_cpu_share_{share:g}": round(rate / synthetic_rate, 3) for share, rate in shares.items()},
     }
     print(json.dumps(row), flush=True)
     return row
@@ -246,6 +264,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--gpu-decode", action="store_true")
     parser.add_argument("--train-step", type=int, default=0, help="also time N ResNet-50 steps on the JPEGs (CUDA)")
+    parser.add_argument(
+        "--cpu-share",
+        type=float,
+        nargs="*",
+        default=[],
+        help="with --train-step: also time these data.cpu_share values",
+    )
     return parser.parse_args(argv)
 
 

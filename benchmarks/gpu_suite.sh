@@ -31,7 +31,7 @@ python3 -c "import torch, torchvision, lightning; print('torch', torch.__version
 CL="--precision bf16 --channels-last"
 CB_OPTS="--cudnn-benchmark"  # what the classification task sets (trainer.benchmark)
 step 150 python3 -m benchmarks.train_step --task classify --models resnet50 resnet101 resnext50_32x4d --device $DEV --batch $CB --size $CS $CL $CB_OPTS $STEPS
-step 200 python3 -m benchmarks.dataloader --root /tmp/zoo-jpegs --images $IMAGES --batch $JB --workers 0 $( [ "$DEV" = cuda ] && echo "--gpu-decode --train-step $TRAIN" )
+step 300 python3 -m benchmarks.dataloader --root /tmp/zoo-jpegs --images $IMAGES --batch $JB --workers 0 $( [ "$DEV" = cuda ] && echo "--gpu-decode --train-step $TRAIN --cpu-share 0.25 0.5" )
 step 90 python3 -m benchmarks.train_step --task detect --models resnet50 --device $DEV --batch $DB --size $DS --precision bf16 --steps 8 --warmup 3
 step 90 python3 -m benchmarks.train_step --task segment --models resnet101 --device $DEV --batch $SB --size $SS $CL --steps 8 --warmup 3
 if [ "$DEV" = cuda ]; then

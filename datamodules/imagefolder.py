@@ -103,12 +103,14 @@ class ImageFolderDataset(Dataset):
         skip_corrupt: bool = False,
         raw: bool = False,
         draw: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
+        cpu_share: float = 0.0,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.raw = raw
         self.draw = draw
+        self.cpu_share = cpu_share
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -122,9 +124,27 @@ class ImageFolderDataset(Dataset):
             return None
         return {"image": self.transform(image), "label": label, "index": index, "path": path}
 
+    def on_cpu(self, index: int) -> bool:
+        """Whether training sample ``index`` is decoded and cropped by the worker (``cpu_share`` of them,
+        spread evenly over the indices by the golden-ratio sequence)."""
+        return self.draw is not None and (index * 0.6180339887498949) % 1.0 < self.cpu_share
+
     def _raw_item(self, path: str, label: int, index: int) -> dict | None:
         """GPU decoding: the JPEG's bytes (anything else decoded here, on the CPU) and, for training, the
-        crop box and flip drawn from the header's size (``GPUAugment.sample``)."""
+        crop box and flip drawn from the header's size (``GPUAugment.sample``).
+
+        Training samples picked by :meth:`on_cpu` are instead finished here by the CPU pipeline (marked
+        ``done``), which draws the same crop, flip and jitter: the two halves of a batch are the same
+        augmentation, split between the host's cores and the GPU.
+        """
+        if self.on_cpu(index):
+            image = read_image_or_skip(path, self.skip_corrupt)
+            if image is None:
+                return None
+            item = {"image": self.transform(image), "label": label, "index": index, "path": path}
+            item.update({k: torch.zeros_like(v) for k, v in self.draw(*image.shape[-2:]).items()})
+            item["done"] = torch.tensor(True)
+            return item
         data = bytearray(Path(path).read_bytes())
         image: torch.Tensor | None = None
         if data.startswith(JPEG_MAGIC):
@@ -141,6 +161,7 @@ class ImageFolderDataset(Dataset):
         item = {"image": image, "label": label, "index": index, "path": path}
         if self.draw is not None:
             item.update(self.draw(height, width))
+            item["done"] = torch.tensor(False)
         return item
 
 
@@ -185,6 +206,9 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             so resuming stays exact), so a few cores feed thousands of images per second.
         gpu_prefetch: with ``decode_device: cuda``, prepare the next training batches on a side stream
             while the current one trains (``datamodules.gpu_decode.CUDAPrefetcher``).
+        cpu_share: with ``decode_device: cuda``, the fraction of training images the loader workers
+            decode and augment themselves (the same draws as on the GPU), taking that share of the
+            decoding off the GPU; 0 sends every JPEG to the GPU.
         pin_memory: pin host memory when CUDA is used.
         persistent_workers: keep loader processes between epochs.
     """
@@ -211,12 +235,15 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         drop_invalid: bool = False,
         decode_device: Literal["cpu", "cuda"] = "cpu",
         gpu_prefetch: bool = True,
+        cpu_share: float = 0.0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
         if decode_device not in ("cpu", "cuda"):
             raise ValueError(f"data.decode_device={decode_device!r} must be 'cpu' or 'cuda'")
+        if not 0.0 <= cpu_share <= 1.0:
+            raise ValueError(f"data.cpu_share={cpu_share} must be a fraction between 0 and 1")
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root else None
         self.batch_size = batch_size
@@ -346,6 +373,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             skip_corrupt=self.hparams.skip_corrupt,
             raw=raw,
             draw=self.gpu.sample if raw and train else None,
+            cpu_share=self.hparams.cpu_share if raw and train else 0.0,
         )
 
     def _raw(self) -> bool:
@@ -404,6 +432,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             return batch
         images = unpack_encoded(batch.pop("image"))
         jitter = batch.pop("jitter", None)  # read on the host, image by image
+        done = batch.pop("done", None)  # finished by the worker (cpu_share)
         out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         decoded = decode_batch(images, device, batch.get("path"), skip=self.hparams.skip_corrupt)
         keep = [i for i, image in enumerate(decoded) if image is not None]
@@ -415,8 +444,34 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             out["skipped"] = skipped
             decoded = [decoded[i] for i in keep]
             jitter = jitter[keep] if jitter is not None else None
+            done = done[keep] if done is not None else None
         if train:
-            out["image"] = self.gpu.train(decoded, out.pop("box"), out.pop("flip"), jitter)
+            out["image"] = self._train_crops(decoded, out.pop("box"), out.pop("flip"), jitter, done)
         else:
             out["image"] = self.gpu.eval(decoded)
         return out
+
+    def _train_crops(
+        self,
+        decoded: list[torch.Tensor],
+        boxes: torch.Tensor,
+        flips: torch.Tensor,
+        jitter: torch.Tensor | None,
+        done: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The GPU's crops of the samples the workers left to it, and the workers' crops of the rest."""
+        if done is None or not bool(done.any()):
+            return self.gpu.train(decoded, boxes, flips, jitter)
+        finished, pending = done.nonzero().flatten(), (~done).nonzero().flatten()
+        first = decoded[int(finished[0])]
+        images = first.new_empty((len(decoded), *first.shape))
+        images[finished.to(first.device)] = torch.stack([decoded[i] for i in finished.tolist()])
+        if len(pending):
+            rows = pending.to(boxes.device)
+            images[rows] = self.gpu.train(
+                [decoded[i] for i in pending.tolist()],
+                boxes[rows],
+                flips[rows],
+                None if jitter is None else jitter[pending],
+            )
+        return images

@@ -198,3 +198,27 @@ def test_raw_items_decode_on_the_cpu_what_pil_will_not_size(tmp_path, monkeypatc
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40x40 = 1,600 pixels > 2 x 100: refused
     item = ImageFolderDataset(samples, None, raw=True, draw=GPUAugment(image_size=16).sample)[0]
     assert item["image"].shape == (3, 40, 40) and item["box"].shape == (4,)
+
+
+def test_a_cpu_share_of_the_gpu_path_gives_the_same_batch(tmp_path):
+    """``cpu_share``: the workers finish some images themselves; the batch is the same augmentation."""
+    root = write_imagefolder(tmp_path / "jpegs", per_class=3, val_per_class=1, size=96)
+    samples = list_samples(root / "train", find_classes(root / "train"))
+    dm = ImageFolderDataModule(root=str(root), image_size=64, color_jitter=0.4)
+    batches = {}
+    for share in (0.0, 0.5):
+        dataset = ImageFolderDataset(samples, dm._transform(True), raw=True, draw=dm.gpu.sample, cpu_share=share)
+        seeded = EpochSeeded(dataset, seed=3)
+        batch = collate_raw([seeded[(1, i)] for i in range(len(samples))])
+        assert int(batch["done"].sum()) == sum(dataset.on_cpu(i) for i in range(len(samples)))
+        batches[share] = dm._prepare_on_gpu(batch, torch.device("cpu"), train=True)
+    assert (
+        5
+        <= sum(ImageFolderDataset(samples, None, draw=dm.gpu.sample, cpu_share=0.5).on_cpu(i) for i in range(15))
+        <= 10
+    )
+    assert torch.equal(batches[0.0]["label"], batches[0.5]["label"])
+    difference = (batches[0.0]["image"].float() - batches[0.5]["image"].float()).abs()
+    assert difference.mean(dim=(1, 2, 3)).max() < 1.0, difference.mean(dim=(1, 2, 3))
+    with pytest.raises(ValueError, match="cpu_share=1.5 must be a fraction"):
+        ImageFolderDataModule(root=str(root), cpu_share=1.5)
