@@ -204,12 +204,14 @@ class GPUAugment:
         augment: str = "random_resized_crop",
         image_size: int = 224,
         eval_resize: int = 256,
+        eval_crops: str = "center",
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
     ) -> None:
         self.augment = augment
         self.image_size = image_size
         self.eval_resize = eval_resize
+        self.eval_crops = eval_crops
         self.scale_range = tuple(scale_range)
         self.shortest = RandomShortestSize(min_size=list(range(self.scale_range[0], self.scale_range[1] + 1)))
         self.crop = RandomCrop(image_size)
@@ -253,9 +255,11 @@ class GPUAugment:
         return crops
 
     def eval(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(
-            [TF.center_crop(TF.resize(image, self.eval_resize, antialias=True), self.image_size) for image in images]
-        )
+        """The CPU path's evaluation crops (``transforms.eval_transform``), image by image."""
+        resized = [TF.resize(image, self.eval_resize, antialias=True) for image in images]
+        if self.eval_crops == "ten":
+            return torch.stack([torch.stack(TF.ten_crop(image, self.image_size)) for image in resized])
+        return torch.stack([TF.center_crop(image, self.image_size) for image in resized])
 
 
 def _jitter_dict(row: Sequence[float]) -> dict:

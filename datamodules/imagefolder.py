@@ -32,7 +32,15 @@ from .gpu_decode import (
 )
 from .images import is_image_file, read_image_or_skip
 from .loading import SplitLoaders, collate_skipping, make_loader
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, TrainAugment, eval_transform, train_transform
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalCrops,
+    Normalize,
+    TrainAugment,
+    eval_transform,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +200,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers: loader processes per training process.
         image_size: training and evaluation crop size.
         eval_resize: shorter side before the evaluation center crop.
+        eval_crops: ``center`` (one crop) or ``ten`` (the ResNet paper's 10-crop testing, Sec. 3.4:
+            the task averages the ten crops' softmax scores) for validation, test and prediction.
         train_augment: ``random_resized_crop`` (modern), ``scale`` (ResNet Sec. 3.4) or ``none``.
         scale_range: shorter-side range of the ``scale`` augmentation.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables).
@@ -225,6 +235,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers: int = 8,
         image_size: int = 224,
         eval_resize: int = 256,
+        eval_crops: EvalCrops = "center",
         train_augment: TrainAugment = "random_resized_crop",
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
@@ -255,6 +266,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             augment=train_augment,
             image_size=image_size,
             eval_resize=eval_resize,
+            eval_crops=eval_crops,
             scale_range=scale_range,
             color_jitter=color_jitter,
         )
@@ -299,7 +311,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
                 scale_range=hp.scale_range,
                 color_jitter=hp.color_jitter,
             )
-        return eval_transform(image_size=hp.image_size, resize_size=hp.eval_resize)
+        return eval_transform(image_size=hp.image_size, resize_size=hp.eval_resize, crops=hp.eval_crops)
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if isinstance(batch, dict) and is_packed(batch.get("image")):  # JPEG bytes stay on the host

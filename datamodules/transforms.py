@@ -4,7 +4,9 @@
   ResNeXt paper, Sec. 4, and torchvision's references);
 * ``scale`` -- the ResNet paper's (Sec. 3.4): shorter side resized to a random ``s`` in [256, 480], a
   random 224 crop of the image or its flip, optional AlexNet-style color augmentation (PCA lighting);
-* evaluation: shorter side 256, center crop 224 (ResNeXt Sec. 5.1's single-crop protocol).
+* evaluation: shorter side 256, center crop 224 (ResNeXt Sec. 5.1's single-crop protocol), or the
+  ResNet paper's 10-crop testing (Sec. 3.4, after AlexNet: the four corners and the center, and their
+  mirror images), which the task scores by averaging the ten softmax outputs.
 
 Loader workers decode, crop, resize and flip uint8 images with ``transforms.v2`` (torchvision's fast
 uint8 path) and hand over uint8 batches -- a quarter of the bytes of float batches to collate, pin and
@@ -23,6 +25,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TrainAugment = Literal["random_resized_crop", "scale", "none"]
+EvalCrops = Literal["center", "ten"]
 
 # ImageNet RGB covariance eigen-decomposition used by AlexNet's and fb.resnet.torch's lighting noise.
 _PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -56,9 +59,24 @@ def train_transform(
     return v2.Compose([*geometry, *color])
 
 
-def eval_transform(*, image_size: int = 224, resize_size: int = 256) -> v2.Compose:
-    """Shorter side to ``resize_size``, center crop ``image_size``; uint8 in, uint8 out."""
-    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)])
+def eval_transform(*, image_size: int = 224, resize_size: int = 256, crops: EvalCrops = "center") -> v2.Compose:
+    """Shorter side to ``resize_size``, then a center crop of ``image_size`` (``3 x S x S``) or the ten
+    crops of ``transforms.v2.TenCrop`` stacked (``10 x 3 x S x S``); uint8 in, uint8 out."""
+    if crops == "center":
+        return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)])
+    if crops == "ten":
+        return v2.Compose([v2.Resize(resize_size, antialias=True), StackedTenCrop(image_size)])
+    raise ValueError(f"eval_crops={crops!r} is not one of 'center', 'ten'")
+
+
+class StackedTenCrop:
+    """``transforms.v2.TenCrop`` with its ten crops stacked into one tensor (views first, then channels)."""
+
+    def __init__(self, size: int) -> None:
+        self.crop = v2.TenCrop(size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.crop(image))
 
 
 class Normalize:

@@ -224,11 +224,21 @@ class ClassificationTask(BaseTask):
         self.log_learning_rate()
         return loss
 
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation scores: the logits of single crops, or for multi-crop batches (``B x V x 3 x H x W``,
+        ``data.eval_crops: ten``) the log of the V crops' averaged softmax, as in the ResNet paper's 10-crop
+        testing (Sec. 3.4). Both rank classes, give the cross-entropy and turn into probabilities by softmax."""
+        if images.ndim != 5:
+            return self(images)
+        batch, views = images.shape[:2]
+        probs = self(images.flatten(0, 1)).float().softmax(-1).view(batch, views, -1).mean(1)
+        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
     def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str) -> torch.Tensor | None:
         if not self._count_skipped(batch):
             return None
         images, labels = batch["image"], batch["label"]
-        logits = self(images)
+        logits = self.eval_logits(images)
         loss = F.cross_entropy(logits, labels)
         metrics.update(logits, labels)
         self.log(f"{prefix}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels))
@@ -241,6 +251,7 @@ class ClassificationTask(BaseTask):
         if logits is not None and want > 0 and self.wandb_loggers():
             probs = logits.detach().softmax(1)
             for image, label, p in list(zip(batch["image"], batch["label"].tolist(), probs))[:want]:
+                image = image[4] if image.ndim == 4 else image  # ten crops: show the center one
                 self._samples.append((image.cpu(), label, p.cpu()))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -268,7 +279,7 @@ class ClassificationTask(BaseTask):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         if not self._count_skipped(batch):
             return []
-        probs = self(batch["image"]).softmax(1)
+        probs = self.eval_logits(batch["image"]).softmax(1)
         k = min(5, probs.shape[1])
         scores, indices = probs.topk(k, dim=1)
         rows = [

@@ -55,6 +55,10 @@ def test_gpu_pipeline_logic_on_the_cpu(tmp_path):
     pipeline = GPUAugment(image_size=64, eval_resize=72)
     expected = torch.stack([eval_transform(image_size=64, resize_size=72)(im) for im in images])
     assert torch.equal(pipeline.eval(images), expected)  # identical ops, identical decoder
+    ten = GPUAugment(image_size=64, eval_resize=72, eval_crops="ten").eval(images)
+    assert torch.equal(
+        ten, torch.stack([eval_transform(image_size=64, resize_size=72, crops="ten")(im) for im in images])
+    )
     draws = [pipeline.sample(*im.shape[-2:]) for im in images]
     train = pipeline.train(images, torch.stack([d["box"] for d in draws]), torch.stack([d["flip"] for d in draws]))
     assert train.shape == (len(paths), 3, 64, 64) and train.dtype == torch.uint8

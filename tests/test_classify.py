@@ -138,6 +138,24 @@ def test_a_small_model_learns_the_shapes(tmp_path):
     )  # fmt: skip
     assert again.trainer.callback_metrics["val/acc1"].item() == pytest.approx(best, abs=1e-6)
 
+    # 10-crop testing (ResNet Sec. 3.4): the reported accuracy is that of the ten crops' averaged softmax
+    ten = main(
+        [
+            "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+            "--data.image_size", "32", "--data.eval_resize", "40", "--data.eval_crops", "ten",
+            "--data.batch_size", "32", "--data.num_workers", "0",
+            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
+        ]
+    )  # fmt: skip
+    model, dm, hits = ten.model.eval(), ten.datamodule, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            views = dm.normalize(batch["image"])  # B x 10 x 3 x 32 x 32
+            assert views.shape[1:] == (10, 3, 32, 32)
+            probs = torch.stack([model(views[:, v]).softmax(1) for v in range(10)]).mean(0)
+            hits += int((probs.argmax(1) == batch["label"]).sum())
+    assert ten.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / 100, abs=1e-6)
+
     # predict writes one row per image with five classes, named, from the checkpoint alone (no data.root)
     out = tmp_path / "predictions.csv"
     main(

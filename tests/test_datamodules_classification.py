@@ -178,3 +178,19 @@ def test_training_draws_work_for_any_run_seed(tmp_path, seed):
     assert torch.equal(batches[0]["image"], batches[1]["image"]) and torch.equal(
         batches[0]["index"], batches[1]["index"]
     )
+
+
+def test_ten_crop_evaluation_batches(tmp_path):
+    """``eval_crops: ten`` gives torchvision's TenCrop views; view 4 is the single-crop protocol's center crop."""
+    root = write_imagefolder(tmp_path / "d", per_class=1, val_per_class=2, size=48)
+    batches = {}
+    for crops in ("center", "ten"):
+        dm = ImageFolderDataModule(root=str(root), image_size=32, eval_resize=40, eval_crops=crops, batch_size=4,
+                                   num_workers=0)  # fmt: skip
+        dm.setup("validate")
+        batches[crops] = next(iter(dm.val_dataloader()))["image"]
+    ten, center = batches["ten"], batches["center"]
+    assert ten.shape == (4, 10, 3, 32, 32) and torch.equal(ten[:, 4], center)
+    # views 5-9 are the mirror image's top-left, top-right, bottom-left, bottom-right and center crops
+    assert torch.equal(ten[:, 5], ten[:, 1].flip(-1)) and torch.equal(ten[:, 6], ten[:, 0].flip(-1))
+    assert torch.equal(ten[:, 9], center.flip(-1)) and not torch.equal(ten[:, 0], ten[:, 3])
