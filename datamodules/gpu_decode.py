@@ -203,15 +203,19 @@ class GPUAugment:
         *,
         augment: str = "random_resized_crop",
         image_size: int = 224,
+        eval_size: int | None = None,
         eval_resize: int = 256,
         eval_crops: str = "center",
+        eval_scales: Sequence[int] = (224, 256, 384, 480, 640),
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
     ) -> None:
         self.augment = augment
         self.image_size = image_size
+        self.eval_size = eval_size or image_size
         self.eval_resize = eval_resize
         self.eval_crops = eval_crops
+        self.eval_scales = [int(s) for s in eval_scales]
         self.scale_range = tuple(scale_range)
         self.shortest = RandomShortestSize(min_size=list(range(self.scale_range[0], self.scale_range[1] + 1)))
         self.crop = RandomCrop(image_size)
@@ -254,12 +258,14 @@ class GPUAugment:
             crops = torch.stack([self.jitter.transform(crop, _jitter_dict(row)) for crop, row in zip(crops, rows)])
         return crops
 
-    def eval(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """The CPU path's evaluation crops (``transforms.eval_transform``), image by image."""
+    def eval(self, images: list[torch.Tensor]) -> torch.Tensor | list[list[torch.Tensor]]:
+        """The CPU path's evaluation views (``transforms.eval_transform``), image by image."""
+        if self.eval_crops == "multiscale":
+            return [[TF.resize(image, s, antialias=True) for s in self.eval_scales] for image in images]
         resized = [TF.resize(image, self.eval_resize, antialias=True) for image in images]
         if self.eval_crops == "ten":
-            return torch.stack([torch.stack(TF.ten_crop(image, self.image_size)) for image in resized])
-        return torch.stack([TF.center_crop(image, self.image_size) for image in resized])
+            return torch.stack([torch.stack(TF.ten_crop(image, self.eval_size)) for image in resized])
+        return torch.stack([TF.center_crop(image, self.eval_size) for image in resized])
 
 
 def _jitter_dict(row: Sequence[float]) -> dict:

@@ -35,6 +35,7 @@ from .loading import SplitLoaders, collate_skipping, make_loader
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PAPER_SCALES,
     EvalCrops,
     Normalize,
     TrainAugment,
@@ -199,9 +200,13 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         eval_batch_size: images per evaluation batch (defaults to ``batch_size``).
         num_workers: loader processes per training process.
         image_size: training and evaluation crop size.
-        eval_resize: shorter side before the evaluation center crop.
-        eval_crops: ``center`` (one crop) or ``ten`` (the ResNet paper's 10-crop testing, Sec. 3.4:
-            the task averages the ten crops' softmax scores) for validation, test and prediction.
+        eval_size: evaluation crop size when it differs from ``image_size`` (Identity Mappings Table 5
+            tests at 320x320).
+        eval_resize: shorter side before the evaluation crop.
+        eval_crops: for validation, test and prediction: ``center`` (one crop), ``ten`` (the ResNet
+            paper's 10-crop testing, Sec. 3.4) or ``multiscale`` (its fully-convolutional testing: the
+            whole image at each of ``eval_scales``); the task averages the views' softmax scores.
+        eval_scales: shorter sides of ``multiscale`` testing (the paper's 224, 256, 384, 480, 640).
         train_augment: ``random_resized_crop`` (modern), ``scale`` (ResNet Sec. 3.4) or ``none``.
         scale_range: shorter-side range of the ``scale`` augmentation.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables).
@@ -234,8 +239,10 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 8,
         image_size: int = 224,
+        eval_size: int | None = None,
         eval_resize: int = 256,
         eval_crops: EvalCrops = "center",
+        eval_scales: tuple[int, ...] = PAPER_SCALES,
         train_augment: TrainAugment = "random_resized_crop",
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
@@ -265,8 +272,10 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         self.gpu = GPUAugment(
             augment=train_augment,
             image_size=image_size,
+            eval_size=eval_size,
             eval_resize=eval_resize,
             eval_crops=eval_crops,
+            eval_scales=eval_scales,
             scale_range=scale_range,
             color_jitter=color_jitter,
         )
@@ -311,7 +320,12 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
                 scale_range=hp.scale_range,
                 color_jitter=hp.color_jitter,
             )
-        return eval_transform(image_size=hp.image_size, resize_size=hp.eval_resize, crops=hp.eval_crops)
+        return eval_transform(
+            image_size=hp.eval_size or hp.image_size,
+            resize_size=hp.eval_resize,
+            crops=hp.eval_crops,
+            scales=hp.eval_scales,
+        )
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if isinstance(batch, dict) and is_packed(batch.get("image")):  # JPEG bytes stay on the host

@@ -119,12 +119,19 @@ def trained_batches(trainer) -> Callable[[], int]:
 
 
 def collate_skipping(batch: Sequence) -> dict:
-    """``default_collate`` that drops samples the dataset marked unreadable (``None``) and counts them."""
+    """``default_collate`` that drops samples the dataset marked unreadable (``None``) and counts them.
+
+    A field holding a list per sample (views of different sizes: multi-scale testing) stays a list of
+    those lists.
+    """
     kept = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(kept)
     if not kept:
         return {"skipped": skipped}
-    out = default_collate(kept)
+    listed = [k for k, v in kept[0].items() if isinstance(v, list)] if isinstance(kept[0], dict) else []
+    out = default_collate([{k: v for k, v in s.items() if k not in listed} for s in kept] if listed else kept)
+    for key in listed:
+        out[key] = [sample[key] for sample in kept]
     out["skipped"] = skipped
     return out
 

@@ -6,7 +6,9 @@
   random 224 crop of the image or its flip, optional AlexNet-style color augmentation (PCA lighting);
 * evaluation: shorter side 256, center crop 224 (ResNeXt Sec. 5.1's single-crop protocol), or the
   ResNet paper's 10-crop testing (Sec. 3.4, after AlexNet: the four corners and the center, and their
-  mirror images), which the task scores by averaging the ten softmax outputs.
+  mirror images), or its fully-convolutional multi-scale testing ("for best results", Sec. 3.4: the
+  whole image with its shorter side at 224, 256, 384, 480 and 640); the task scores several views by
+  averaging their softmax outputs.
 
 Loader workers decode, crop, resize and flip uint8 images with ``transforms.v2`` (torchvision's fast
 uint8 path) and hand over uint8 batches -- a quarter of the bytes of float batches to collate, pin and
@@ -25,7 +27,9 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TrainAugment = Literal["random_resized_crop", "scale", "none"]
-EvalCrops = Literal["center", "ten"]
+EvalCrops = Literal["center", "ten", "multiscale"]
+#: the ResNet paper's test scales (Sec. 3.4): shorter sides of the whole image
+PAPER_SCALES = (224, 256, 384, 480, 640)
 
 # ImageNet RGB covariance eigen-decomposition used by AlexNet's and fb.resnet.torch's lighting noise.
 _PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
@@ -59,14 +63,31 @@ def train_transform(
     return v2.Compose([*geometry, *color])
 
 
-def eval_transform(*, image_size: int = 224, resize_size: int = 256, crops: EvalCrops = "center") -> v2.Compose:
-    """Shorter side to ``resize_size``, then a center crop of ``image_size`` (``3 x S x S``) or the ten
-    crops of ``transforms.v2.TenCrop`` stacked (``10 x 3 x S x S``); uint8 in, uint8 out."""
+def eval_transform(
+    *, image_size: int = 224, resize_size: int = 256, crops: EvalCrops = "center", scales: Sequence[int] = PAPER_SCALES
+):
+    """uint8 in, uint8 out: shorter side to ``resize_size``, then a center crop of ``image_size``
+    (``3 x S x S``) or the ten crops of ``transforms.v2.TenCrop`` stacked (``10 x 3 x S x S``); or, for
+    ``multiscale``, a list of the whole image resized to each shorter side in ``scales``."""
     if crops == "center":
         return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size)])
     if crops == "ten":
         return v2.Compose([v2.Resize(resize_size, antialias=True), StackedTenCrop(image_size)])
-    raise ValueError(f"eval_crops={crops!r} is not one of 'center', 'ten'")
+    if crops == "multiscale":
+        return MultiScale(scales)
+    raise ValueError(f"eval_crops={crops!r} is not one of 'center', 'ten', 'multiscale'")
+
+
+class MultiScale:
+    """The whole image at several scales (shorter side ``s`` for each of ``scales``), as a list."""
+
+    def __init__(self, scales: Sequence[int]) -> None:
+        if not scales:
+            raise ValueError("eval_scales must name at least one shorter-side size")
+        self.resizes = [v2.Resize(int(s), antialias=True) for s in scales]
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [resize(image) for resize in self.resizes]
 
 
 class StackedTenCrop:
@@ -97,7 +118,9 @@ class Normalize:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self.pca_lighting = pca_lighting
 
-    def __call__(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+    def __call__(self, images, train: bool = False):
+        if isinstance(images, list):  # per-image lists of views of different sizes (multi-scale testing)
+            return [self(image, train) if isinstance(image, list) else self(image[None], train)[0] for image in images]
         if images.dtype != torch.uint8:
             return images  # already normalized
         x = images.float().div_(255)

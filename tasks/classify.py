@@ -224,15 +224,36 @@ class ClassificationTask(BaseTask):
         self.log_learning_rate()
         return loss
 
-    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation scores: the logits of single crops, or for multi-crop batches (``B x V x 3 x H x W``,
-        ``data.eval_crops: ten``) the log of the V crops' averaged softmax, as in the ResNet paper's 10-crop
-        testing (Sec. 3.4). Both rank classes, give the cross-entropy and turn into probabilities by softmax."""
-        if images.ndim != 5:
+    def eval_logits(self, images: torch.Tensor | list[list[torch.Tensor]]) -> torch.Tensor:
+        """Evaluation scores: the logits of single crops, or the log of several views' averaged softmax,
+        as in the ResNet paper's testing (Sec. 3.4): ``B x V x 3 x H x W`` crops (``data.eval_crops: ten``)
+        or, per image, a list of whole-image views of different sizes (``multiscale``, the
+        fully-convolutional form: global average pooling makes the network's output the average of its
+        score map). Either way the scores rank classes, give the cross-entropy, and give the averaged
+        probabilities back by softmax."""
+        if isinstance(images, list):
+            probs = self._multiscale_probs(images)
+        elif images.ndim == 5:
+            batch, views = images.shape[:2]
+            probs = self(images.flatten(0, 1)).float().softmax(-1).view(batch, views, -1).mean(1)
+        else:
             return self(images)
-        batch, views = images.shape[:2]
-        probs = self(images.flatten(0, 1)).float().softmax(-1).view(batch, views, -1).mean(1)
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    def _multiscale_probs(self, images: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Each image's views' averaged softmax; views of equal size (across the batch) run as one batch."""
+        groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for index, views in enumerate(images):
+            for view in views:
+                groups.setdefault(tuple(view.shape), []).append((index, view))
+        total, count = None, torch.zeros(len(images), device=images[0][0].device)
+        for members in groups.values():
+            rows = torch.tensor([index for index, _ in members], device=count.device)
+            probs = self(torch.stack([view for _, view in members])).float().softmax(-1)
+            total = probs.new_zeros(len(images), probs.shape[1]) if total is None else total
+            total.index_add_(0, rows, probs)
+            count.index_add_(0, rows, torch.ones_like(rows, dtype=count.dtype))
+        return total / count[:, None]
 
     def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str) -> torch.Tensor | None:
         if not self._count_skipped(batch):
@@ -251,6 +272,8 @@ class ClassificationTask(BaseTask):
         if logits is not None and want > 0 and self.wandb_loggers():
             probs = logits.detach().softmax(1)
             for image, label, p in list(zip(batch["image"], batch["label"].tolist(), probs))[:want]:
+                if isinstance(image, list):  # multi-scale views: show the first
+                    image = image[0]
                 image = image[4] if image.ndim == 4 else image  # ten crops: show the center one
                 self._samples.append((image.cpu(), label, p.cpu()))
 

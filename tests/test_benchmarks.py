@@ -55,6 +55,9 @@ def test_gpu_pipeline_logic_on_the_cpu(tmp_path):
     pipeline = GPUAugment(image_size=64, eval_resize=72)
     expected = torch.stack([eval_transform(image_size=64, resize_size=72)(im) for im in images])
     assert torch.equal(pipeline.eval(images), expected)  # identical ops, identical decoder
+    multi = GPUAugment(eval_crops="multiscale", eval_scales=(40, 80)).eval(images)
+    reference = [eval_transform(crops="multiscale", scales=(40, 80))(im) for im in images]
+    assert all(torch.equal(a, b) for views, ref in zip(multi, reference) for a, b in zip(views, ref))
     ten = GPUAugment(image_size=64, eval_resize=72, eval_crops="ten").eval(images)
     assert torch.equal(
         ten, torch.stack([eval_transform(image_size=64, resize_size=72, crops="ten")(im) for im in images])

@@ -156,6 +156,24 @@ def test_a_small_model_learns_the_shapes(tmp_path):
             hits += int((probs.argmax(1) == batch["label"]).sum())
     assert ten.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / 100, abs=1e-6)
 
+    # fully-convolutional multi-scale testing (Sec. 3.4): whole images at several shorter sides, one by one
+    multi = main(
+        [
+            "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+            "--data.image_size", "32", "--data.eval_crops", "multiscale", "--data.eval_scales", "[24, 32, 48]",
+            "--data.batch_size", "32", "--data.num_workers", "0",
+            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
+        ]
+    )  # fmt: skip
+    model, dm, hits = multi.model.eval(), multi.datamodule, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            for views, label in zip(dm.normalize(batch["image"]), batch["label"].tolist()):
+                assert [min(v.shape[-2:]) for v in views] == [24, 32, 48]
+                probs = torch.stack([model(v[None]).softmax(1)[0] for v in views]).mean(0)
+                hits += int(probs.argmax()) == label
+    assert multi.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / 100, abs=1e-6)
+
     # predict writes one row per image with five classes, named, from the checkpoint alone (no data.root)
     out = tmp_path / "predictions.csv"
     main(

@@ -194,3 +194,20 @@ def test_ten_crop_evaluation_batches(tmp_path):
     # views 5-9 are the mirror image's top-left, top-right, bottom-left, bottom-right and center crops
     assert torch.equal(ten[:, 5], ten[:, 1].flip(-1)) and torch.equal(ten[:, 6], ten[:, 0].flip(-1))
     assert torch.equal(ten[:, 9], center.flip(-1)) and not torch.equal(ten[:, 0], ten[:, 3])
+
+
+def test_multiscale_and_larger_evaluation_views(tmp_path):
+    """``multiscale``: each image whole at every shorter side, a list per image; ``eval_size``: a larger test crop."""
+    root = write_imagefolder(tmp_path / "d", per_class=1, val_per_class=2, size=48)
+    dm = ImageFolderDataModule(root=str(root), image_size=32, eval_crops="multiscale", eval_scales=(24, 40),
+                               batch_size=4, num_workers=0)  # fmt: skip
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert len(batch["image"]) == 4 == len(batch["label"])
+    assert all([tuple(v.shape) for v in views] == [(3, 24, 24), (3, 40, 40)] for views in batch["image"])
+    normalized = dm.normalize(batch["image"])
+    assert normalized[0][1].shape == (3, 40, 40) and normalized[0][1].dtype == torch.float32
+    dm = ImageFolderDataModule(root=str(root), image_size=32, eval_size=40, eval_resize=44, batch_size=4,
+                               num_workers=0)  # fmt: skip
+    dm.setup("validate")
+    assert next(iter(dm.val_dataloader()))["image"].shape == (4, 3, 40, 40)
