@@ -129,24 +129,21 @@ def test_a_small_model_learns_the_shapes(tmp_path):
     # validate reproduces the accuracy recorded at the end of fit, from the saved checkpoint
     best_path = cli.trainer.checkpoint_callback.best_model_path
     assert Path(best_path).name == "best.ckpt"
-    again = main(
-        [
-            "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
-            "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", "32", "--data.num_workers", "0",
-            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
-        ]
-    )  # fmt: skip
+
+    def validate(*data: str):
+        return main(
+            [
+                "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+                "--data.image_size", "32", "--data.batch_size", "32", "--data.num_workers", "0", *data,
+                "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
+            ]
+        )  # fmt: skip
+
+    again = validate("--data.eval_resize", "32")
     assert again.trainer.callback_metrics["val/acc1"].item() == pytest.approx(best, abs=1e-6)
 
     # 10-crop testing (ResNet Sec. 3.4): the reported accuracy is that of the ten crops' averaged softmax
-    ten = main(
-        [
-            "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
-            "--data.image_size", "32", "--data.eval_resize", "40", "--data.eval_crops", "ten",
-            "--data.batch_size", "32", "--data.num_workers", "0",
-            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
-        ]
-    )  # fmt: skip
+    ten = validate("--data.eval_resize", "40", "--data.eval_crops", "ten")
     model, dm, hits = ten.model.eval(), ten.datamodule, 0
     with torch.no_grad():
         for batch in dm.val_dataloader():
@@ -157,14 +154,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
     assert ten.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / 100, abs=1e-6)
 
     # fully-convolutional multi-scale testing (Sec. 3.4): whole images at several shorter sides, one by one
-    multi = main(
-        [
-            "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
-            "--data.image_size", "32", "--data.eval_crops", "multiscale", "--data.eval_scales", "[24, 32, 48]",
-            "--data.batch_size", "32", "--data.num_workers", "0",
-            "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
-        ]
-    )  # fmt: skip
+    multi = validate("--data.eval_crops", "multiscale", "--data.eval_scales", "[24, 32, 48]")
     model, dm, hits = multi.model.eval(), multi.datamodule, 0
     with torch.no_grad():
         for batch in dm.val_dataloader():
