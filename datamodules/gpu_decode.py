@@ -5,15 +5,17 @@ can decode (about 800 JPEGs/s per core). On this path loader workers only read t
 the transfer the batch is decoded by nvJPEG in one ``torchvision.io.decode_jpeg(list, device="cuda")``
 call, and
 
-* training crops (random-resized, the ResNet paper's scale augmentation, or resize + center crop) are
-  drawn in the loader workers from each file's header (:meth:`GPUAugment.sample`), then resampled for
+* training crops (random-resized, the ResNet paper's scale augmentation, or resize + center crop),
+  flips and color jitter are drawn in the loader workers from each file's header by the CPU path's own
+  torchvision transforms (:meth:`GPUAugment.sample`: the same draws), then the crops are resampled for
   the whole batch at once by ``torchvision.ops.roi_align`` with adaptive sampling (an area average, like
-  an antialiased resize) and flipped;
-* evaluation crops use the same ``transforms.v2`` resize and center crop as the CPU path, image by
-  image, so GPU and CPU evaluation tensors differ only by the JPEG decoders' rounding.
+  an antialiased resize), flipped and jittered;
+* evaluation views (center crop, ten crops, multi-scale) use the same ``transforms.v2`` functions as the
+  CPU path, image by image, so GPU and CPU evaluation tensors differ only by the JPEG decoders' rounding.
 
-Files that are not baseline JPEGs for nvJPEG (PNG named ``.JPEG``, CMYK) are decoded on the CPU, by the
-worker, as on the CPU path.
+The workers send a batch's files as one shared-memory buffer (:func:`pack_encoded`). Files that are not
+baseline JPEGs for nvJPEG (PNG named ``.JPEG``, CMYK) are decoded on the CPU, by the worker, as on the
+CPU path, and ``data.cpu_share`` of the training images are finished there entirely.
 """
 
 from __future__ import annotations
