@@ -20,6 +20,7 @@ CPU path, and ``data.cpu_share`` of the training images are finished there entir
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Sequence
@@ -315,7 +316,8 @@ class CUDAPrefetcher:
 
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
-        stream = torch.cuda.Stream(self.device)
+        cuda = self.device.type == "cuda"  # (on the CPU only the thread and the queue remain, for tests)
+        stream = torch.cuda.Stream(self.device) if cuda else None
         done = object()
 
         def put(item) -> bool:
@@ -328,13 +330,15 @@ class CUDAPrefetcher:
             return False
 
         def produce() -> None:
-            torch.cuda.set_device(self.device)
+            if cuda:
+                torch.cuda.set_device(self.device)
             try:
-                with torch.cuda.stream(stream):
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                     for batch in self.loader:
                         out = self.prepare(batch)
-                        event = torch.cuda.Event()
-                        event.record(stream)
+                        event = torch.cuda.Event() if cuda else None
+                        if event is not None:
+                            event.record(stream)
                         if not put((out, event)):
                             return
             except BaseException as err:  # re-raised in the consumer
@@ -351,11 +355,12 @@ class CUDAPrefetcher:
                 if isinstance(item, BaseException):
                     raise item
                 out, event = item
-                current = torch.cuda.current_stream(self.device)
-                current.wait_event(event)
-                for value in out.values():
-                    if isinstance(value, torch.Tensor) and value.is_cuda:
-                        value.record_stream(current)  # the allocator must not reuse it before training is done
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for value in out.values():
+                        if isinstance(value, torch.Tensor) and value.is_cuda:
+                            value.record_stream(current)  # the allocator must not reuse it before training is done
                 yield out
         finally:
             stop.set()

@@ -229,3 +229,35 @@ def test_a_cpu_share_of_the_gpu_path_gives_the_same_batch(tmp_path):
     assert difference.mean(dim=(1, 2, 3)).max() < 1.0, difference.mean(dim=(1, 2, 3))
     with pytest.raises(ValueError, match="cpu_share=1.5 must be a fraction"):
         ImageFolderDataModule(root=str(root), cpu_share=1.5)
+
+
+def test_prefetcher_keeps_order_reraises_and_stops():
+    """The prefetch thread's logic (on the CPU, without streams): batches in order, a failure in
+    ``prepare`` raised in the training loop, and the thread gone when the loop stops early."""
+    import threading
+    import time
+
+    from datamodules.gpu_decode import CUDAPrefetcher
+
+    batches = [{"x": torch.tensor([i])} for i in range(6)]
+    double = CUDAPrefetcher(batches, lambda b: {"x": b["x"] * 2}, torch.device("cpu"))
+    assert [int(b["x"]) for b in double] == [0, 2, 4, 6, 8, 10] and len(double) == 6
+
+    def fail_at_3(batch):
+        if int(batch["x"]) == 3:
+            raise ValueError("corrupt batch 3")
+        return batch
+
+    seen = []
+    with pytest.raises(ValueError, match="corrupt batch 3"):
+        for batch in CUDAPrefetcher(batches, fail_at_3, torch.device("cpu")):
+            seen.append(int(batch["x"]))
+    assert seen == [0, 1, 2]
+
+    iterator = iter(CUDAPrefetcher(batches * 50, lambda b: b, torch.device("cpu"), depth=2))
+    next(iterator)
+    iterator.close()  # the training loop stops early (end of limit_train_batches, an exception, ...)
+    deadline = time.time() + 5
+    while any(t.name == "cuda-prefetch" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "cuda-prefetch" for t in threading.enumerate())
