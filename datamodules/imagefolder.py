@@ -177,12 +177,11 @@ class ImageFolderDataset(Dataset):
 def collate_raw(batch: Sequence[dict | None]) -> dict:
     """Batches of undecoded images: the files' bytes packed in one buffer (``gpu_decode.pack_encoded``),
     the rest collated as usual (unreadable samples, ``None``, dropped and counted)."""
-    kept = [sample for sample in batch if sample is not None]
-    if not kept:
-        return {"skipped": len(batch)}
-    out = collate_skipping([{k: v for k, v in sample.items() if k != "image"} for sample in kept])
-    out["skipped"] = len(batch) - len(kept)
-    out["image"] = pack_encoded([sample["image"] for sample in kept])
+    images = [sample["image"] for sample in batch if sample is not None]
+    rest = [None if sample is None else {k: v for k, v in sample.items() if k != "image"} for sample in batch]
+    out = collate_skipping(rest)  # drops and counts the unreadable samples
+    if images:
+        out["image"] = pack_encoded(images)
     return out
 
 
