@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
-from torchvision.transforms import RandomResizedCrop
-from torchvision.transforms.v2 import ColorJitter, RandomCrop, RandomShortestSize
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2 import ColorJitter, RandomCrop, RandomResizedCrop, RandomShortestSize
+
+from .transforms import PAPER_SCALES, eval_transform, train_transform
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -135,16 +135,15 @@ def header_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def random_resized_crop_box(
-    height: int, width: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
-) -> tuple[float, float, float, float]:
-    """``(x1, y1, x2, y2)`` of a random-resized crop, drawn by torchvision's ``RandomResizedCrop`` itself.
+def random_resized_crop_box(height: int, width: int, crop: RandomResizedCrop) -> tuple[float, float, float, float]:
+    """``(x1, y1, x2, y2)`` of a random-resized crop, drawn by the CPU path's ``RandomResizedCrop`` itself.
 
-    ``get_params`` reads only the image's size, so an empty ``0 x H x W`` tensor stands in for the image;
+    ``make_params`` reads only the image's size, so an empty ``0 x H x W`` tensor stands in for the image;
     the draws use torch's RNG, so a seeded worker (``loading.EpochSeeded``) gets the same box every time.
     """
-    top, left, h, w = RandomResizedCrop.get_params(torch.empty(0, height, width), scale=list(scale), ratio=list(ratio))
-    return left, top, left + w, top + h
+    window = crop.make_params([torch.empty(0, height, width)])
+    left, top = window["left"], window["top"]
+    return left, top, left + window["width"], top + window["height"]
 
 
 def scale_crop_box(
@@ -209,27 +208,31 @@ class GPUAugment:
         eval_size: int | None = None,
         eval_resize: int = 256,
         eval_crops: str = "center",
-        eval_scales: Sequence[int] = (224, 256, 384, 480, 640),
+        eval_scales: Sequence[int] = PAPER_SCALES,
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
     ) -> None:
         self.augment = augment
         self.image_size = image_size
-        self.eval_size = eval_size or image_size
-        self.eval_resize = eval_resize
-        self.eval_crops = eval_crops
-        self.eval_scales = [int(s) for s in eval_scales]
-        self.scale_range = tuple(scale_range)
-        self.shortest = RandomShortestSize(min_size=list(range(self.scale_range[0], self.scale_range[1] + 1)))
-        self.crop = RandomCrop(image_size)
-        j = color_jitter
-        self.jitter = ColorJitter(brightness=j, contrast=j, saturation=j) if j > 0 else None
+        # The CPU pipelines' own transforms: their parameter draws (training) and their views (evaluation)
+        # are what this path applies, so both paths augment and evaluate alike by construction.
+        cpu = train_transform(
+            augment=augment, image_size=image_size, scale_range=scale_range, color_jitter=color_jitter
+        )
+        parts = {type(t): t for t in cpu.transforms}
+        self.resized_crop = parts.get(RandomResizedCrop)
+        self.shortest, self.crop = parts.get(RandomShortestSize), parts.get(RandomCrop)
+        self.jitter = parts.get(ColorJitter)
+        self.eval_views = eval_transform(
+            image_size=eval_size or image_size, resize_size=eval_resize, crops=eval_crops, scales=eval_scales
+        )
+        self.multiscale = eval_crops == "multiscale"
 
     def sample(self, height: int, width: int) -> dict[str, torch.Tensor]:
         """One training image's draws, in the CPU pipeline's order: ``box`` ``(x1, y1, x2, y2)``, ``flip``
         and, with color jitter, ``jitter`` (:meth:`jitter_params`)."""
         if self.augment == "random_resized_crop":
-            box, flip = random_resized_crop_box(height, width), bool(torch.rand(()) < 0.5)
+            box, flip = random_resized_crop_box(height, width, self.resized_crop), bool(torch.rand(()) < 0.5)
         elif self.augment == "scale":
             box, flip = scale_crop_box(height, width, self.shortest, self.crop), bool(torch.rand(()) < 0.5)
         else:  # "none": resize and center crop, no flip
@@ -263,12 +266,8 @@ class GPUAugment:
 
     def eval(self, images: list[torch.Tensor]) -> torch.Tensor | list[list[torch.Tensor]]:
         """The CPU path's evaluation views (``transforms.eval_transform``), image by image."""
-        if self.eval_crops == "multiscale":
-            return [[TF.resize(image, s, antialias=True) for s in self.eval_scales] for image in images]
-        resized = [TF.resize(image, self.eval_resize, antialias=True) for image in images]
-        if self.eval_crops == "ten":
-            return torch.stack([torch.stack(TF.ten_crop(image, self.eval_size)) for image in resized])
-        return torch.stack([TF.center_crop(image, self.eval_size) for image in resized])
+        views = [self.eval_views(image) for image in images]
+        return views if self.multiscale else torch.stack(views)
 
 
 def _jitter_dict(row: Sequence[float]) -> dict:
