@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from . import build_backbone
 from .weights import WeightsError, _torch_load, apply_weights, backbone_subset, save_weights
 
@@ -43,7 +45,8 @@ def _c4_head_stages(state: dict, name: str, args: dict) -> dict:
     head = {k[len(C4_HEAD) :]: v for k, v in state.items() if k.startswith(C4_HEAD)}
     if not head:
         return {}
-    net = build_backbone(name, num_classes=0, **args)
+    with torch.device("meta"):  # only its module layout is needed: no memory, no initialization
+        net = build_backbone(name, num_classes=0, **args)
     attribute = {id(module): attr for attr, module in net.named_children()}
     stages = [stage for stage in net.stage_names if stage != "stem"]
     # the split tasks.detection_models.build_faster_rcnn makes: the trunk ends at the penultimate stage

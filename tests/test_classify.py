@@ -16,15 +16,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_CONFIGS = sorted(CONFIGS.glob("imagenet_*.yaml"))
 CIFAR_CONFIGS = sorted(CONFIGS.glob("cifar*_*.yaml"))
 
-COMMON = [
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
-
 
 @pytest.fixture(scope="module")
 def imagefolder(tmp_path_factory) -> Path:

@@ -18,14 +18,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DETECTION_CONFIGS = sorted(
     p for p in CONFIGS.glob("coco_*.yaml") if "fcn" not in p.stem and "torchvision" not in p.stem
 )
-COMMON = [
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
 SMALL = {"rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 200, "box_batch_size_per_image": 64}
 
 

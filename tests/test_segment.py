@@ -20,14 +20,6 @@ from tasks.segmentation_models import confusion_scores
 from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-COMMON = [
-    "--trainer.accelerator",
-    "cpu",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-]
 
 
 @pytest.mark.parametrize("head", ["dilated", "skip"])
