@@ -63,11 +63,9 @@ def _load_batch(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
-def read_cifar(root: str | Path, dataset: Literal["cifar10", "cifar100"]) -> dict:
-    """Read the official batches: ``{"train": (images, labels), "test": (...), "classes": [...]}``.
-
-    Images are ``N x 3 x 32 x 32`` uint8 tensors, labels int64 tensors.
-    """
+def cifar_folder(root: str | Path, dataset: Literal["cifar10", "cifar100"]) -> Path:
+    """The folder holding the official batches (``root`` or ``root/<archive folder>``); an error naming the
+    missing files and how to get them when they are not all there."""
     folder_name, train_files, test_file, meta_file = _LAYOUT[dataset]
     root = Path(root).expanduser()
     folder = root if (root / meta_file).is_file() else root / folder_name
@@ -79,6 +77,16 @@ def read_cifar(root: str | Path, dataset: Literal["cifar10", "cifar100"]) -> dic
             f"{dataset}: {folder} lacks {', '.join(missing)}. Expected {root}/{folder_name}/"
             f"{{{', '.join(needed)}}}. {DOWNLOAD_HELP.format(archive=archive)}"
         )
+    return folder
+
+
+def read_cifar(root: str | Path, dataset: Literal["cifar10", "cifar100"]) -> dict:
+    """Read the official batches: ``{"train": (images, labels), "test": (...), "classes": [...]}``.
+
+    Images are ``N x 3 x 32 x 32`` uint8 tensors, labels int64 tensors.
+    """
+    _, train_files, test_file, meta_file = _LAYOUT[dataset]
+    folder = cifar_folder(root, dataset)
     label_key = "labels" if dataset == "cifar10" else "fine_labels"
 
     def split(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +183,9 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def _check_split(self, split: str) -> None:
+        cifar_folder(self.hparams.root, self.hparams.dataset)  # every split comes from the same batches
 
     def setup(self, stage: str) -> None:
         hp = self.hparams

@@ -297,6 +297,13 @@ class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
     def annotation_file(self, split: str) -> Path:
         return self.split_files(split)[1]
 
+    def _check_split(self, split: str) -> None:
+        images, annotations = self.split_files(split)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
+        if not annotations.is_file():
+            raise FileNotFoundError(f"annotation file {annotations} does not exist. {LAYOUT_HELP}")
+
     @property
     def categories(self) -> list[dict]:
         """COCO categories (``id``, ``name``) sorted by id, from the validation (else training) file."""
@@ -329,9 +336,8 @@ class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
         return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
 
     def _split(self, split: str) -> COCODetectionDataset:
+        self._check_split(split)
         images, annotations = self.split_files(split)
-        if not images.is_dir():
-            raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
         train = split == "train"
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
         return COCODetectionDataset(images, coco, train, self._transform(train), self.hparams.skip_corrupt)
@@ -622,6 +628,9 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     def annotation_file(self, split: str) -> Path:
         return self.files.annotation_file(split)
 
+    def _check_split(self, split: str) -> None:
+        self.files._check_split(split)
+
     def _cache_dir(self, annotations: Path) -> Path:
         import hashlib
 
@@ -653,9 +662,8 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         )
 
     def _split(self, split: str) -> COCOSegmentationDataset:
+        self._check_split(split)
         images, annotations = self.files.split_files(split)
-        if not images.is_dir():
-            raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
         if self.hparams.categories == "all" and self._classes is None:
             self._classes = category_classes(coco.dataset["categories"], "all")

@@ -349,7 +349,14 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         batch["image"] = self.normalize(batch["image"], train=training)
         return batch
 
-    def _split(self, directory: str, train: bool) -> ImageFolderDataset:
+    def _directory(self, split: str) -> str:
+        hp = self.hparams
+        return {"train": hp.train_dir, "val": hp.val_dir, "test": hp.test_dir or hp.val_dir}[split]
+
+    def _check_split(self, split: str) -> None:
+        self._split_dir(self._directory(split))
+
+    def _split(self, split: str) -> ImageFolderDataset:
         """One split's samples, after the cheap checks (``datamodules.check``) that need no decoding.
 
         Class folders without images (training split) and empty files are errors that stop the run here,
@@ -357,7 +364,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         """
         from .check import DataValidationError, Report
 
-        path = self._split_dir(directory)
+        path = self._split_dir(self._directory(split))
+        train = split == "train"
         drop = self.hparams.drop_invalid
         if drop:  # evaluation folders of dropped classes are ignored, not errors
             samples = []
@@ -406,29 +414,17 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         if self.hparams.decode_device != "cuda":
             return False
         if not torch.cuda.is_available():
-            raise RuntimeError("data.decode_device=cuda but CUDA is not available; use decode_device: cpu")
+            raise ValueError(
+                "data.decode_device=cuda but this process sees no CUDA device; "
+                "use --data.decode_device cpu (or run on a GPU machine)"
+            )
         return True
 
-    def setup(self, stage: str) -> None:
-        hp = self.hparams
-        if stage == "fit":
-            self.datasets["train"] = self._split(hp.train_dir, train=True)
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = self._split(hp.val_dir, train=False)
-        if stage == "test":
-            self.datasets["test"] = self._split(hp.test_dir or hp.val_dir, train=False)
-        if stage == "predict":
-            if not hp.predict_root:
-                raise ValueError("predict needs data.predict_root: a folder of images to classify")
-            folder = Path(hp.predict_root).expanduser()
-            if not folder.is_dir():
-                raise FileNotFoundError(f"data.predict_root={folder} is not a folder")
-            paths = list_images(folder)
-            if not paths:
-                raise ValueError(f"data.predict_root={folder} holds no image files")
-            self.datasets["predict"] = ImageFolderDataset(
-                [(str(p), -1) for p in paths], self._transform(False), skip_corrupt=hp.skip_corrupt
-            )
+    def _predict_dataset(self, paths: list[Path]) -> ImageFolderDataset:
+        """Prediction decodes on the CPU (``label`` -1), whatever ``decode_device`` says."""
+        return ImageFolderDataset(
+            [(str(p), -1) for p in paths], self._transform(False), skip_corrupt=self.hparams.skip_corrupt
+        )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams

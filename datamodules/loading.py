@@ -181,14 +181,22 @@ def make_loader(
     )
 
 
+#: The splits each ``Trainer`` entry point reads (``predict`` reads ``data.predict_root`` instead).
+STAGE_SPLITS: dict[str, tuple[str, ...]] = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
 class SplitLoaders:
-    """A datamodule's ``setup`` and four loader hooks, over its ``_split``, ``_predict_dataset`` and ``_loader``.
+    """A datamodule's ``prepare_data``, ``setup`` and four loader hooks, over its ``_check_split``,
+    ``_split``, ``_predict_dataset`` and ``_loader``.
 
     ``setup`` builds the splits a stage needs (``_split("train")`` ...); ``predict`` reads every image
     under ``hparams.predict_root``.
     """
 
     datasets: dict[str, Dataset]
+
+    def _check_split(self, split: str) -> None:
+        """Raise, naming the path and the fix, when a file or folder ``split`` reads is missing (no parsing)."""
 
     def _split(self, split: str) -> Dataset:
         raise NotImplementedError
@@ -199,25 +207,41 @@ class SplitLoaders:
     def _loader(self, split: str, train: bool) -> DataLoader:
         raise NotImplementedError
 
+    def prepare_data(self) -> None:
+        """Check that the files the running stage reads exist, before the trainer starts its loggers.
+
+        Lightning calls ``prepare_data`` before it creates the W&B run, so a mistyped ``data.root`` stops
+        with a message naming the missing path instead of leaving a crashed run behind.
+        """
+        trainer = getattr(self, "trainer", None)
+        stage = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
+        for split in STAGE_SPLITS.get(stage, ()):
+            self._check_split(split)
+        if stage == "predict" and "predict_root" in self.hparams:
+            self._predict_paths()
+
+    def _predict_paths(self) -> list:
+        """The image files under ``data.predict_root`` (searched recursively), or an error saying what is wrong."""
+        from pathlib import Path
+
+        from .imagefolder import list_images
+
+        root = self.hparams.predict_root
+        if not root:
+            raise ValueError("predict needs data.predict_root: a folder of images")
+        folder = Path(root).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.predict_root={folder} is not a folder")
+        paths = list_images(folder)
+        if not paths:
+            raise ValueError(f"data.predict_root={folder} holds no image files")
+        return paths
+
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self._split("train")
-        if stage in ("fit", "validate"):
-            self.datasets["val"] = self._split("val")
-        if stage == "test":
-            self.datasets["test"] = self._split("test")
+        for split in STAGE_SPLITS.get(stage, ()):
+            self.datasets[split] = self._split(split)
         if stage == "predict":
-            from pathlib import Path
-
-            from .imagefolder import list_images
-
-            root = self.hparams.predict_root
-            if not root:
-                raise ValueError("predict needs data.predict_root: a folder of images")
-            paths = list_images(Path(root).expanduser())
-            if not paths:
-                raise ValueError(f"data.predict_root={root} holds no image files")
-            self.datasets["predict"] = self._predict_dataset(paths)
+            self.datasets["predict"] = self._predict_dataset(self._predict_paths())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

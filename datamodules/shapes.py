@@ -227,6 +227,7 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
     def prepare_data(self) -> None:
         if _empty(self.root):
             generate_classification(self.root, **self.generation)
+        super().prepare_data()
 
 
 def _coco_generation(train_images: int, val_images: int, size: int, seed: int) -> dict:
@@ -248,6 +249,7 @@ class _GeneratedCOCO:
     def prepare_data(self) -> None:
         if _empty(self.root):
             generate_coco(self.root, **self.generation)
+        super().prepare_data()
 
 
 class ShapesDetectionDataModule(_GeneratedCOCO, COCODetectionDataModule):

@@ -264,6 +264,9 @@ class TaskCLI(LightningCLI):
             else:
                 init.id = generate_run_id()
         if rank_zero_only.rank == 0 and not id_file.is_file():
+            created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+            if created:
+                self._new_run_dir = created[-1]  # the top folder this run creates
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(init.id)
 
@@ -281,12 +284,27 @@ class TaskCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_unused_run_dir()
+            raise
         finally:
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 os.environ.pop(RUN_DIR_ENV, None)
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None and self.trainer.is_global_zero:
                     logger.experiment.finish()
+
+    def _remove_unused_run_dir(self) -> None:
+        """A run that failed before writing anything (a missing dataset folder, say) leaves none of the
+        folders it created behind, so the next attempt gets the same ``version_<n>``."""
+        import shutil
+
+        top = getattr(self, "_new_run_dir", None)
+        if top is None or not top.is_dir():
+            return
+        files = [p for p in top.rglob("*") if not p.is_dir()]
+        if [p.name for p in files] in ([], ["wandb_id"]):
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def script(main) -> None:

@@ -328,16 +328,28 @@ def test_exported_weights_are_safetensors_that_load_back(tmp_path):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items())
 
 
-def test_cli_errors_are_one_clear_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+@pytest.mark.parametrize(
+    ("task", "data", "message"),
+    [
+        ("classify", "datamodules.ImageFolderDataModule", "{root}/train does not exist"),
+        ("classify", "datamodules.CIFARDataModule", "cifar10: {root}/cifar-10-batches-py lacks data_batch_1"),
+        ("detect", "datamodules.COCODetectionDataModule", "image folder {root}/train2017 does not exist"),
+    ],
+)
+def test_cli_errors_are_one_clear_line_and_leave_no_run_behind(task, data, message, tmp_path):
+    """A mistyped data.root stops before the W&B run starts: one line naming the path, no run directory."""
+    root = tmp_path / "nowhere"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.classify", "fit", "--data", "datamodules.ImageFolderDataModule",
-         "--data.root", str(tmp_path / "nowhere"), "--trainer.logger", "false", "--trainer.accelerator", "cpu"],
+        [sys.executable, "-m", f"tasks.{task}", "fit", "--data", data, "--data.root", str(root),
+         "--model.num_classes", "3", "--trainer.accelerator", "cpu"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {tmp_path / 'nowhere' / 'train'} does not exist")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {message.format(root=root)}")
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()  # no version_0 taken, no crashed W&B run
+    assert not list(tmp_path.rglob("wandb"))
 
 
 @pytest.mark.parametrize(
