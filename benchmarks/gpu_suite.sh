@@ -17,8 +17,10 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 if [ "${SMALL:-0}" = 1 ]; then
   DEV=cpu; CB=4; CS=64; DB=2; DS=128; SB=2; SS=64; STEPS="--steps 1 --warmup 1"; IMAGES=64; JB=8; TRAIN=0
+  FIT="--steps 2 --warmup 1 --repeats 1"
 else
   DEV=cuda; CB=256; CS=224; DB=16; DS=800; SB=16; SS=480; STEPS="--steps 12 --warmup 4"; IMAGES=4096; JB=256; TRAIN=40
+  FIT="--steps 30 --warmup 10 --repeats 2"  # the Lightning loop vs torchvision's reference loop
 fi
 step() {  # step <seconds> <command...>
   local limit=$1; shift
@@ -32,6 +34,7 @@ CL="--precision bf16 --channels-last"
 CB_OPTS="--cudnn-benchmark"  # what the classification task sets (trainer.benchmark)
 step 150 python3 -m benchmarks.train_step --task classify --models resnet50 resnet101 resnext50_32x4d --device $DEV --batch $CB --size $CS $CL $CB_OPTS $STEPS
 step 300 python3 -m benchmarks.dataloader --root /tmp/zoo-jpegs --images $IMAGES --batch $JB --workers 0 $( [ "$DEV" = cuda ] && echo "--gpu-decode --train-step $TRAIN --cpu-share 0.25 0.5" )
+step 120 python3 -m benchmarks.fit_loop --models resnet50 --device $DEV --batch $CB --size $CS $FIT
 step 90 python3 -m benchmarks.train_step --task detect --models resnet50 --device $DEV --batch $DB --size $DS --precision bf16 --steps 8 --warmup 3
 step 90 python3 -m benchmarks.train_step --task segment --models resnet101 --device $DEV --batch $SB --size $SS $CL --steps 8 --warmup 3
 if [ "$DEV" = cuda ]; then

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import write_imagefolder
 
-from benchmarks import coco_eval, dataloader, train_step
+from benchmarks import coco_eval, dataloader, fit_loop, train_step
 from datamodules import ImageFolderDataModule
 from datamodules.gpu_decode import GPUAugment, crop_batch, decode_batch, unpack_encoded
 from datamodules.imagefolder import ImageFolderDataset, collate_raw, find_classes, list_images, list_samples
@@ -27,6 +27,31 @@ def test_train_step_benchmark_reports_ratios(task, model, size, capsys):
     # the same network keeps exactly as many activations for backward as torchvision's (in-place ReLU, add)
     assert row["memory_ratio"] <= 1.0
     assert '"benchmark": "train_step"' in capsys.readouterr().out
+
+
+def test_fit_loop_benchmark_reports_a_ratio(capsys):
+    (row,) = fit_loop.main(["--models", "resnet18", "--device", "cpu", "--batch", "2", "--size", "32",
+                            "--steps", "2", "--warmup", "1", "--repeats", "1", "--no-progress-bar"])  # fmt: skip
+    assert row["ours_steps"] == row["torchvision_steps"] == 2  # both loops timed the steps asked for
+    assert row["speed_ratio"] > 0 and row["ours_img_per_s"] > 0 and row["torchvision_img_per_s"] > 0
+    assert '"benchmark": "fit_loop"' in capsys.readouterr().out
+
+
+def test_fit_loop_benchmark_compares_the_same_training():
+    """From the same weights, Lightning's loop over ClassificationTask and the reference loop end at the same
+    weights: same batches, normalization, loss, optimizer and weight decay -- only the loop differs."""
+    import torchvision
+
+    torch.manual_seed(0)
+    init = torchvision.models.resnet18(num_classes=1000).state_dict()
+    settings = dict(device=torch.device("cpu"), batch=4, size=32, steps=2, warmup=1, init=init)
+    reference = fit_loop.reference_loop("resnet18", **settings)["model"].state_dict()
+    ours = fit_loop.task_loop("resnet18", progress_bar=False, **settings)["model"].state_dict()
+    assert reference.keys() == ours.keys()
+    moved = max((reference[k].float() - init[k].float()).abs().max().item() for k in init)
+    assert moved > 1e-3  # three SGD steps changed the weights ...
+    for key, value in reference.items():  # ... and changed them alike
+        torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_dataloader_benchmark(tmp_path):

@@ -114,6 +114,10 @@ def test_a_small_model_learns_the_shapes(tmp_path):
     losses = metric_series(logged, "train/loss_epoch")
     accuracy = metric_series(logged, "val/acc1")
     assert len(losses) == 10 and losses[-1] < 0.7 * losses[0]
+    train_acc = metric_series(logged, "train/acc1")  # computed once per epoch, over the epoch
+    assert len(train_acc) == 10 and train_acc[-1] > train_acc[0] + 0.2
+    # the learning rate is logged where the loggers write (log_every_n_steps 50 of 10 x 15 steps), not every step
+    assert len(metric_series(logged, "train/lr")) == 150 // 50
     best = float(cli.trainer.checkpoint_callback.best_model_score)
     assert best == max(accuracy) and best > 0.45
 
