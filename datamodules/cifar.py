@@ -128,7 +128,7 @@ class CIFARDataset(Dataset):
         image = (self.images[index].float() / 255 - self.mean) / self.std
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "label": int(self.labels[index]), "index": index, "path": f"#{index}"}
+        return {"image": image, "label": int(self.labels[index]), "index": index, "path": f"#{index:05d}"}
 
 
 class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
@@ -144,6 +144,8 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
         augment: the paper's pad-4 / crop-32 / flip augmentation for training.
         normalize: ``pixel_mean`` subtracts the training set's mean image (Sec. 4.2); ``channel`` also
             divides by the per-channel std.
+
+    ``predict`` classifies the test batch; its rows are named ``#<index>`` (``#00000`` ...).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
             "val": CIFARDataset(val_images, val_labels, mean, std),
             "test": CIFARDataset(test_images, test_labels, mean, std),
         }
+        self.datasets["predict"] = self.datasets["test"]  # rows named #<index in the test batch>
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         hp = self.hparams

@@ -300,6 +300,17 @@ class BaseTask(pl.LightningModule):
         if "rng_state" in checkpoint:
             restore_rng_state(checkpoint["rng_state"])
 
+    def require_num_classes(self, stage: str) -> None:
+        """An error saying what to pass when neither the config, the weights nor the data gave
+        ``num_classes`` (prediction reads no labels: its classes come with the trained checkpoint)."""
+        if self.hparams.num_classes is not None:
+            return
+        if stage == "predict":
+            raise ValueError(
+                "predict needs a trained model: pass --ckpt_path <checkpoint> (or model.weights with model.num_classes)"
+            )
+        raise ValueError("model.num_classes is not set and the datamodule does not tell it")
+
     def log_learning_rate(self) -> None:
         """``train/lr`` on the steps the loggers write (``trainer.log_every_n_steps``) only: handing it to
         Lightning at every step costs about a millisecond of Python per step for a value nobody reads."""

@@ -149,8 +149,7 @@ class ClassificationTask(BaseTask):
                 )
             if self.class_names is None or len(self.class_names) != data_classes:
                 self.class_names = list(getattr(datamodule, "class_names", None) or range(data_classes))
-        if self.hparams.num_classes is None:
-            raise ValueError("model.num_classes is not set and the datamodule does not tell it")
+        self.require_num_classes(stage)
         super().setup(stage)
 
     def configure_models(self) -> None:

@@ -176,8 +176,7 @@ class DetectionTask(BaseTask):
             if self.category_ids is None:
                 self.category_ids = ids
                 self.class_names = list(datamodule.class_names)
-        if self.hparams.num_classes is None:
-            raise ValueError("model.num_classes is not set and the datamodule does not tell it")
+        self.require_num_classes(stage)
         super().setup(stage)
 
     def configure_models(self) -> None:

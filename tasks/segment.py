@@ -138,8 +138,7 @@ class SegmentationTask(BaseTask):
                 )
             if self.class_names is None:
                 self.class_names = list(datamodule.class_names)
-        if self.hparams.num_classes is None:
-            raise ValueError("model.num_classes is not set and the datamodule does not tell it")
+        self.require_num_classes(stage)
         super().setup(stage)
 
     def configure_models(self) -> None:

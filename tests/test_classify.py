@@ -177,6 +177,22 @@ def test_a_small_model_learns_the_shapes(tmp_path):
     assert correct / len(rows) == pytest.approx(best, abs=1e-6)
 
 
+def test_cifar_predict_classifies_the_test_batch(cifar, tmp_path):
+    """CIFAR has no image files to point at: predict classifies the test batch, one row per index."""
+    runs = tmp_path / "runs"
+    data = ["--data", "datamodules.CIFARDataModule", "--model.backbone", "cifar_resnet20", "--trainer.logger", "false"]
+    fit = main(["fit", *data, *_tiny_cifar_args(cifar, runs)])
+    checkpoint = fit.trainer.checkpoint_callback.last_model_path
+    with pytest.raises(ValueError, match="predict needs a trained model: pass --ckpt_path"):
+        main(["predict", *data, *_tiny_cifar_args(cifar, runs)])
+    out = tmp_path / "predictions.csv"
+    main(["predict", *data, *_tiny_cifar_args(cifar, runs), "--ckpt_path", checkpoint,
+          "--model.predictions_file", str(out)])  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [f"#{i:05d}" for i in range(12)]  # write_cifar's 12 test images
+    assert {r["class1"] for r in rows} <= set(fit.datamodule.class_names)
+
+
 def test_num_classes_must_agree_with_the_data(imagefolder, tmp_path):
     with pytest.raises(ValueError, match="model.num_classes=7 but the dataset has 5 classes"):
         main(["fit", "--config", str(CONFIGS / "imagenet_resnet18.yaml"), *_tiny_imagenet_args(imagefolder, tmp_path),
