@@ -67,4 +67,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .command import run_command
+
+    run_command(main)

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,4 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from backbones.command import run_command
+
+    from .images import CorruptImageError
+
+    run_command(main, (CorruptImageError,))

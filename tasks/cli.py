@@ -308,31 +308,12 @@ class TaskCLI(LightningCLI):
 
 
 def script(main) -> None:
-    """Run a task's ``main`` as a command: user errors print one clear message instead of a traceback.
-
-    Bad data, configuration and weight files raise errors whose message names the file or field and the
-    fix; that message is what the user needs. ``RESIDUAL_ZOO_TRACEBACK=1`` shows the full traceback.
+    """Run a task's ``main`` as a command: user errors print one clear message instead of a traceback
+    (``backbones.command.run_command``; unreadable images and a non-finite loss count as user errors too).
     """
-    import sys
-
-    from backbones.weights import WeightsError
-    from datamodules.check import DataValidationError
+    from backbones.command import run_command
     from datamodules.images import CorruptImageError
 
     from .reliability import NonFiniteLossError
 
-    user_errors = (
-        ValueError,
-        FileNotFoundError,
-        WeightsError,
-        CorruptImageError,
-        NonFiniteLossError,
-        DataValidationError,
-    )
-    try:
-        main()
-    except user_errors as err:
-        if os.environ.get("RESIDUAL_ZOO_TRACEBACK"):
-            raise
-        print(f"error: {err}\n(set RESIDUAL_ZOO_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-        sys.exit(1)
+    run_command(main, (CorruptImageError, NonFiniteLossError))

@@ -353,6 +353,32 @@ def test_cli_errors_are_one_clear_line_and_leave_no_run_behind(task, data, messa
 
 
 @pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["backbones.export", "{tmp}/missing.ckpt", "{tmp}/out.safetensors"], "checkpoint {tmp}/missing.ckpt: not a"),
+        (
+            ["datamodules.check", "--data", "datamodules.ImageFolderDataModule", "--data.root", "{tmp}/nowhere"],
+            "{tmp}/nowhere/train does not exist",
+        ),
+        (
+            ["studies", "run", "degradation_cifar", "--data.root", "{tmp}/nowhere", "--trainer.max_epochs", "1"],
+            "cifar10: {tmp}/nowhere/cifar-10-batches-py lacks",
+        ),
+    ],
+    ids=["export", "check", "studies"],
+)
+def test_the_other_commands_also_answer_user_errors_in_one_line(command, message, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    args = [part.format(tmp=tmp_path) for part in command]
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {message.format(tmp=tmp_path)}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
     ("task", "backbone", "options"),
     [
         ("detect", "resnet18", {"head": "c4"}),

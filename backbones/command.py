@@ -1,0 +1,29 @@
+"""``run_command``: a module's ``main`` run as a shell command, where a user's mistake prints one line.
+
+Bad data, configuration, checkpoint and weight files raise errors whose message names the file or field
+and the fix (``ValueError`` and ``FileNotFoundError`` and their subclasses, such as
+``backbones.weights.WeightsError``); that message is what the user needs, not a traceback through the
+library. ``RESIDUAL_ZOO_TRACEBACK=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def run_command(main: Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Call ``main()`` and exit: with its return code when it returns an int, 0 otherwise, and 1 after one
+    ``error: <message>`` line on standard error when it raises one of ``USER_ERRORS`` or ``user_errors``."""
+    try:
+        result = main()
+    except (*USER_ERRORS, *user_errors) as err:
+        if os.environ.get("RESIDUAL_ZOO_TRACEBACK"):
+            raise
+        print(f"error: {err}\n(set RESIDUAL_ZOO_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
