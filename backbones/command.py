@@ -24,6 +24,21 @@ def run_command(main: Callable[[], Any], user_errors: tuple[type[BaseException],
     except (*USER_ERRORS, *user_errors) as err:
         if os.environ.get("RESIDUAL_ZOO_TRACEBACK"):
             raise
-        print(f"error: {err}\n(set RESIDUAL_ZOO_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        print(f"error: {message(err)}\n(set RESIDUAL_ZOO_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def message(err: BaseException) -> str:
+    """The error's own message, also when a ``DataLoader`` worker raised it: the loader re-raises it in the
+    training process as ``Caught <Error> in DataLoader worker process <n>.`` followed by the worker's
+    traceback, whose last entry is the original ``<module>.<Error>: <message>``."""
+    text = str(err)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    kind = type(err)
+    names = {kind.__qualname__, f"{kind.__module__}.{kind.__qualname__}"}
+    start = max((text.rfind(f"\n{name}: ") for name in names), default=-1)
+    if start < 0:
+        return text
+    return text[text.index(": ", start) + 2 :].rstrip()

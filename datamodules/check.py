@@ -3,14 +3,15 @@
 Scans the dataset a config points to and reports, file by file, what would break or silently corrupt a
 run: unreadable or truncated images, annotation files that are not valid COCO, boxes of zero or
 negative size or outside their image, category ids missing from ``categories``, annotations of images
-that do not exist, images listed twice or missing on disk, ImageFolder classes without images. The
-report ends with counts; the command exits with status 1 when there are errors.
+that do not exist, images listed twice or missing on disk, images whose size is not the one their
+annotation file records (a resized copy: every box and mask would be misplaced), ImageFolder classes
+without images. The report ends with counts; the command exits with status 1 when there are errors.
 
 The datamodules run the cheap part (everything but decoding every image) when they set up, and stop
 with this report before training starts. ``data.drop_invalid: true`` drops the offending items instead
 (counts logged); ``--fix`` writes a cleaned copy of a COCO annotation file next to it. Decoding every
 image is this command's job (``--no-decode`` skips it); during training ``data.skip_corrupt: true``
-skips unreadable images as they are met.
+skips unreadable images as they are met, and an image of the wrong size stops the run when it is read.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class Report:
         return "\n".join(lines)
 
 
-def _image_problem(path: Path, decode: bool) -> str | None:
-    """Why ``path`` cannot be used as an image, or ``None``."""
+def _image_problem(path: Path, decode: bool, expected: tuple[int, int] | None = None) -> str | None:
+    """Why ``path`` cannot be used as an image (decoded: also when it is not ``expected``, width x height),
+    or ``None``."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -85,9 +87,15 @@ def _image_problem(path: Path, decode: bool) -> str | None:
         from .images import CorruptImageError, read_image
 
         try:
-            read_image(path)
+            image = read_image(path)
         except CorruptImageError as err:
             return str(err).split(": ", 1)[-1]
+        found = (image.shape[-1], image.shape[-2])
+        if expected is not None and found != expected:
+            return (
+                f"the image is {found[0]}x{found[1]} but the annotation file says {expected[0]}x{expected[1]}, so its "
+                f"boxes and masks would be misplaced"
+            )
     return None
 
 
@@ -135,7 +143,8 @@ def validate_coco(
             if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
                 continue
-            problem = _image_problem(images_dir / image["file_name"], decode) if decode else None
+            expected = (image["width"], image["height"])
+            problem = _image_problem(images_dir / image["file_name"], decode, expected) if decode else None
             if problem is None and not decode:
                 try:
                     if (images_dir / image["file_name"]).stat().st_size == 0:

@@ -113,6 +113,20 @@ def xywh_to_xyxy_clipped(bbox, width: int, height: int) -> tuple[float, float, f
     return x1, y1, x2, y2
 
 
+def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:
+    """Annotations are in the pixel coordinates of the image they were made on: a resized or different file
+    would misplace every box and mask silently, so the decoded size must be the one the file records."""
+    from .check import DataValidationError
+
+    height, width = image.shape[-2:]
+    if (width, height) != (info["width"], info["height"]):
+        raise DataValidationError(
+            f"{path}: the image is {width}x{height} but the annotation file says {info['width']}x{info['height']} "
+            f"(image id {info['id']}), so its boxes and masks would be misplaced. Use the images the annotations "
+            f"were made for, or rescale the annotations and their 'width'/'height' to these images."
+        )
+
+
 class COCODetectionDataset(Dataset):
     """Images of one COCO split with their boxes and category ids.
 
@@ -175,6 +189,7 @@ class COCODetectionDataset(Dataset):
         image = read_image_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
+        check_image_size(image, self.coco.imgs[image_id], path)
         boxes, categories = self.targets[image_id]
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=tuple(image.shape[-2:])),
@@ -514,6 +529,7 @@ class COCOSegmentationDataset(Dataset):
         image = read_image_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
+        check_image_size(image, self.coco.imgs[image_id], path)
         image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.mask(image_id)))
         return {
             "image": image.as_subclass(torch.Tensor),

@@ -169,6 +169,28 @@ def test_missing_image_file_and_duplicates_are_named(coco):
     next(iter(dm.train_dataloader()))  # the rest loads
 
 
+def test_an_image_of_another_size_than_its_annotations_is_an_error_not_misplaced_boxes(coco, capsys):
+    """A resized copy of a COCO image would put every box and mask in the wrong place without a word."""
+    from PIL import Image
+
+    path = (
+        coco
+        / "val2017"
+        / json.loads((coco / "annotations" / "instances_val2017.json").read_text())["images"][0]["file_name"]
+    )
+    Image.open(path).resize((48, 40)).save(path)
+    detection = COCODetectionDataModule(str(coco), num_workers=0)
+    segmentation = COCOSegmentationDataModule(str(coco), categories="all", num_workers=0, cache_dir=str(coco / "c"))
+    for dm in (detection, segmentation):
+        dm.setup("validate")
+        with pytest.raises(DataValidationError, match=f"{path}: the image is 48x40 but the annotation file says 96x96"):
+            dm.datasets["val"][0]
+        dm.datasets["val"][1]  # the other images load
+    # the data check, which decodes every image, names it too
+    assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco)]) == 1
+    assert f"{path}: image id" in capsys.readouterr().out
+
+
 # -- untrusted files ---------------------------------------------------------------------------------
 class _Exploit:
     def __reduce__(self):
@@ -350,6 +372,33 @@ def test_cli_errors_are_one_clear_line_and_leave_no_run_behind(task, data, messa
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # no version_0 taken, no crashed W&B run
     assert not list(tmp_path.rglob("wandb"))
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        if index == 0:
+            raise CorruptImageError("photos/a.jpg: cannot decode the image (truncated).\nReplace or delete it.")
+        raise DataValidationError("data/b.json has errors:\n  image id 3: no such file\ntotal: 1 errors")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_errors_raised_in_loader_workers_keep_their_own_message(index):
+    """A DataLoader re-raises a worker's error wrapped in its traceback; the CLI shows the original message."""
+    from backbones.command import message
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_Unreadable(), [index]), num_workers=1)
+    with pytest.raises((CorruptImageError, DataValidationError)) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith("Caught ")  # what the loader raises ...
+    expected = [
+        "photos/a.jpg: cannot decode the image (truncated).\nReplace or delete it.",
+        "data/b.json has errors:\n  image id 3: no such file\ntotal: 1 errors",
+    ][index]
+    assert message(caught.value) == expected  # ... and what the user reads
+    assert message(ValueError("plain")) == "plain"
 
 
 @pytest.mark.parametrize(
