@@ -35,6 +35,7 @@ CB_OPTS="--cudnn-benchmark"  # what the classification task sets (trainer.benchm
 step 150 python3 -m benchmarks.train_step --task classify --models resnet50 resnet101 resnext50_32x4d --device $DEV --batch $CB --size $CS $CL $CB_OPTS $STEPS
 step 300 python3 -m benchmarks.dataloader --root /tmp/zoo-jpegs --images $IMAGES --batch $JB --workers 0 $( [ "$DEV" = cuda ] && echo "--gpu-decode --train-step $TRAIN --cpu-share 0.25 0.5" )
 step 120 python3 -m benchmarks.fit_loop --models resnet50 --device $DEV --batch $CB --size $CS $FIT
+step 120 python3 -m benchmarks.fit_loop --models resnet50 --device $DEV --batch $CB --size $CS $FIT --no-progress-bar
 step 90 python3 -m benchmarks.train_step --task detect --models resnet50 --device $DEV --batch $DB --size $DS --precision bf16 --steps 8 --warmup 3
 step 90 python3 -m benchmarks.train_step --task segment --models resnet101 --device $DEV --batch $SB --size $SS $CL --steps 8 --warmup 3
 if [ "$DEV" = cuda ]; then

@@ -2,7 +2,8 @@
 
 Decoding goes through ``torchvision.io.decode_image`` on the file's bytes: it sniffs the format from the
 content, not the name, so the PNG files with a ``.JPEG`` name found in real ImageNet decode correctly;
-grayscale and CMYK JPEGs come out as RGB (``ImageReadMode.RGB``). It is faster than PIL and yields
+grayscale and CMYK JPEGs come out as RGB (``ImageReadMode.RGB``), 16-bit PNGs as 8 bits per channel
+(the top 8 bits, as PIL's conversion does). It is faster than PIL and yields
 tensors that ``transforms.v2`` processes directly.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,15 @@ def read_image(path: str | Path) -> torch.Tensor:
     if data.numel() == 0:
         raise CorruptImageError(f"{path}: the file is empty (0 bytes). Replace or delete it.")
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as err:
         raise CorruptImageError(
             f"{path}: cannot decode the image ({_reason(err)}). Replace or delete the file, or set "
             f"`data.skip_corrupt: true` to skip unreadable images."
         ) from None
+    if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16: scaled to 8 bits like every other image
+        image = to_dtype(image, torch.uint8, scale=True)
+    return image
 
 
 def read_image_or_skip(path: str | Path, skip_corrupt: bool) -> torch.Tensor | None:

@@ -48,6 +48,16 @@ def test_grayscale_cmyk_and_png_named_jpeg_decode_as_rgb(tmp_path, photo):
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
+def test_16_bit_pngs_become_8_bit_like_every_other_image(tmp_path, photo):
+    """Scientific and remote-sensing sets hold 16-bit PNGs; they decode to uint16, which the pipeline
+    (uint8 batches, normalized by /255) would silently misread."""
+    deep = photo[..., 0].astype(np.uint16) * 256 + 200  # 16-bit values whose top byte is the photo
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    image = read_image(tmp_path / "deep.png")
+    assert image.dtype == torch.uint8 and image.shape == (3, 60, 80)
+    assert torch.equal(image[0], torch.from_numpy(photo[..., 0])) and torch.equal(image[0], image[2])
+
+
 def test_unreadable_files_name_the_file_and_the_fix(tmp_path, photo):
     good = _encode(Image.fromarray(photo), "JPEG")
     cases = {
