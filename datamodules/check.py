@@ -197,7 +197,8 @@ def validate_coco(
 # -- ImageFolder ----------------------------------------------------------------------------------------
 def validate_imagefolder(split_dir: Path, classes: list[str], decode: bool = False) -> Report:
     """Check ``split_dir/<class>/<images>``: class folders without images, empty or unreadable files."""
-    from .imagefolder import list_images
+    from .imagefolder import list_images, no_images_problem
+    from .images import is_image_file
 
     report = Report(str(split_dir))
     for name in classes:
@@ -205,7 +206,15 @@ def validate_imagefolder(split_dir: Path, classes: list[str], decode: bool = Fal
         report.checked["classes"] += 1
         files = list_images(folder) if folder.is_dir() else []
         if not files:
-            report.error(str(folder), "class folder without images")
+            report.error(str(folder), no_images_problem(folder))
+        elif folder.is_dir():
+            ignored = sum(
+                not name.startswith(".") and not is_image_file(name)
+                for _, _, names in os.walk(folder, followlinks=True)
+                for name in names
+            )
+            if ignored:
+                report.warning(str(folder), f"{ignored} files not in a readable image format are ignored")
         for path in files:
             report.checked["images"] += 1
             problem = _image_problem(path, decode)

@@ -65,6 +65,25 @@ def list_images(directory: Path) -> list[Path]:
     return found
 
 
+def no_images_problem(folder: Path) -> str:
+    """What to say about a class folder without readable images: empty, or holding files of other types."""
+    from .images import IMAGE_EXTENSIONS
+
+    others = Counter(
+        Path(name).suffix.lower() or Path(name).name
+        for _, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if not name.startswith(".")
+    )
+    if not others:
+        return "class folder without images"
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
+    return (
+        f"class folder without images it can read: it holds {kinds} files; the readable formats are "
+        f"{', '.join(IMAGE_EXTENSIONS)} (convert the files, e.g. to PNG)"
+    )
+
+
 def list_samples(directory: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
     """``(path, class index)`` for every image of ``directory/<class>/``; unknown class folders are errors."""
     index = {name: i for i, name in enumerate(classes)}
@@ -382,7 +401,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         counts = Counter(label for _, label in samples)
         empty = [c for i, c in enumerate(self.classes) if not counts[i]] if train else []
         for name in empty:
-            report.error(str(path / name), "class folder without images")
+            report.error(str(path / name), no_images_problem(path / name))
         if report.errors and not drop:
             raise DataValidationError(
                 f"{path} has errors that would break training:\n{report.text()}\nRemove or replace these "

@@ -92,6 +92,25 @@ def test_empty_class_folder_is_named_or_dropped(folder):
     assert labels == {0, 1, 2, 3} and len(dm.datasets["val"]) == 4  # square's val image left out
 
 
+def test_images_in_formats_it_cannot_read_are_named(folder, capsys):
+    """A class of .bmp files is not "without images": the error says what the files are and what to do;
+    the check warns about unreadable files mixed in with readable ones (the loader ignores them)."""
+    from PIL import Image
+
+    for image in (folder / "train" / "square").iterdir():
+        Image.open(image).save(image.with_suffix(".bmp"))
+        image.unlink()
+    Image.new("RGB", (32, 32)).save(folder / "train" / "ring" / "extra.tif")
+    (folder / "train" / "ring" / ".DS_Store").write_bytes(b"\0")  # hidden files are not mentioned
+    with pytest.raises(DataValidationError, match=r"train/square: class folder without images it can read: it "
+                       r"holds 3 \.bmp files; the readable formats are \.jpg, .*convert the files"):  # fmt: skip
+        _dm(folder).setup("fit")
+    assert check_main(["--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder), "--no_decode"]) == 1
+    assert f"WARNING {folder / 'train' / 'ring'}: 1 files not in a readable image format are ignored" in (
+        capsys.readouterr().out
+    )
+
+
 @pytest.fixture
 def coco(tmp_path) -> Path:
     return write_coco(tmp_path / "coco", train_images=6, val_images=4)
