@@ -4,8 +4,8 @@ Scans the dataset a config points to and reports, file by file, what would break
 run: unreadable or truncated images, annotation files that are not valid COCO, boxes of zero or
 negative size or outside their image, category ids missing from ``categories``, annotations of images
 that do not exist, images listed twice or missing on disk, images whose size is not the one their
-annotation file records (a resized copy: every box and mask would be misplaced), ImageFolder classes
-without images. The report ends with counts; the command exits with status 1 when there are errors.
+annotation file records (a resized copy: every box and mask would be misplaced), polygons of fewer
+than 3 points (warned of; left out of segmentation masks), ImageFolder classes without images. The report ends with counts; the command exits with status 1 when there are errors.
 
 The datamodules run the cheap part (everything but decoding every image) when they set up, and stop
 with this report before training starts. ``data.drop_invalid: true`` drops the offending items instead
@@ -178,6 +178,15 @@ def validate_coco(
         if image is None:
             report.error(where, f"{ident}: image_id {ann['image_id']} is not a usable image of this file")
             continue
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list):
+            short = [len(p) for p in segmentation if not isinstance(p, list) or len(p) < 6 or len(p) % 2]
+            if short:
+                report.warning(
+                    where,
+                    f"{ident} (image {image['file_name']}): polygons of {', '.join(map(str, short))} coordinates "
+                    f"are not polygons (3 points or more: 6 numbers, x and y) and are left out of its mask",
+                )
         x, y, w, h = bbox
         if w <= 1 or h <= 1:
             report.warning(where, f"{ident} (image {image['file_name']}): degenerate box {bbox} (dropped for training)")

@@ -415,15 +415,31 @@ def category_classes(categories: list[dict], label_set: str) -> tuple[dict[int, 
 MaskRules = Literal["default", "torchvision"]
 
 
+def instance_mask(coco, ann: dict):
+    """The annotation's region (``H x W`` bool numpy array) by ``pycocotools``' ``annToMask``, without its
+    degenerate polygons (fewer than 3 points), which pycocotools would read as a box or reject with a
+    ``TypeError`` when they come first."""
+    import numpy as np
+
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            info = coco.imgs[ann["image_id"]]
+            return np.zeros((info["height"], info["width"]), dtype=bool)
+        ann = {**ann, "segmentation": polygons}
+    return coco.annToMask(ann).astype(bool)
+
+
 def semantic_mask(coco, image_id: int, classes: dict[int, int], rules: MaskRules = "default"):
     """Rasterize an image's instances into one class-index mask (``H x W`` uint8 numpy array).
 
-    Polygons, RLE and crowd RLE all go through ``pycocotools``' ``annToMask``; instances of categories
-    outside the label set are background. ``default`` rules: pixels covered by instances of *different*
-    classes, and crowd regions of a class in the label set, become 255 (ignored by the loss and the
-    metrics). ``torchvision`` rules (its reference scripts, which produced its published FCN numbers):
-    crowd regions count as instances of their class, and any pixel covered by two or more instances
-    becomes 255.
+    Polygons, RLE and crowd RLE all go through ``pycocotools``' ``annToMask`` (``instance_mask``);
+    instances of categories outside the label set are background. ``default`` rules: pixels covered by
+    instances of *different* classes, and crowd regions of a class in the label set, become 255 (ignored
+    by the loss and the metrics). ``torchvision`` rules (its reference scripts, which produced its
+    published FCN numbers): crowd regions count as instances of their class, and any pixel covered by
+    two or more instances becomes 255.
     """
     import numpy as np
 
@@ -435,7 +451,7 @@ def semantic_mask(coco, image_id: int, classes: dict[int, int], rules: MaskRules
         for ann in coco.imgToAnns.get(image_id, []):
             cls = classes.get(ann["category_id"])
             if cls is not None:
-                region = coco.annToMask(ann).astype(bool)
+                region = instance_mask(coco, ann)
                 coverage += region
                 np.maximum(class_map, np.where(region, cls, 0).astype(np.uint8), out=class_map)
         class_map[coverage > 1] = IGNORE_INDEX
@@ -444,7 +460,7 @@ def semantic_mask(coco, image_id: int, classes: dict[int, int], rules: MaskRules
         cls = classes.get(ann["category_id"])
         if cls is None:
             continue
-        region = coco.annToMask(ann).astype(bool)
+        region = instance_mask(coco, ann)
         if ann.get("iscrowd", 0):
             ignore |= region
             continue

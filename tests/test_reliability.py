@@ -210,6 +210,43 @@ def test_an_image_of_another_size_than_its_annotations_is_an_error_not_misplaced
     assert f"{path}: image id" in capsys.readouterr().out
 
 
+def test_polygons_of_fewer_than_three_points_are_left_out_of_masks_and_reported(tmp_path):
+    """pycocotools reads a polygon of 4 numbers as a box, and rejects the annotation with a TypeError when it
+    comes first; such polygons (exported by some annotation tools) are dropped from the mask and warned of."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    from datamodules.check import validate_coco
+    from datamodules.coco import semantic_mask
+
+    triangle = [10, 10, 50, 10, 50, 50]
+
+    def dataset(*segmentations):
+        anns = [
+            {"id": i + 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "bbox": [10, 10, 40, 40], "area": 800.0,
+             "segmentation": seg}
+            for i, seg in enumerate(segmentations)
+        ]  # fmt: skip
+        image = {"id": 1, "file_name": "a.jpg", "width": 64, "height": 64}
+        return {"images": [image], "annotations": anns, "categories": [{"id": 7, "name": "x"}]}
+
+    def mask(data):
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return semantic_mask(coco, 1, {7: 1})
+
+    clean = mask(dataset([triangle]))
+    assert (clean == 1).sum() > 700
+    assert (mask(dataset([[5, 5, 6, 6], triangle])) == clean).all()  # pycocotools alone: TypeError
+    assert (mask(dataset([[5, 5, 6, 6]])) == 0).all()  # nothing left: no region, no box
+    report, _ = validate_coco(dataset([[5, 5, 6, 6], triangle]), tmp_path / "instances.json")
+    assert not report.errors and "polygons of 4 coordinates are not polygons" in report.text()
+
+
 # -- untrusted files ---------------------------------------------------------------------------------
 class _Exploit:
     def __reduce__(self):
