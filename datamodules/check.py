@@ -5,7 +5,8 @@ run: unreadable or truncated images, annotation files that are not valid COCO, b
 negative size or outside their image, category ids missing from ``categories``, annotations of images
 that do not exist, images listed twice or missing on disk, images whose size is not the one their
 annotation file records (a resized copy: every box and mask would be misplaced), polygons of fewer
-than 3 points (warned of; left out of segmentation masks), ImageFolder classes without images. The report ends with counts; the command exits with status 1 when there are errors.
+than 3 points (warned of; left out of segmentation masks), ImageFolder classes without images. The
+report ends with counts; the command exits with status 1 when there are errors.
 
 The datamodules run the cheap part (everything but decoding every image) when they set up, and stop
 with this report before training starts. ``data.drop_invalid: true`` drops the offending items instead

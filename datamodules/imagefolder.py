@@ -280,6 +280,13 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             raise ValueError(f"data.decode_device={decode_device!r} must be 'cpu' or 'cuda'")
         if not 0.0 <= cpu_share <= 1.0:
             raise ValueError(f"data.cpu_share={cpu_share} must be a fraction between 0 and 1")
+        crop = eval_size or image_size
+        if eval_crops != "multiscale" and crop > eval_resize:
+            raise ValueError(
+                f"data.{'eval_size' if eval_size else 'image_size'}={crop} is larger than data.eval_resize="
+                f"{eval_resize}: the evaluation crop would be padded with black borders. Set data.eval_resize to "
+                f"at least {crop} (Identity Mappings tests 320x320 crops of images resized to 320)."
+            )
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root else None
         self.batch_size = batch_size

@@ -221,3 +221,9 @@ def test_multiscale_and_larger_evaluation_views(tmp_path):
                                num_workers=0)  # fmt: skip
     dm.setup("validate")
     assert next(iter(dm.val_dataloader()))["image"].shape == (4, 3, 40, 40)
+    # a crop larger than the resized image would be padded with black: refused, naming the fix
+    with pytest.raises(ValueError, match="data.eval_size=320 is larger than data.eval_resize=256.*at least 320"):
+        ImageFolderDataModule(root=str(root), eval_size=320)
+    with pytest.raises(ValueError, match="data.image_size=288 is larger than data.eval_resize=256"):
+        ImageFolderDataModule(root=str(root), image_size=288, eval_crops="ten")
+    ImageFolderDataModule(root=str(root), image_size=288, eval_crops="multiscale")  # whole images: no crop
