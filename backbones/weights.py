@@ -116,6 +116,24 @@ def torchvision_weights(source: str, net_name: str | None = None):
         ) from None
 
 
+def check_weights_fit(enum, net_name: str | None) -> None:
+    """Refuse, before downloading anything, torchvision backbone weights of another architecture than
+    ``net_name`` (a config's ``weights_backbone`` left behind when ``--model.backbone`` swapped the net)."""
+    kind = type(enum).__name__
+    if net_name is None or kind not in TORCHVISION_WEIGHTS.values() or TORCHVISION_WEIGHTS.get(net_name) == kind:
+        return
+    owner = next(name for name, enum_name in TORCHVISION_WEIGHTS.items() if enum_name == kind)
+    fitting = (
+        f"{TORCHVISION_WEIGHTS[net_name]}.DEFAULT (torchvision's {net_name} weights)"
+        if net_name in TORCHVISION_WEIGHTS
+        else f"a weights file for {net_name} (torchvision publishes none for it)"
+    )
+    raise WeightsError(
+        f"weights='{kind}.{enum.name}' are torchvision's {owner} weights and do not fit {net_name}. Pass {fitting}, "
+        f"or null to start from scratch (e.g. --model.weights_backbone null)."
+    )
+
+
 def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[dict[str, Tensor], dict]:
     """Read ``source`` into a flat ``{key: tensor}`` dict; also return metadata about where it came from.
 
@@ -127,6 +145,7 @@ def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[di
     text = str(source)
     enum = None if isinstance(source, Path) else torchvision_weights(text, net_name)
     if enum is not None:
+        check_weights_fit(enum, net_name)
         meta["categories"] = enum.meta.get("categories")
         raw: object = _download(enum.url, what, check_hash=True)  # file names carry the hash
     elif re.match(r"https?://", text):
@@ -134,6 +153,11 @@ def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[di
     else:
         path = Path(text).expanduser()
         if not path.is_file():
+            if net_name is not None and re.fullmatch(r"[A-Z0-9_]+", text):  # a member name, e.g. IMAGENET1K_V1
+                raise WeightsError(
+                    f"{what}: torchvision publishes no weights for {net_name}, so there is no {text} of it. Pass a "
+                    f"weights file (a tasks.classify checkpoint of {net_name}, say) or null to start from scratch."
+                )
             hint = ""
             if net_name in TORCHVISION_WEIGHTS:
                 hint = f" or a torchvision name such as {TORCHVISION_WEIGHTS[net_name]}.DEFAULT"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+import yaml
 from conftest import randomize_norms
 from safetensors.torch import save_file
 
 from backbones import WeightsError, build_backbone, load_weights
-from backbones.weights import torchvision_weights
+from backbones.weights import TORCHVISION_WEIGHTS, torchvision_weights
 
 
 class _Exploit:
@@ -120,6 +122,32 @@ def test_offline_download_and_unknown_names_are_clear(monkeypatch, tmp_path):
         build_backbone("resnet18", weights="ResNet18_Weights.IMAGENET9K")
     with pytest.raises(WeightsError, match="no such file, URL or torchvision weights name.*ResNet18_Weights.DEFAULT"):
         build_backbone("resnet18", weights=str(tmp_path / "missing.pth"))
+
+
+def test_weights_of_another_architecture_are_refused_before_any_download(monkeypatch):
+    """A config's weights_backbone outlives a --model.backbone swap: the short member name follows the
+    backbone; a full name of another architecture, or one torchvision lacks, is an error naming the fix."""
+
+    def no_download(url, **kwargs):
+        raise AssertionError(f"downloaded {url}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    with pytest.raises(WeightsError, match=r"'ResNet50_Weights.IMAGENET1K_V1' are torchvision's resnet50 weights "
+                       r"and do not fit resnext50_32x4d. Pass ResNeXt50_32X4D_Weights.DEFAULT"):  # fmt: skip
+        build_backbone("resnext50_32x4d", weights="ResNet50_Weights.IMAGENET1K_V1")
+    with pytest.raises(WeightsError, match="do not fit preact_resnet50. Pass a weights file for preact_resnet50"):
+        build_backbone("preact_resnet50", weights="ResNet50_Weights.IMAGENET1K_V1")
+    with pytest.raises(WeightsError, match="torchvision publishes no weights for cifar_resnet20.*or null"):
+        build_backbone("cifar_resnet20", weights="IMAGENET1K_V1")
+    # the COCO configs name the member only, so swapping the backbone swaps the weights with it
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("coco_*.yaml"))
+    fine_tuned = [c for c in configs if "weights_backbone" in (yaml.safe_load(c.read_text())["model"])]
+    assert len(fine_tuned) == 7
+    for config in fine_tuned:
+        model = yaml.safe_load(config.read_text())["model"]
+        for name in (model["backbone"], "resnext101_32x8d", "resnet152"):
+            enum = torchvision_weights(model["weights_backbone"], name)
+            assert (type(enum).__name__, enum.name) == (TORCHVISION_WEIGHTS[name], "IMAGENET1K_V1"), config.name
 
 
 def test_lightning_style_checkpoint_checks_the_backbone_name(tmp_path):
