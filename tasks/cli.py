@@ -32,7 +32,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,20 @@ class TaskCLI(LightningCLI):
             and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         ):
             cfg.trainer.precision = "bf16-mixed"
+        model = cfg.get("model")
+        if (
+            self.subcommand == "fit"
+            and not cfg.get("ckpt_path")
+            and model is not None
+            and model.get("norm") == "frozen_bn"
+            and not model.get("weights")
+            and not model.get("weights_backbone")
+        ):
+            rank_zero_warn(
+                "model.norm=frozen_bn without model.weights_backbone: BatchNorm stays at its initial statistics "
+                "(an identity) and the frozen stages at their random initialization. To train the backbone from "
+                "scratch use --model.norm bn (or sync_bn, gn) and --model.freeze_at 0."
+            )
         if cfg.trainer.get("benchmark") is None and not cfg.trainer.get("deterministic"):
             # (with --trainer.deterministic, cuDNN's search would make the run non-deterministic)
             cfg.trainer.benchmark = getattr(self.model_class, "cudnn_benchmark", None)
