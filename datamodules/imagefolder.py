@@ -424,6 +424,14 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
                 self._classes = keep
             log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))
         if not samples:
+            loose = [entry.name for entry in os.scandir(path) if entry.is_file() and is_image_file(entry.name)]
+            if loose:
+                raise ValueError(
+                    f"{path} holds {len(loose)} images but not in class folders: an ImageFolder split is "
+                    f"<split>/<class>/<images>. ImageNet's validation archive (ILSVRC2012_img_val.tar) extracts "
+                    f"flat; move each image into its class folder with the devkit's labels (e.g. the widely used "
+                    f"valprep.sh) first."
+                )
             raise ValueError(f"{path} holds no image files ({', '.join(('.JPEG', '.jpg', '.png'))}...).")
         raw = self._raw()
         return ImageFolderDataset(

@@ -92,6 +92,15 @@ def test_empty_class_folder_is_named_or_dropped(folder):
     assert labels == {0, 1, 2, 3} and len(dm.datasets["val"]) == 4  # square's val image left out
 
 
+def test_a_flat_validation_folder_says_how_to_sort_it(folder):
+    """ImageNet's validation archive extracts flat (no class folders): the error says so, not "no images"."""
+    for image in list((folder / "val").glob("*/*")):
+        image.rename(folder / "val" / image.name)
+        image.parent.rmdir()
+    with pytest.raises(ValueError, match=r"val holds 5 images but not in class folders.*ILSVRC2012_img_val"):
+        _dm(folder).setup("validate")
+
+
 def test_images_in_formats_it_cannot_read_are_named(folder, capsys):
     """A class of .bmp files is not "without images": the error says what the files are and what to do;
     the check warns about unreadable files mixed in with readable ones (the loader ignores them)."""
