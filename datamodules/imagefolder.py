@@ -321,7 +321,16 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             train = self._split_dir(self.hparams.train_dir)
             classes = find_classes(train)
             if not classes:
-                raise ValueError(f"{train} has no class folders. {LAYOUT_HELP.format(train=self.hparams.train_dir)}")
+                tars = [entry.name for entry in os.scandir(train) if entry.name.endswith(".tar")]
+                hint = (
+                    f" It holds {len(tars)} .tar files: ImageNet's training archive holds one tar per class; extract "
+                    f"each into a folder of its name (mkdir n01440764 && tar xf n01440764.tar -C n01440764)."
+                    if tars
+                    else ""
+                )
+                raise ValueError(
+                    f"{train} has no class folders.{hint} {LAYOUT_HELP.format(train=self.hparams.train_dir)}"
+                )
             self._classes = classes
         return self._classes
 

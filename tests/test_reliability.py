@@ -101,6 +101,14 @@ def test_a_flat_validation_folder_says_how_to_sort_it(folder):
         _dm(folder).setup("validate")
 
 
+def test_an_unextracted_imagenet_train_folder_says_to_extract_it(tmp_path):
+    for wnid in ("n01440764", "n01443537"):
+        (tmp_path / "train").mkdir(exist_ok=True)
+        (tmp_path / "train" / f"{wnid}.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train has no class folders. It holds 2 .tar files.*extract each"):
+        _dm(tmp_path).setup("fit")
+
+
 def test_images_in_formats_it_cannot_read_are_named(folder, capsys):
     """A class of .bmp files is not "without images": the error says what the files are and what to do;
     the check warns about unreadable files mixed in with readable ones (the loader ignores them)."""
