@@ -1,7 +1,8 @@
 """Dataset validation before training: ``python -m datamodules.check --config <config> [--fix]``.
 
 Scans the dataset a config points to and reports, file by file, what would break or silently corrupt a
-run: unreadable or truncated images, annotation files that are not valid COCO, boxes of zero or
+run: unreadable or truncated images, annotation files that are not valid COCO or lack the 'area' and
+'iscrowd' fields COCOeval reads (``--fix`` fills them in), boxes of zero or
 negative size or outside their image, category ids missing from ``categories``, annotations of images
 that do not exist, images listed twice or missing on disk, images whose size is not the one their
 annotation file records (a resized copy: every box and mask would be misplaced), polygons of fewer
@@ -188,6 +189,15 @@ def validate_coco(
                     f"{ident} (image {image['file_name']}): polygons of {', '.join(map(str, short))} coordinates "
                     f"are not polygons (3 points or more: 6 numbers, x and y) and are left out of its mask",
                 )
+        missing = [key for key in ("area", "iscrowd") if key not in ann]
+        if missing:
+            report.error(
+                where,
+                f"{ident}: lacks {' and '.join(repr(k) for k in missing)}; COCOeval sorts objects into small, "
+                f"medium and large by 'area' and ignores 'iscrowd' regions, so APs/APm/APl would be wrong. "
+                f"--fix writes them (the area of the polygons, mask or box; iscrowd 0)",
+            )
+            ann = {**ann, "area": ann.get("area", annotation_area(ann, image)), "iscrowd": ann.get("iscrowd", 0)}
         x, y, w, h = bbox
         if w <= 1 or h <= 1:
             report.warning(where, f"{ident} (image {image['file_name']}): degenerate box {bbox} (dropped for training)")
@@ -202,6 +212,24 @@ def validate_coco(
     cleaned["images"] = list(images_ok.values())
     cleaned["annotations"] = [a for a in annotations_ok if a["bbox"][2] > 1 and a["bbox"][3] > 1]
     return report, cleaned
+
+
+def annotation_area(ann: dict, image: dict) -> float:
+    """An annotation's area as COCO defines it: of its mask (polygons, RLE), else of its box."""
+    from pycocotools import mask as mask_utils
+
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if polygons:
+            rles = mask_utils.frPyObjects(polygons, image["height"], image["width"])
+            return float(mask_utils.area(mask_utils.merge(rles)))
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = segmentation
+        if isinstance(rle["counts"], list):
+            rle = mask_utils.frPyObjects(rle, *rle["size"])
+        return float(mask_utils.area(rle))
+    return float(ann["bbox"][2] * ann["bbox"][3])
 
 
 # -- ImageFolder ----------------------------------------------------------------------------------------

@@ -84,6 +84,13 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_inval
     path = Path(path)
     dataset = read_coco_json(path)
     report, cleaned = validate_coco(dataset, path, Path(images_dir) if images_dir is not None else None)
+    lacking = sum(isinstance(a, dict) and not ("area" in a and "iscrowd" in a) for a in dataset["annotations"])
+    if lacking and drop_invalid:  # COCOeval reads them from the file itself: dropping cannot mend that
+        raise DataValidationError(
+            f"{path}: {lacking} annotations lack 'area' or 'iscrowd', which COCOeval reads from this file "
+            f"(data.drop_invalid cannot mend the file). python -m datamodules.check --config <config> --fix "
+            f"writes a copy with them filled in; point data.*_annotations at it."
+        )
     if report.errors:
         if not drop_invalid:
             raise DataValidationError(

@@ -186,6 +186,30 @@ def test_degenerate_and_out_of_image_boxes_are_reported_and_handled(coco, capsys
     assert boxes[:, 2:].max() <= 96  # clipped to the image
 
 
+def test_annotations_without_area_or_iscrowd_are_named_and_fixed(coco, capsys):
+    """Without 'area' faster-coco-eval files every object as small (APs/APm/APl silently wrong) and pycocotools
+    raises KeyError; the check names them, --fix fills them in as COCO defines them, drop_invalid refuses."""
+    original = json.loads((coco / "annotations" / "instances_val2017.json").read_text())["annotations"]
+    original = [a for a in original if a["bbox"][2] > 1]  # --fix also drops the fixture's degenerate box
+
+    def strip(data):
+        for ann in data["annotations"]:
+            if not ann["iscrowd"]:
+                del ann["area"]
+        del data["annotations"][0]["iscrowd"]
+
+    path = _edit(coco, "val2017", strip)
+    with pytest.raises(DataValidationError, match=r"lacks 'area' and 'iscrowd'; COCOeval sorts objects"):
+        COCODetectionDataModule(str(coco), num_workers=0).setup("validate")
+    with pytest.raises(DataValidationError, match=r"annotations lack 'area' or 'iscrowd'.*--fix"):
+        COCODetectionDataModule(str(coco), num_workers=0, drop_invalid=True).setup("validate")
+    assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--fix"]) == 1
+    assert "lacks 'area'" in capsys.readouterr().out
+    fixed = json.loads(path.with_name("instances_val2017.fixed.json").read_text())["annotations"]
+    assert [a["area"] for a in fixed] == pytest.approx([a["area"] for a in original])  # the masks' areas
+    assert [a["iscrowd"] for a in fixed] == [a["iscrowd"] for a in original]
+
+
 def test_missing_image_file_and_duplicates_are_named(coco):
     missing = coco / "train2017" / "000000000002.jpg"
     missing.unlink()
