@@ -407,6 +407,33 @@ VOC_CLASS_NAMES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 IGNORE_INDEX = 255
+#: COCO's own names of those ids (instances_{train,val}2017.json), to recognize COCO's category list.
+VOC_COCO_NAMES: dict[int, str] = {
+    5: "airplane", 2: "bicycle", 16: "bird", 9: "boat", 44: "bottle", 6: "bus", 3: "car", 17: "cat", 62: "chair",
+    21: "cow", 67: "dining table", 18: "dog", 19: "horse", 4: "motorcycle", 1: "person", 64: "potted plant",
+    20: "sheep", 63: "couch", 7: "train", 72: "tv",
+}  # fmt: skip
+
+
+def check_voc_categories(categories: list[dict], source: str) -> None:
+    """``voc`` picks COCO's VOC categories by id: refuse a file whose ids mean something else (a dataset
+    with its own categories would have them relabeled as VOC classes without a word)."""
+    from .check import DataValidationError
+
+    present = [c for c in categories if c.get("id") in VOC_COCO_NAMES]
+    wrong = [c for c in present if str(c.get("name", "")).strip().lower() != VOC_COCO_NAMES[c["id"]]]
+    if present and not wrong:
+        return
+    found = (
+        f"names id {wrong[0]['id']} {wrong[0].get('name')!r} (COCO's is {VOC_COCO_NAMES[wrong[0]['id']]!r})"
+        if wrong
+        else "has none of their ids"
+    )
+    raise DataValidationError(
+        f"data.categories=voc takes COCO's 20 PASCAL VOC categories by their COCO ids (1 person, 2 bicycle, "
+        f"3 car, ...), but {source} {found}: these are not COCO's categories. Set data.categories: all to "
+        f"segment the file's own categories."
+    )
 
 
 def category_classes(categories: list[dict], label_set: str) -> tuple[dict[int, int], list[str]]:
@@ -652,6 +679,11 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     def label_set(self) -> tuple[dict[int, int], list[str]]:
         if self._classes is None:
             categories = self.files.categories if self.hparams.categories == "all" else []
+            if self.hparams.categories == "voc":
+                try:
+                    check_voc_categories(self.files.categories, f"{self.root}'s annotation file")
+                except FileNotFoundError:  # predicting from a checkpoint: no annotations to check
+                    pass
             self._classes = category_classes(categories, self.hparams.categories)
         return self._classes
 

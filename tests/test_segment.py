@@ -137,6 +137,15 @@ def test_every_fcn_config_fits_with_fast_dev_run(config, coco, tmp_path):
     assert cli.config.fit.trainer.benchmark is False  # evaluation shapes vary: no per-shape cuDNN search
 
 
+def test_voc_refuses_a_file_whose_ids_are_not_cocos(coco, tmp_path):
+    """The generated file uses COCO's ids 3 and 7 for circles and squares: the VOC label set would call
+    them cars and trains. It is refused, naming the id and the fix."""
+    dm = COCOSegmentationDataModule(str(coco), categories="voc", num_workers=0, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"names id 3 'circle' \(COCO's is 'car'\).*data.categories: all"):
+        dm.setup("validate")
+    assert COCOSegmentationDataModule(str(coco), categories="all", num_workers=0).num_classes == 6
+
+
 def test_datamodule_caches_masks_and_pads_with_ignore(coco, tmp_path):
     dm = COCOSegmentationDataModule(str(coco), categories="all", base_size=64, crop_size=80, min_area=0,
                                     batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"))  # fmt: skip
