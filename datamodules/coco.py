@@ -362,6 +362,15 @@ class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
         images, annotations = self.split_files(split)
         train = split == "train"
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
+        unknown = sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(self.category_ids))
+        if train and unknown:  # the model's classes are the validation file's categories
+            from .check import DataValidationError
+
+            raise DataValidationError(
+                f"{annotations} annotates categories {unknown[:10]} that {self.annotation_file('val')} does not "
+                f"list; the detector's classes come from the validation file's list. Give both files the same "
+                f"'categories' (COCO's share theirs)."
+            )
         return COCODetectionDataset(images, coco, train, self._transform(train), self.hparams.skip_corrupt)
 
     def _predict_dataset(self, paths: list[Path]) -> Dataset:
@@ -738,6 +747,14 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
         if self.hparams.categories == "all" and self._classes is None:
             self._classes = category_classes(coco.dataset["categories"], "all")
+        unknown = sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(self.label_set[0]))
+        if self.hparams.categories == "all" and unknown:  # they would become background without a word
+            from .check import DataValidationError
+
+            raise DataValidationError(
+                f"{annotations} annotates categories {unknown[:10]} that the class list (from the first annotation "
+                f"file read) lacks. Give the training and validation files the same 'categories'."
+            )
         train = split == "train"
         return COCOSegmentationDataset(
             images, coco, self.label_set[0], train, self._transform(train), self._cache_dir(annotations),

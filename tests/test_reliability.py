@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import CPU, write_coco, write_imagefolder
+from datasets import CATEGORY_IDS, CPU, write_coco, write_imagefolder
 
 from backbones import WeightsError, build_backbone, load_weights
 from backbones.export import export
@@ -208,6 +208,35 @@ def test_annotations_without_area_or_iscrowd_are_named_and_fixed(coco, capsys):
     fixed = json.loads(path.with_name("instances_val2017.fixed.json").read_text())["annotations"]
     assert [a["area"] for a in fixed] == pytest.approx([a["area"] for a in original])  # the masks' areas
     assert [a["iscrowd"] for a in fixed] == [a["iscrowd"] for a in original]
+
+
+def test_training_categories_the_validation_file_lacks_stop_at_setup(coco):
+    """The detector's classes come from the validation file: a training category it lacks is named at setup,
+    not met as an unknown label in the middle of the first epoch."""
+
+    def drop_ring(data):
+        data["categories"] = [c for c in data["categories"] if c["name"] != "ring"]
+        data["annotations"] = [a for a in data["annotations"] if a["category_id"] != CATEGORY_IDS["ring"]]
+
+    _edit(coco, "val2017", drop_ring)
+    with pytest.raises(DataValidationError, match=r"instances_train2017.json annotates categories \[90\] that .*val"):
+        COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
+    COCODetectionDataModule(str(coco), num_workers=0).setup("validate")  # evaluating needs only the val file
+    # segmentation's class list comes from the first file read (training, for fit): a category only the
+    # validation file has would be scored as background
+    _edit(coco, "train2017", drop_ring)
+    val = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
+    train = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
+
+    def ring_in_val(data):  # a ring annotation on the first validation image, with its category
+        data["categories"].append({"id": 90, "name": "ring"})
+        data["annotations"].append({**val["annotations"][0], "id": 999, "category_id": 90})
+
+    assert all(a["category_id"] != 90 for a in train["annotations"])
+    _edit(coco, "val2017", ring_in_val)
+    segmentation = COCOSegmentationDataModule(str(coco), categories="all", num_workers=0, cache_dir=str(coco / "c"))
+    with pytest.raises(DataValidationError, match=r"instances_val2017.json annotates categories \[90\] that the class"):
+        segmentation.setup("fit")
 
 
 def test_missing_image_file_and_duplicates_are_named(coco):
