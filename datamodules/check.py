@@ -113,10 +113,14 @@ def validate_coco(
 
     Errors (would break training or corrupt results): entries without their required fields, image ids
     or file names listed twice, annotations of images not in ``images``, category ids not in
-    ``categories``, image files missing on disk or unreadable. Warnings (handled by the datamodules, but
-    worth knowing): boxes no wider or taller than one pixel (dropped), boxes reaching outside the image
-    (clipped).
+    ``categories``, annotations without the ``area``/``iscrowd`` COCOeval reads (filled in in the
+    copy), image files missing on disk or unreadable (or, decoded, of another size than recorded).
+    Warnings (handled by the datamodules, but worth knowing): boxes no wider or taller than one pixel
+    (dropped), boxes reaching outside the image (clipped), polygons of fewer than 3 points (left out of
+    masks).
     """
+    from .coco import is_polygon
+
     report = Report(str(annotation_file))
     name = annotation_file.name
     images_ok: dict[int, dict] = {}
@@ -182,7 +186,7 @@ def validate_coco(
             continue
         segmentation = ann.get("segmentation")
         if isinstance(segmentation, list):
-            short = [len(p) for p in segmentation if not isinstance(p, list) or len(p) < 6 or len(p) % 2]
+            short = [len(p) if isinstance(p, list) else 0 for p in segmentation if not is_polygon(p)]
             if short:
                 report.warning(
                     where,
@@ -218,9 +222,11 @@ def annotation_area(ann: dict, image: dict) -> float:
     """An annotation's area as COCO defines it: of its mask (polygons, RLE), else of its box."""
     from pycocotools import mask as mask_utils
 
+    from .coco import is_polygon
+
     segmentation = ann.get("segmentation")
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        polygons = [p for p in segmentation if is_polygon(p)]
         if polygons:
             rles = mask_utils.frPyObjects(polygons, image["height"], image["width"])
             return float(mask_utils.area(mask_utils.merge(rles)))

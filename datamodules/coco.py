@@ -458,6 +458,11 @@ def category_classes(categories: list[dict], label_set: str) -> tuple[dict[int, 
 MaskRules = Literal["default", "torchvision"]
 
 
+def is_polygon(points) -> bool:
+    """A COCO polygon: x, y pairs of at least 3 points (pycocotools reads a list of 4 numbers as a box)."""
+    return isinstance(points, list) and len(points) >= 6 and len(points) % 2 == 0
+
+
 def instance_mask(coco, ann: dict):
     """The annotation's region (``H x W`` bool numpy array) by ``pycocotools``' ``annToMask``, without its
     degenerate polygons (fewer than 3 points), which pycocotools would read as a box or reject with a
@@ -466,7 +471,7 @@ def instance_mask(coco, ann: dict):
 
     segmentation = ann.get("segmentation")
     if isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        polygons = [p for p in segmentation if is_polygon(p)]
         if not polygons:
             info = coco.imgs[ann["image_id"]]
             return np.zeros((info["height"], info["width"]), dtype=bool)
