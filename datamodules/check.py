@@ -25,6 +25,10 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +96,20 @@ def _image_problem(path: Path, decode: bool, expected: tuple[int, int] | None = 
             image = read_image(path)
         except CorruptImageError as err:
             return str(err).split(": ", 1)[-1]
-        found = (image.shape[-1], image.shape[-2])
-        if expected is not None and found != expected:
-            return (
-                f"the image is {found[0]}x{found[1]} but the annotation file says {expected[0]}x{expected[1]}, so its "
-                f"boxes and masks would be misplaced"
-            )
+        if expected is not None:
+            return size_problem(image, *expected)
     return None
+
+
+def size_problem(image: torch.Tensor, width: int, height: int) -> str | None:
+    """Why a decoded image cannot carry annotations made for a ``width`` x ``height`` image, or ``None``."""
+    found_height, found_width = image.shape[-2:]
+    if (found_width, found_height) == (width, height):
+        return None
+    return (
+        f"the image is {found_width}x{found_height} but the annotation file says {width}x{height}, so its boxes "
+        f"and masks would be misplaced"
+    )
 
 
 # -- COCO ---------------------------------------------------------------------------------------------
@@ -241,8 +252,7 @@ def annotation_area(ann: dict, image: dict) -> float:
 # -- ImageFolder ----------------------------------------------------------------------------------------
 def validate_imagefolder(split_dir: Path, classes: list[str], decode: bool = False) -> Report:
     """Check ``split_dir/<class>/<images>``: class folders without images, empty or unreadable files."""
-    from .imagefolder import list_images, no_images_problem
-    from .images import is_image_file
+    from .imagefolder import list_images, no_images_problem, unreadable_files
 
     report = Report(str(split_dir))
     for name in classes:
@@ -252,11 +262,7 @@ def validate_imagefolder(split_dir: Path, classes: list[str], decode: bool = Fal
         if not files:
             report.error(str(folder), no_images_problem(folder))
         elif folder.is_dir():
-            ignored = sum(
-                not name.startswith(".") and not is_image_file(name)
-                for _, _, names in os.walk(folder, followlinks=True)
-                for name in names
-            )
+            ignored = sum(unreadable_files(folder).values())
             if ignored:
                 report.warning(str(folder), f"{ignored} files not in a readable image format are ignored")
         for path in files:

@@ -120,17 +120,21 @@ def xywh_to_xyxy_clipped(bbox, width: int, height: int) -> tuple[float, float, f
     return x1, y1, x2, y2
 
 
+def unlisted_categories(coco, listed) -> list[int]:
+    """Category ids the file's annotations use that ``listed`` (the model's classes) lacks, sorted."""
+    return sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(listed))
+
+
 def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:
     """Annotations are in the pixel coordinates of the image they were made on: a resized or different file
     would misplace every box and mask silently, so the decoded size must be the one the file records."""
-    from .check import DataValidationError
+    from .check import DataValidationError, size_problem
 
-    height, width = image.shape[-2:]
-    if (width, height) != (info["width"], info["height"]):
+    problem = size_problem(image, info["width"], info["height"])
+    if problem:
         raise DataValidationError(
-            f"{path}: the image is {width}x{height} but the annotation file says {info['width']}x{info['height']} "
-            f"(image id {info['id']}), so its boxes and masks would be misplaced. Use the images the annotations "
-            f"were made for, or rescale the annotations and their 'width'/'height' to these images."
+            f"{path}: {problem} (image id {info['id']}). Use the images the annotations were made for, or rescale "
+            f"the annotations and their 'width'/'height' to these images."
         )
 
 
@@ -362,7 +366,7 @@ class COCODetectionDataModule(SplitLoaders, pl.LightningDataModule):
         images, annotations = self.split_files(split)
         train = split == "train"
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
-        unknown = sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(self.category_ids))
+        unknown = unlisted_categories(coco, self.category_ids)
         if train and unknown:  # the model's classes are the validation file's categories
             from .check import DataValidationError
 
@@ -752,7 +756,7 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         coco = load_coco(annotations, images, drop_invalid=self.hparams.drop_invalid)
         if self.hparams.categories == "all" and self._classes is None:
             self._classes = category_classes(coco.dataset["categories"], "all")
-        unknown = sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(self.label_set[0]))
+        unknown = unlisted_categories(coco, self.label_set[0])
         if self.hparams.categories == "all" and unknown:  # they would become background without a word
             from .check import DataValidationError
 

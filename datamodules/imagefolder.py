@@ -65,16 +65,21 @@ def list_images(directory: Path) -> list[Path]:
     return found
 
 
+def unreadable_files(folder: Path) -> Counter:
+    """How many files below ``folder`` are not images in a readable format, by suffix (hidden files aside)."""
+    return Counter(
+        Path(name).suffix.lower() or name
+        for _, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if not name.startswith(".") and not is_image_file(name)
+    )
+
+
 def no_images_problem(folder: Path) -> str:
     """What to say about a class folder without readable images: empty, or holding files of other types."""
     from .images import IMAGE_EXTENSIONS
 
-    others = Counter(
-        Path(name).suffix.lower() or Path(name).name
-        for _, _, names in os.walk(folder, followlinks=True)
-        for name in names
-        if not name.startswith(".")
-    )
+    others = unreadable_files(folder)
     if not others:
         return "class folder without images"
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
