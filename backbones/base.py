@@ -8,7 +8,12 @@ A backbone is an ``nn.Module`` that
 * returns the requested stages' maps from :meth:`Backbone.forward_features`;
 * returns logits from ``forward`` when built with ``num_classes > 0``;
 * can freeze its first stages with :meth:`Backbone.freeze` (detectron2's ``freeze_at`` semantics) and
-  hand its last stages to a head with :meth:`Backbone.truncate` (the C4 detector runs ``res5`` per region).
+  hand its last stages to a head with :meth:`Backbone.truncate` (the C4 detector runs ``res5`` per region);
+* lets a head choose the maps it reads with :meth:`Backbone.select_outputs`, and tells its native
+  stride (:attr:`Backbone.native_stride`, the deepest stage's stride without dilation) and the builder
+  options that define its weights (:attr:`Backbone.architecture`).
+
+Heads use only these public members (detectron2's FPN reads ``output_shape()`` the same way).
 
 Subclasses describe their stages through two hooks, ``_stage_attrs`` and ``_run_stage``; everything
 else lives here once.
@@ -91,8 +96,16 @@ class Backbone(nn.Module):
     ``_stage_attrs`` (which attributes make up each stage) and ``_run_stage`` (one stage's forward).
     """
 
+    #: the zoo name, recorded so that weight files can be checked against it
+    name: str
     feature_info: dict[str, FeatureInfo]
     out_features: tuple[str, ...]
+    #: the stride of the deepest stage when no stage is dilated (32 on ImageNet nets, 4 on CIFAR nets)
+    native_stride: int
+    #: builder options that define the network's parameters and function (see ``ResNet.architecture``)
+    architecture: dict
+    #: attributes :meth:`truncate` handed to a head, in the order of the module it returned
+    detached: tuple[str, ...] = ()
     #: Attributes applied after the deepest stage (e.g. the final BN+ReLU of pre-activation nets).
     _tail_attrs: tuple[str, ...] = ()
 
@@ -104,7 +117,8 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     # -- the contract ---------------------------------------------------------------------------
-    def _set_out_features(self, out_features: Sequence[str] | None) -> None:
+    def select_outputs(self, out_features: Sequence[str] | str | None) -> Backbone:
+        """Choose the stages :meth:`forward_features` returns (``None``: the deepest); returns ``self``."""
         stages = list(self.feature_info)
         if out_features is None:
             out_features = (stages[-1],)
@@ -117,6 +131,7 @@ class Backbone(nn.Module):
                 f"backbone's stages ({', '.join(stages)})"
             )
         self.out_features = tuple(name for name in stages if name in out_features)
+        return self
 
     @property
     def stage_names(self) -> tuple[str, ...]:
@@ -173,7 +188,9 @@ class Backbone(nn.Module):
 
         The returned module maps the ``after`` stage's output to what the deepest stage produced; the
         C4 detector applies it per region as its box head (ResNet paper, Appendix A). The backbone keeps
-        the shallower stages, its ``feature_info`` shrinks accordingly, and its classifier is dropped.
+        the shallower stages, its ``feature_info`` shrinks accordingly, and its classifier is dropped;
+        :attr:`detached` names the attributes the returned module's parts came from, in order, so that
+        their weights can be put back where they belong (``python -m backbones.export``).
         """
         names = self.stage_names
         if after not in names or after == names[-1]:
@@ -181,16 +198,20 @@ class Backbone(nn.Module):
         attrs = self._stage_attrs()
         removed = names[names.index(after) + 1 :]
         parts: list[nn.Module] = []
+        detached: list[str] = []
         for name in removed:
             for attr in attrs[name]:
                 parts.append(getattr(self, attr))
+                detached.append(attr)
                 delattr(self, attr)
             del self.feature_info[name]
         for attr in self._tail_attrs:
             module = getattr(self, attr, None)
             if module is not None:
                 parts.append(module)
+                detached.append(attr)
                 setattr(self, attr, None)
+        self.detached = tuple(detached)
         self._drop_classifier()
         self.out_features = tuple(name for name in self.out_features if name in self.feature_info) or (after,)
         return nn.Sequential(*parts)

@@ -47,8 +47,9 @@ class ResNet(Backbone):
         unit: activation placement of Identity Mappings Fig. 4 used in every unit.
         form: ResNeXt block form (Xie et al. Fig. 3).
         norm: ``bn``, ``frozen_bn``, ``sync_bn`` or ``gn``.
-        output_stride: stride of the deepest map; smaller than the native stride (32 on ImageNet)
-            dilates the last stages instead of striding them (16: ``res5``; 8: ``res4`` and ``res5``).
+        output_stride: the largest stride of the deepest map; below the native stride (32 on ImageNet)
+            the last stages are dilated instead of strided (16: ``res5``; 8: ``res4`` and ``res5``); a
+            power of two at or above it leaves the net as it is (a CIFAR net, native 4, at 8).
         zero_init_residual: start every residual branch at zero (arXiv 1706.02677).
         name: the zoo name, recorded so that weight files can be checked against it.
     """
@@ -99,8 +100,17 @@ class ResNet(Backbone):
         self.default_input_size = 224 if imagenet else 32
         stem_stride = 4 if imagenet else 1
         native_stride = stem_stride * 2 ** (len(layers) - 1)
-        if output_stride is None:
-            output_stride = native_stride
+        self.native_stride = native_stride
+        # What a weight file must agree with besides the names and shapes of its tensors: two networks
+        # of the same name but other options here (stride_in_1x1, above all) compute different functions.
+        self.architecture = {
+            "layers": list(layers), "bottleneck": bottleneck, "stem": stem, "stem_width": stem_width,
+            "planes": list(planes), "in_channels": in_channels, "groups": groups, "width_per_group": width_per_group,
+            "stride_in_1x1": stride_in_1x1, "shortcut": shortcut, "skip": skip, "skip_param": skip_param,
+            "unit": unit, "form": form,
+        }  # fmt: skip
+        if output_stride is None or (_power_of_two(output_stride) and output_stride >= native_stride):
+            output_stride = native_stride  # an upper bound the net already meets: nothing to dilate
         allowed = [stem_stride * 2**i for i in range(len(layers))]
         if output_stride not in allowed or not _power_of_two(output_stride):
             raise ValueError(
@@ -162,7 +172,7 @@ class ResNet(Backbone):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else None
         self.num_classes = num_classes
-        self._set_out_features(out_features)
+        self.select_outputs(out_features)
         self._init_weights()
         if zero_init_residual:
             self.zero_init_residual()

@@ -41,9 +41,9 @@ TORCHVISION_WEIGHTS: dict[str, str] = {
     "resnext101_64x4d": "ResNeXt101_64X4D_Weights",
 }
 
-#: Prefixes under which this project's task checkpoints store the backbone: classification,
-#: segmentation, detection (FPN head).
-CHECKPOINT_PREFIXES: tuple[str, ...] = ("backbone.", "model.backbone.", "detector.backbone.body.")
+#: Builder options that do not change what a weight file means: how the net is normalized, dilated,
+#: initialized or cut, not which function its weights compute.
+_NOT_ARCHITECTURE = ("norm", "output_stride", "zero_init_residual", "num_classes", "out_features")
 
 _CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
@@ -62,8 +62,9 @@ class LoadReport:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _torch_load(source: str | Path | object, what: str) -> object:
-    """``torch.load`` restricted to tensors and plain containers (plus ``argparse.Namespace``)."""
+def torch_load_safe(source: str | Path | object, what: str) -> object:
+    """``torch.load`` restricted to tensors and plain containers (plus ``argparse.Namespace``): a file
+    holding other Python objects is refused with :class:`WeightsError` naming ``what``, never executed."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(source, map_location="cpu", weights_only=True)
@@ -137,8 +138,10 @@ def check_weights_fit(enum, net_name: str | None) -> None:
 def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[dict[str, Tensor], dict]:
     """Read ``source`` into a flat ``{key: tensor}`` dict; also return metadata about where it came from.
 
-    The metadata holds ``checkpoint_backbone`` (the zoo name recorded in a task checkpoint) and
-    ``categories`` (torchvision's class names) when known.
+    The metadata holds what the source records: ``checkpoint_backbone`` (the zoo name in a task
+    checkpoint or an exported file), ``architecture`` (its builder options, see :func:`check_architecture`),
+    ``backbone_keys`` (where a task checkpoint keeps the backbone, see :func:`backbone_subset`),
+    ``class_names`` and ``category_ids`` (a task's label set), ``categories`` (torchvision's class names).
     """
     what = f"weights={str(source)!r}"
     meta: dict = {}
@@ -170,10 +173,11 @@ def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[di
 
             try:
                 raw = load_file(str(path), device="cpu")
+                meta.update(safetensors_metadata(path))
             except (SafetensorError, OSError, ValueError) as err:
                 raise WeightsError(f"{what}: not a readable safetensors file ({err})") from None
         else:
-            raw = _torch_load(path, what)
+            raw = torch_load_safe(path, what)
     return _unwrap(raw, what, meta), meta
 
 
@@ -188,6 +192,12 @@ def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
         for key in ("class_names", "category_ids"):  # label sets recorded by this project's tasks
             if raw.get(key):
                 meta[key] = list(raw[key])
+        recorded = raw.get("backbone")  # what a task records about its backbone (tasks.base)
+        if isinstance(recorded, dict):
+            if isinstance(recorded.get("architecture"), dict):
+                meta["architecture"] = dict(recorded["architecture"])
+            if isinstance(recorded.get("keys"), dict):
+                meta["backbone_keys"] = dict(recorded["keys"])
         return raw["state_dict"]
     if "model" in raw and isinstance(raw["model"], dict):  # torchvision reference-script checkpoint
         return raw["model"]
@@ -198,12 +208,97 @@ def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
 
 
 # -- remapping ----------------------------------------------------------------------------------
-def backbone_subset(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The backbone's part of a task checkpoint's state dict, with the task's prefix removed."""
-    for prefix in CHECKPOINT_PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+def safetensors_metadata(path: Path) -> dict:
+    """What :func:`save_weights` records in a ``.safetensors`` file: the zoo name and builder options."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    meta: dict = {}
+    if header.get("backbone"):
+        meta["checkpoint_backbone"] = header["backbone"]
+    if header.get("architecture"):
+        try:
+            meta["architecture"] = json.loads(header["architecture"])
+        except json.JSONDecodeError:
+            pass
+    return meta
+
+
+def backbone_subset(state: dict[str, Tensor], keys: dict[str, str] | None = None) -> dict[str, Tensor]:
+    """The backbone's tensors in a task checkpoint's state dict, under the backbone's own names.
+
+    ``keys`` maps a prefix of the backbone's names to where the checkpoint keeps it (recorded by the task
+    that wrote it, e.g. ``{"": "net.body.", "layer4.": "net.head.res5.0."}`` for a detector whose box head
+    holds the last stage, as the C4 design does). Without it, the checkpoint's names are read
+    below the shortest prefix that holds a ``layer1.0.conv1.weight`` (a bare state dict's is empty).
+    """
+    if keys:
+        out: dict[str, Tensor] = {}
+        taken: set[str] = set()
+        for ours, theirs in sorted(keys.items(), key=lambda kv: -len(kv[1])):  # most specific first
+            for key, value in state.items():
+                if key.startswith(theirs) and key not in taken:
+                    taken.add(key)
+                    out[ours + key[len(theirs) :]] = value
+        return out
+    marker = "layer1.0.conv1.weight"  # the first unit's first convolution: every zoo network has one
+    prefixes = [k[: -len(marker)] for k in state if k.endswith(marker)]
+    if not prefixes:
+        return state
+    prefix = min(prefixes, key=len)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+#: Builder options that choose among the papers' variants of a named network (``ResNet``'s arguments):
+#: the ones a weight file can record and a task can adopt from it.
+VARIANT_OPTIONS: tuple[str, ...] = ("stride_in_1x1", "shortcut", "skip", "skip_param", "unit", "form")
+
+
+def adopt_architecture(given: dict, recorded: dict | None, default: dict) -> dict:
+    """The variant options a weight file ``recorded`` that a network built with ``given`` options would
+    not have (``default``: that network's ``architecture``), for the caller to build with.
+
+    Options the caller set are never overridden (:func:`check_architecture` then refuses a conflict); the
+    others follow the file, so ResNet-50 weights trained as the paper's v1 (``stride_in_1x1``) build v1.
+    """
+    if not recorded:
+        return {}
+    return {
+        k: recorded[k]
+        for k in VARIANT_OPTIONS
+        if k in recorded and k not in given and recorded[k] != default.get(k)
+        and not (k == "stride_in_1x1" and not default.get("bottleneck"))
+    }  # fmt: skip
+
+
+def check_architecture(recorded: dict | None, net: nn.Module, what: str) -> None:
+    """Refuse weights recorded with other builder options than ``net`` was built with.
+
+    Tensor names and shapes cannot tell ResNet-50 v1 (``stride_in_1x1``) from v1.5, nor other options
+    apart that keep the shapes; loading one into the other runs a different network without a word. A
+    task checkpoint and an exported ``.safetensors`` record the options; a bare state dict cannot tell and
+    is accepted (torchvision's files are v1.5, ``stride_in_1x1=False``).
+    """
+    own = getattr(net, "architecture", None)
+    if not recorded or not own:
+        return
+    differ = [
+        key
+        for key, value in recorded.items()
+        if key in own and key not in _NOT_ARCHITECTURE and own[key] != value
+        and not (key == "stride_in_1x1" and not own.get("bottleneck"))  # basic units have no 1x1
+    ]  # fmt: skip
+    if differ:
+        found = ", ".join(f"{k}={recorded[k]!r}" for k in differ)
+        built = ", ".join(f"{k}={own[k]!r}" for k in differ)
+        fix = "{" + ", ".join(f"{k}: {recorded[k]!r}" for k in differ) + "}"
+        raise WeightsError(
+            f"{what} were trained with {found}, but this network is built with {built}: they would compute "
+            f"another function. Build it with those options (backbone_args {fix}) or pass weights of this network."
+        )
 
 
 def is_timm_resnetv2(state: dict[str, Tensor]) -> bool:
@@ -287,14 +382,20 @@ def apply_weights(
     what: str,
     ignore_head: bool = False,
     checkpoint_backbone: str | None = None,
+    architecture: dict | None = None,
 ) -> LoadReport:
-    """Load an already-read state dict into the backbone ``net`` (the second half of :func:`load_weights`)."""
+    """Load an already-read state dict into the backbone ``net`` (the second half of :func:`load_weights`).
+
+    ``checkpoint_backbone`` and ``architecture`` are what the source records (its zoo name and builder
+    options): a source of another network is refused before any tensor is compared.
+    """
     net_name = getattr(net, "name", None)
     if checkpoint_backbone is not None and net_name is not None and checkpoint_backbone != net_name:
         raise WeightsError(
             f"{what} was trained with backbone '{checkpoint_backbone}', but this model is '{net_name}': build "
             f"'{checkpoint_backbone}' or pass a checkpoint of '{net_name}'."
         )
+    check_architecture(architecture, net, what)
     state = remap(state)
     dropped: list[str] = []
     has_classifier = getattr(net, "fc", None) is not None
@@ -326,10 +427,11 @@ def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = Fals
     state, meta = read_state_dict(source, getattr(net, "name", None))
     report = apply_weights(
         net,
-        backbone_subset(state),
+        backbone_subset(state, meta.get("backbone_keys")),
         what=f"weights={str(source)!r}",
         ignore_head=ignore_head,
         checkpoint_backbone=meta.get("checkpoint_backbone"),
+        architecture=meta.get("architecture"),
     )
     report.source = str(source)
     return report
@@ -338,15 +440,22 @@ def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = Fals
 def save_weights(net: nn.Module, path: str | Path) -> Path:
     """Write ``net``'s weights as ``.safetensors`` (no pickle at all) or, for any other suffix, a ``.pth``.
 
-    ``num_batches_tracked`` counters are kept; tensors are made contiguous, as safetensors requires.
+    ``num_batches_tracked`` counters are kept; tensors are made contiguous, as safetensors requires. A
+    ``.safetensors`` file records the zoo name and the builder options (``architecture``), so loading it
+    into a network built otherwise is refused; a ``.pth`` is a bare state dict, as torchvision's are.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     if path.suffix == ".safetensors":
+        import json
+
         from safetensors.torch import save_file
 
-        save_file(state, str(path), metadata={"backbone": str(getattr(net, "name", ""))})
+        metadata = {"backbone": str(getattr(net, "name", ""))}
+        if getattr(net, "architecture", None):
+            metadata["architecture"] = json.dumps(net.architecture)
+        save_file(state, str(path), metadata=metadata)
     else:
         torch.save(state, path)
     return path

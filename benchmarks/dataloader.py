@@ -61,7 +61,8 @@ def generate_jpegs(root: Path, count: int, classes: int = 8, seed: int = 0) -> P
 
 
 def ours_dataset(root: Path):
-    from datamodules.imagefolder import ImageFolderDataset, find_classes, list_samples
+    from datamodules.folders import find_classes, list_samples
+    from datamodules.imagefolder import ImageFolderDataset
     from datamodules.transforms import train_transform
 
     samples = list_samples(root / "train", find_classes(root / "train"))
@@ -203,7 +204,7 @@ def train_on_jpegs(
                 if decode_device == "cpu":  # uint8 crops from the workers, pinned: copied as Lightning does
                     b = {"image": b["image"].to(device, non_blocking=True), "label": b["label"].to(device)}
                 elif not prefetch:  # decoded in the training thread, on the current stream
-                    b = dm._prepare_on_gpu(b, device, train=True)
+                    b = dm.decoding.prepare(b, device, train=True)
                 yield b["image"], b["label"]
 
     synthetic_rate = timed((synthetic, labels) for _ in range(steps + 4))

@@ -20,10 +20,10 @@ CPU path, and ``data.cpu_share`` of the training images are finished there entir
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -31,6 +31,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import ColorJitter, RandomCrop, RandomResizedCrop, RandomShortestSize
 
+from .images import CorruptImageError, read_image_or_skip
+from .loading import collate_skipping
 from .transforms import PAPER_SCALES, eval_transform, train_transform
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -76,8 +78,6 @@ def decode_batch(
     neither can decode raises ``CorruptImageError`` naming it, or with ``skip`` is logged and left
     ``None`` (``data.skip_corrupt``).
     """
-    from .images import CorruptImageError
-
     images: list[torch.Tensor | None] = [None] * len(items)
     encoded = []
     for i, item in enumerate(items):
@@ -281,86 +281,132 @@ def _jitter_dict(row: Sequence[float]) -> dict:
     }
 
 
-class CUDAPrefetcher:
-    """Iterate a loader with the next batches prepared on a side CUDA stream, overlapping training.
+# -- the orchestration: what ImageFolderDataModule(decode_device="cuda") does with a sample and a batch ---------
+def on_cpu(index: int, cpu_share: float) -> bool:
+    """Whether training sample ``index`` is decoded and cropped by the worker (``cpu_share`` of them,
+    spread evenly over the indices by the golden-ratio sequence)."""
+    return (index * 0.6180339887498949) % 1.0 < cpu_share
 
-    A background thread takes each host batch (JPEG bytes) from ``loader`` and runs ``prepare`` on it
-    (copy, nvJPEG decode, crops) on its own stream, ``depth`` batches ahead; the consumer waits only on
-    that batch's event. Without this, decoding and training take turns and the GPU idles while it
-    decodes. ``sampler`` is the loader's, so Lightning's ``set_epoch`` reaches it.
+
+def encoded_item(sample: dict, transform, draw, finish_on_cpu: bool, skip_corrupt: bool) -> dict | None:
+    """A loader worker's share of the GPU path for one sample (``path``, ``label``, ``index``): the JPEG's
+    bytes (anything else decoded here, on the CPU) and, for training (``draw``: ``GPUAugment.sample``),
+    the crop box and flip drawn from the header's size.
+
+    A training sample with ``finish_on_cpu`` is instead finished here by the CPU pipeline (marked
+    ``done``), which draws the same crop, flip and jitter: the two halves of a batch are the same
+    augmentation, split between the host's cores and the GPU.
+    """
+    path = sample["path"]
+    if finish_on_cpu:
+        image = read_image_or_skip(path, skip_corrupt)
+        if image is None:
+            return None
+        item = {**sample, "image": transform(image)}
+        item.update({k: torch.zeros_like(v) for k, v in draw(*image.shape[-2:]).items()})
+        item["done"] = torch.tensor(True)
+        return item
+    data = bytearray(Path(path).read_bytes())
+    image: torch.Tensor | None = None
+    if data.startswith(JPEG_MAGIC):
+        try:
+            height, width = header_size(data)
+            image = torch.frombuffer(data, dtype=torch.uint8)
+        except OSError:  # not even a readable header: the CPU decoder names the file (or skips it)
+            pass
+    if image is None:
+        image = read_image_or_skip(path, skip_corrupt)
+        if image is None:
+            return None
+        height, width = image.shape[-2:]
+    item = {**sample, "image": image}
+    if draw is not None:
+        item.update(draw(height, width))
+        item["done"] = torch.tensor(False)
+    return item
+
+
+def collate_raw(batch: Sequence[dict | None]) -> dict:
+    """Batches of undecoded images: the files' bytes packed in one buffer (:func:`pack_encoded`), the rest
+    collated as usual (unreadable samples, ``None``, dropped and counted)."""
+    images = [sample["image"] for sample in batch if sample is not None]
+    rest = [None if sample is None else {k: v for k, v in sample.items() if k != "image"} for sample in batch]
+    out = collate_skipping(rest)  # drops and counts the unreadable samples
+    if images:
+        out["image"] = pack_encoded(images)
+    return out
+
+
+class GPUDecoding:
+    """The training process's share of the GPU path: a host batch of JPEG bytes becomes uint8 images on
+    the device (decoded by nvJPEG, cropped by :class:`GPUAugment` with the workers' draws).
+
+    Args:
+        augment: the datamodule's pipelines on decoded images.
+        skip_corrupt: leave out files only the GPU decoder finds unreadable (counted in ``skipped``).
     """
 
-    def __init__(self, loader, prepare, device: torch.device, depth: int = 2) -> None:
-        self.loader = loader
-        self.prepare = prepare
-        self.device = device
-        self.depth = depth
+    def __init__(self, augment: GPUAugment, skip_corrupt: bool = False) -> None:
+        self.augment = augment
+        self.skip_corrupt = skip_corrupt
 
-    @property
-    def sampler(self):
-        return self.loader.sampler
+    @staticmethod
+    def transfer(batch, device: torch.device, move):
+        """``move(batch, device)`` for everything but a packed batch's JPEG bytes, which stay on the host
+        (the decoder reads them there)."""
+        if not (isinstance(batch, dict) and is_packed(batch.get("image"))):
+            return move(batch, device)
+        images = batch.pop("image")
+        batch = move(batch, device)
+        batch["image"] = images
+        return batch
 
-    def state_dict(self) -> dict:  # the loader's position, for Lightning's checkpoints
-        return self.loader.state_dict()
+    def prepare(self, batch: dict, device: torch.device, train: bool) -> dict:
+        """Copy a host batch of JPEG bytes to ``device``, decode and crop it there (uint8 out)."""
+        if "image" not in batch:  # every sample was unreadable and skipped
+            return batch
+        images = unpack_encoded(batch.pop("image"))
+        jitter = batch.pop("jitter", None)  # read on the host, image by image
+        done = batch.pop("done", None)  # finished by the worker (cpu_share)
+        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        decoded = decode_batch(images, device, batch.get("path"), skip=self.skip_corrupt)
+        keep = [i for i, image in enumerate(decoded) if image is not None]
+        if len(keep) < len(decoded):  # files only the decoder found unreadable (data.skip_corrupt)
+            skipped = int(out.get("skipped", 0)) + len(decoded) - len(keep)
+            if not keep:
+                return {"skipped": skipped}
+            out = select_samples(out, keep, len(decoded))
+            out["skipped"] = skipped
+            decoded = [decoded[i] for i in keep]
+            jitter = jitter[keep] if jitter is not None else None
+            done = done[keep] if done is not None else None
+        if train:
+            out["image"] = self.train_crops(decoded, out.pop("box"), out.pop("flip"), jitter, done)
+        else:
+            out["image"] = self.augment.eval(decoded)
+        return out
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        import queue
-        import threading
-
-        ready: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-        cuda = self.device.type == "cuda"  # (on the CPU only the thread and the queue remain, for tests)
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        done = object()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            if cuda:
-                torch.cuda.set_device(self.device)
-            try:
-                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    for batch in self.loader:
-                        out = self.prepare(batch)
-                        event = torch.cuda.Event() if cuda else None
-                        if event is not None:
-                            event.record(stream)
-                        if not put((out, event)):
-                            return
-            except BaseException as err:  # re-raised in the consumer
-                put(err)
-            put(done)
-
-        thread = threading.Thread(target=produce, name="cuda-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                out, event = item
-                if event is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    for value in out.values():
-                        if isinstance(value, torch.Tensor) and value.is_cuda:
-                            value.record_stream(current)  # the allocator must not reuse it before training is done
-                yield out
-        finally:
-            stop.set()
-            thread.join(timeout=10)
+    def train_crops(
+        self,
+        decoded: list[torch.Tensor],
+        boxes: torch.Tensor,
+        flips: torch.Tensor,
+        jitter: torch.Tensor | None,
+        done: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The GPU's crops of the samples the workers left to it, and the workers' crops of the rest."""
+        if done is None or not bool(done.any()):
+            return self.augment.train(decoded, boxes, flips, jitter)
+        finished, pending = done.nonzero().flatten(), (~done).nonzero().flatten()
+        first = decoded[int(finished[0])]
+        images = first.new_empty((len(decoded), *first.shape))
+        images[finished.to(first.device)] = torch.stack([decoded[i] for i in finished.tolist()])
+        if len(pending):
+            rows = pending.to(boxes.device)
+            images[rows] = self.augment.train(
+                [decoded[i] for i in pending.tolist()],
+                boxes[rows],
+                flips[rows],
+                None if jitter is None else jitter[pending],
+            )
+        return images

@@ -1,15 +1,14 @@
 """ImageNet and any ImageFolder tree: ``<root>/train/<class>/*.JPEG``, ``<root>/val/<class>/*.JPEG``.
 
-Class indices are the sorted folder names of the training split (for ImageNet, the WordNet ids
-``n01440764`` ...); human-readable names come from ImageNet's ``LOC_synset_mapping.txt`` when it is in
-``root`` or its parent. Images are decoded to uint8 tensors by ``datamodules.images.read_image`` and
-transformed by ``transforms.v2`` (``datamodules.transforms``).
+The layout is read by ``datamodules.folders`` and checked by ``datamodules.validation`` (the same
+function ``python -m datamodules.check`` runs); images are decoded to uint8 tensors by
+``datamodules.images.read_image`` and transformed by ``transforms.v2`` (``datamodules.transforms``), or,
+with ``decode_device: cuda``, decoded and augmented on the GPU (``datamodules.gpu_decode``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,19 +18,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .gpu_decode import (
-    JPEG_MAGIC,
-    CUDAPrefetcher,
-    GPUAugment,
-    decode_batch,
-    header_size,
-    is_packed,
-    pack_encoded,
-    select_samples,
-    unpack_encoded,
-)
-from .images import is_image_file, read_image_or_skip
-from .loading import SplitLoaders, collate_skipping, make_loader
+from .folders import LAYOUT_HELP, class_archives, find_classes, loose_images, synset_names
+from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, encoded_item, is_packed, on_cpu
+from .images import read_image_or_skip
+from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping, make_loader
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -42,81 +32,9 @@ from .transforms import (
     eval_transform,
     train_transform,
 )
+from .validation import DataValidationError, validate_imagefolder
 
 log = logging.getLogger(__name__)
-
-LAYOUT_HELP = (
-    "Expected an ImageFolder tree: <root>/{train}/<class name>/<image files> and the same for the "
-    "validation folder (ImageNet: train/n01440764/n01440764_10026.JPEG, val/n01440764/*.JPEG)."
-)
-
-
-def find_classes(directory: Path) -> list[str]:
-    """Sorted names of the class folders in ``directory``."""
-    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
-
-
-def list_images(directory: Path) -> list[Path]:
-    """Every image file below ``directory``, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / name for name in sorted(filenames) if is_image_file(name))
-    return found
-
-
-def unreadable_files(folder: Path) -> Counter:
-    """How many files below ``folder`` are not images in a readable format, by suffix (hidden files aside)."""
-    return Counter(
-        Path(name).suffix.lower() or name
-        for _, _, names in os.walk(folder, followlinks=True)
-        for name in names
-        if not name.startswith(".") and not is_image_file(name)
-    )
-
-
-def no_images_problem(folder: Path) -> str:
-    """What to say about a class folder without readable images: empty, or holding files of other types."""
-    from .images import IMAGE_EXTENSIONS
-
-    others = unreadable_files(folder)
-    if not others:
-        return "class folder without images"
-    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
-    return (
-        f"class folder without images it can read: it holds {kinds} files; the readable formats are "
-        f"{', '.join(IMAGE_EXTENSIONS)} (convert the files, e.g. to PNG)"
-    )
-
-
-def list_samples(directory: Path, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """``(path, class index)`` for every image of ``directory/<class>/``; unknown class folders are errors."""
-    index = {name: i for i, name in enumerate(classes)}
-    extra = [name for name in find_classes(directory) if name not in index]
-    if extra:
-        raise ValueError(
-            f"{directory}: class folders {extra[:5]} do not exist in the training split; every evaluation "
-            f"class must be one of the {len(classes)} training classes."
-        )
-    samples: list[tuple[str, int]] = []
-    for name in classes:
-        folder = directory / name
-        if folder.is_dir():
-            samples.extend((str(path), index[name]) for path in list_images(folder))
-    return samples
-
-
-def synset_names(root: Path) -> dict[str, str]:
-    """WordNet id to first human-readable name, from ``LOC_synset_mapping.txt`` (Kaggle ImageNet layout)."""
-    for candidate in (root / "LOC_synset_mapping.txt", root.parent / "LOC_synset_mapping.txt"):
-        if candidate.is_file():
-            names = {}
-            for line in candidate.read_text().splitlines():
-                wnid, _, text = line.strip().partition(" ")
-                if wnid:
-                    names[wnid] = text.split(",")[0].strip() or wnid
-            return names
-    return {}
 
 
 class ImageFolderDataset(Dataset):
@@ -158,55 +76,12 @@ class ImageFolderDataset(Dataset):
         return {"image": self.transform(image), "label": label, "index": index, "path": path}
 
     def on_cpu(self, index: int) -> bool:
-        """Whether training sample ``index`` is decoded and cropped by the worker (``cpu_share`` of them,
-        spread evenly over the indices by the golden-ratio sequence)."""
-        return self.draw is not None and (index * 0.6180339887498949) % 1.0 < self.cpu_share
+        """Whether training sample ``index`` is finished by the worker on the GPU path (``cpu_share``)."""
+        return self.draw is not None and on_cpu(index, self.cpu_share)
 
     def _raw_item(self, path: str, label: int, index: int) -> dict | None:
-        """GPU decoding: the JPEG's bytes (anything else decoded here, on the CPU) and, for training, the
-        crop box and flip drawn from the header's size (``GPUAugment.sample``).
-
-        Training samples picked by :meth:`on_cpu` are instead finished here by the CPU pipeline (marked
-        ``done``), which draws the same crop, flip and jitter: the two halves of a batch are the same
-        augmentation, split between the host's cores and the GPU.
-        """
-        if self.on_cpu(index):
-            image = read_image_or_skip(path, self.skip_corrupt)
-            if image is None:
-                return None
-            item = {"image": self.transform(image), "label": label, "index": index, "path": path}
-            item.update({k: torch.zeros_like(v) for k, v in self.draw(*image.shape[-2:]).items()})
-            item["done"] = torch.tensor(True)
-            return item
-        data = bytearray(Path(path).read_bytes())
-        image: torch.Tensor | None = None
-        if data.startswith(JPEG_MAGIC):
-            try:
-                height, width = header_size(data)
-                image = torch.frombuffer(data, dtype=torch.uint8)
-            except OSError:  # not even a readable header: the CPU decoder names the file (or skips it)
-                pass
-        if image is None:
-            image = read_image_or_skip(path, self.skip_corrupt)
-            if image is None:
-                return None
-            height, width = image.shape[-2:]
-        item = {"image": image, "label": label, "index": index, "path": path}
-        if self.draw is not None:
-            item.update(self.draw(height, width))
-            item["done"] = torch.tensor(False)
-        return item
-
-
-def collate_raw(batch: Sequence[dict | None]) -> dict:
-    """Batches of undecoded images: the files' bytes packed in one buffer (``gpu_decode.pack_encoded``),
-    the rest collated as usual (unreadable samples, ``None``, dropped and counted)."""
-    images = [sample["image"] for sample in batch if sample is not None]
-    rest = [None if sample is None else {k: v for k, v in sample.items() if k != "image"} for sample in batch]
-    out = collate_skipping(rest)  # drops and counts the unreadable samples
-    if images:
-        out["image"] = pack_encoded(images)
-    return out
+        sample = {"label": label, "index": index, "path": path}
+        return encoded_item(sample, self.transform, self.draw, self.on_cpu(index), self.skip_corrupt)
 
 
 class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
@@ -309,6 +184,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             scale_range=scale_range,
             color_jitter=color_jitter,
         )
+        self.decoding = GPUDecoding(self.gpu, skip_corrupt)
 
     # -- classes ------------------------------------------------------------------------------
     def _split_dir(self, name: str) -> Path:
@@ -326,7 +202,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             train = self._split_dir(self.hparams.train_dir)
             classes = find_classes(train)
             if not classes:
-                tars = [entry.name for entry in os.scandir(train) if entry.name.endswith(".tar")]
+                tars = class_archives(train)
                 hint = (
                     f" It holds {len(tars)} .tar files: ImageNet's training archive holds one tar per class; extract "
                     f"each into a folder of its name (mkdir n01440764 && tar xf n01440764.tar -C n01440764)."
@@ -367,12 +243,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         )
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if isinstance(batch, dict) and is_packed(batch.get("image")):  # JPEG bytes stay on the host
-            images = batch.pop("image")
-            batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-            batch["image"] = images
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        move = super().transfer_batch_to_device
+        return self.decoding.transfer(batch, device, lambda b, d: move(b, d, dataloader_idx))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 batches become normalized floats where they land (the GPU when there is one).
@@ -383,7 +255,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             return batch
         training = self.trainer is not None and self.trainer.training
         if is_packed(batch["image"]):  # JPEG bytes not yet decoded (no prefetcher)
-            batch = self._prepare_on_gpu(batch, batch["label"].device, train=training)
+            batch = self.decoding.prepare(batch, batch["label"].device, train=training)
             if "image" not in batch:  # nothing in it was readable (data.skip_corrupt)
                 return batch
         batch["image"] = self.normalize(batch["image"], train=training)
@@ -394,35 +266,21 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         return {"train": hp.train_dir, "val": hp.val_dir, "test": hp.test_dir or hp.val_dir}[split]
 
     def _check_split(self, split: str) -> None:
-        self._split_dir(self._directory(split))
+        self.split_path(split)
+
+    def split_path(self, split: str) -> Path:
+        """The folder of ``train``, ``val`` or ``test``; an error naming it and the layout when it is missing."""
+        return self._split_dir(self._directory(split))
 
     def _split(self, split: str) -> ImageFolderDataset:
-        """One split's samples, after the cheap checks (``datamodules.check``) that need no decoding.
+        """One split's samples, after the cheap checks of ``validate_imagefolder`` (no decoding).
 
         Class folders without images (training split) and empty files are errors that stop the run here,
-        before training, with a report naming them -- or, with ``drop_invalid``, are dropped and counted.
+        before training, with a report naming them -- or, with ``drop_invalid``, are left out and counted.
         """
-        from .check import DataValidationError, Report
-
-        path = self._split_dir(self._directory(split))
-        train = split == "train"
-        drop = self.hparams.drop_invalid
-        if drop:  # evaluation folders of dropped classes are ignored, not errors
-            samples = []
-            for i, name in enumerate(self.classes):
-                if (path / name).is_dir():
-                    samples.extend((str(p), i) for p in list_images(path / name))
-        else:
-            samples = list_samples(path, self.classes)
-        report = Report(str(path))
-        report.checked["images"] = len(samples)
-        for file, _ in samples:
-            if os.stat(file).st_size == 0:
-                report.error(file, "the file is empty (0 bytes)")
-        counts = Counter(label for _, label in samples)
-        empty = [c for i, c in enumerate(self.classes) if not counts[i]] if train else []
-        for name in empty:
-            report.error(str(path / name), no_images_problem(path / name))
+        path = self.split_path(split)
+        train, drop = split == "train", self.hparams.drop_invalid
+        report, samples = validate_imagefolder(path, self.classes, train=train, strict=not drop)
         if report.errors and not drop:
             raise DataValidationError(
                 f"{path} has errors that would break training:\n{report.text()}\nRemove or replace these "
@@ -431,14 +289,18 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         if report.errors:
             bad = {p.where for p in report.errors}
             samples = [(f, label) for f, label in samples if f not in bad]
+            counts = Counter(label for _, label in samples)
+            empty = [c for i, c in enumerate(self.classes) if not counts[i]] if train else []
             if empty:  # a class without training images leaves the label set
                 keep = [c for c in self.classes if c not in empty]
                 remap = {self.classes.index(c): k for k, c in enumerate(keep)}
                 samples = [(f, remap[label]) for f, label in samples if label in remap]
                 self._classes = keep
             log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))
+        elif report.warnings:
+            log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
         if not samples:
-            loose = [entry.name for entry in os.scandir(path) if entry.is_file() and is_image_file(entry.name)]
+            loose = loose_images(path)
             if loose:
                 raise ValueError(
                     f"{path} holds {len(loose)} images but not in class folders: an ImageFolder split is "
@@ -492,55 +354,5 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         loader = super().train_dataloader()
         if self.hparams.decode_device == "cuda" and self.hparams.gpu_prefetch:
             device = torch.device("cuda", torch.cuda.current_device())
-            return CUDAPrefetcher(loader, lambda batch: self._prepare_on_gpu(batch, device, train=True), device)
+            return CUDAPrefetcher(loader, lambda batch: self.decoding.prepare(batch, device, train=True), device)
         return loader
-
-    def _prepare_on_gpu(self, batch: dict, device: torch.device, train: bool) -> dict:
-        """Copy a host batch of JPEG bytes to ``device``, decode and crop it there (uint8 out)."""
-        if "image" not in batch:  # every sample was unreadable and skipped
-            return batch
-        images = unpack_encoded(batch.pop("image"))
-        jitter = batch.pop("jitter", None)  # read on the host, image by image
-        done = batch.pop("done", None)  # finished by the worker (cpu_share)
-        out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        decoded = decode_batch(images, device, batch.get("path"), skip=self.hparams.skip_corrupt)
-        keep = [i for i, image in enumerate(decoded) if image is not None]
-        if len(keep) < len(decoded):  # files only the decoder found unreadable (data.skip_corrupt)
-            skipped = int(out.get("skipped", 0)) + len(decoded) - len(keep)
-            if not keep:
-                return {"skipped": skipped}
-            out = select_samples(out, keep, len(decoded))
-            out["skipped"] = skipped
-            decoded = [decoded[i] for i in keep]
-            jitter = jitter[keep] if jitter is not None else None
-            done = done[keep] if done is not None else None
-        if train:
-            out["image"] = self._train_crops(decoded, out.pop("box"), out.pop("flip"), jitter, done)
-        else:
-            out["image"] = self.gpu.eval(decoded)
-        return out
-
-    def _train_crops(
-        self,
-        decoded: list[torch.Tensor],
-        boxes: torch.Tensor,
-        flips: torch.Tensor,
-        jitter: torch.Tensor | None,
-        done: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The GPU's crops of the samples the workers left to it, and the workers' crops of the rest."""
-        if done is None or not bool(done.any()):
-            return self.gpu.train(decoded, boxes, flips, jitter)
-        finished, pending = done.nonzero().flatten(), (~done).nonzero().flatten()
-        first = decoded[int(finished[0])]
-        images = first.new_empty((len(decoded), *first.shape))
-        images[finished.to(first.device)] = torch.stack([decoded[i] for i in finished.tolist()])
-        if len(pending):
-            rows = pending.to(boxes.device)
-            images[rows] = self.gpu.train(
-                [decoded[i] for i in pending.tolist()],
-                boxes[rows],
-                flips[rows],
-                None if jitter is None else jitter[pending],
-            )
-        return images

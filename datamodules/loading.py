@@ -1,23 +1,26 @@
-"""DataLoader plumbing shared by every datamodule: exact distributed evaluation, corrupt-sample skipping."""
+"""DataLoader plumbing shared by every datamodule: exact distributed evaluation, resumable seeded training
+order, corrupt-sample skipping, and the split/stage logic of the datamodules' hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
+from torchvision import tv_tensors
 
+from zoo_common.distributed import broadcast_object, distributed
+
+from .folders import list_images
+from .images import read_image
 from .samplers import ResumableSampler
 
 log = logging.getLogger(__name__)
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def eval_sampler(dataset: Dataset) -> UnrepeatedDistributedSampler | None:
@@ -41,12 +44,7 @@ def run_seed() -> int:
     launcher for ``seed_everything: true``; processes started by ``torchrun`` or ``srun`` each draw
     their own, so the seed is taken from rank 0.
     """
-    seed = torch.initial_seed() % 2**31
-    if distributed():
-        shared = [seed]
-        dist.broadcast_object_list(shared, src=0)
-        seed = shared[0]
-    return seed
+    return broadcast_object(torch.initial_seed() % 2**31)
 
 
 def check_enough_for_a_batch(dataset: Dataset, batch_size: int) -> None:
@@ -222,10 +220,6 @@ class SplitLoaders:
 
     def _predict_paths(self) -> list:
         """The image files under ``data.predict_root`` (searched recursively), or an error saying what is wrong."""
-        from pathlib import Path
-
-        from .imagefolder import list_images
-
         root = self.hparams.predict_root
         if not root:
             raise ValueError("predict needs data.predict_root: a folder of images")
@@ -254,3 +248,112 @@ class SplitLoaders:
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", train=False)
+
+
+class ImageListDataset(Dataset):
+    """Unlabeled images for ``predict`` (detection and segmentation).
+
+    ``image_id`` is the 1-based position in the sorted file list; ``original_size`` is the image's size
+    before ``transform``, so predictions can be mapped back to it.
+    """
+
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = read_image(self.paths[index])
+        return {
+            "image": self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor),
+            "original_size": torch.tensor(image.shape[-2:]),
+            "image_id": index + 1,
+            "path": str(self.paths[index]),
+        }
+
+
+class CUDAPrefetcher:
+    """Iterate a loader with the next batches prepared on a side CUDA stream, overlapping training.
+
+    A background thread takes each host batch (JPEG bytes) from ``loader`` and runs ``prepare`` on it
+    (copy, nvJPEG decode, crops) on its own stream, ``depth`` batches ahead; the consumer waits only on
+    that batch's event. Without this, decoding and training take turns and the GPU idles while it
+    decodes. ``sampler`` is the loader's, so Lightning's ``set_epoch`` reaches it.
+    """
+
+    def __init__(self, loader, prepare, device: torch.device, depth: int = 2) -> None:
+        self.loader = loader
+        self.prepare = prepare
+        self.device = device
+        self.depth = depth
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    def state_dict(self) -> dict:  # the loader's position, for Lightning's checkpoints
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        import queue
+        import threading
+
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"  # (on the CPU only the thread and the queue remain, for tests)
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            if cuda:
+                torch.cuda.set_device(self.device)
+            try:
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    for batch in self.loader:
+                        out = self.prepare(batch)
+                        event = torch.cuda.Event() if cuda else None
+                        if event is not None:
+                            event.record(stream)
+                        if not put((out, event)):
+                            return
+            except BaseException as err:  # re-raised in the consumer
+                put(err)
+            put(done)
+
+        thread = threading.Thread(target=produce, name="cuda-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                out, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for value in out.values():
+                        if isinstance(value, torch.Tensor) and value.is_cuda:
+                            value.record_stream(current)  # the allocator must not reuse it before training is done
+                yield out
+        finally:
+            stop.set()
+            thread.join(timeout=10)

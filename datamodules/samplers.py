@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+from zoo_common.distributed import rank, world_size
 
 
 def aspect_ratio_groups(sizes: Sequence[tuple[int, int]], k: int = 3) -> list[int]:
@@ -39,9 +40,8 @@ class AspectRatioGroupedSampler(DistributedSampler):
     """
 
     def __init__(self, dataset, group_ids: Sequence[int], batch_size: int, seed: int = 0) -> None:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        world = world_size()
+        super().__init__(dataset, num_replicas=world, rank=rank(), shuffle=True, seed=seed, drop_last=True)
         if len(group_ids) != len(dataset):
             raise ValueError(f"{len(group_ids)} group ids for {len(dataset)} samples")
         self.group_ids = list(group_ids)
@@ -86,9 +86,9 @@ class ResumableSampler(DistributedSampler):
     """
 
     def __init__(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> None:
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        super().__init__(
+            dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:

@@ -22,7 +22,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .coco import COCODetectionDataModule, COCOSegmentationDataModule
+from .coco_detection import COCODetectionDataModule
+from .coco_segmentation import COCOSegmentationDataModule
 from .imagefolder import ImageFolderDataModule
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring")

@@ -85,6 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from backbones.command import run_command
+    from zoo_common.command import run_command
 
     run_command(main)

@@ -1,8 +1,8 @@
 """Collect a study's runs into a Markdown table beside the paper's numbers, and plot their error curves.
 
-Runs are read from the local run directories (``<root>/<study>-<variant>/<version>/wandb``, the W&B
-offline record, newest version of each variant) or, with ``--wandb ENTITY/PROJECT``, from W&B's API by
-the study's tag. Error is ``100 x (1 - val/acc1)``; training error ``100 x (1 - train/acc1)``.
+Runs are read from the local run directories (``<root>/<study>-<variant>/<version>/metrics.csv``, which
+every run writes beside its W&B log; newest version of each variant) or, with ``--wandb ENTITY/PROJECT``,
+from W&B's API by the study's tag. Error is ``100 x (1 - val/acc1)``; training error ``100 x (1 - train/acc1)``.
 """
 
 from __future__ import annotations
@@ -17,18 +17,22 @@ def run_name(study: Study, variant: str) -> str:
     return f"{study.name}-{variant}"
 
 
+def read_metrics_csv(path: Path) -> list[dict]:
+    """The rows of a run's ``metrics.csv`` (Lightning's ``CSVLogger``), with empty cells left out."""
+    import csv
+
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
 def local_history(root: Path, study: Study, variant: str) -> list[dict] | None:
     """The newest local run of ``variant``: its logged rows, or ``None`` if it never ran."""
-    from tasks.wandb_offline import read_offline_run
-
     folder = Path(root) / run_name(study, variant)
-    runs = sorted(folder.glob("*/wandb"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    for wandb_dir in reversed(runs):
-        try:
-            return read_offline_run(wandb_dir)["history"]
-        except (FileNotFoundError, ValueError):
-            continue
-    return None
+    runs = sorted(folder.glob("*/metrics.csv"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return read_metrics_csv(runs[-1]) if runs else None
 
 
 def wandb_history(project: str, study: Study, variant: str) -> list[dict] | None:  # pragma: no cover - network
@@ -45,7 +49,7 @@ def curves(history: list[dict], metric: str) -> dict[str, list[tuple[int, float]
     train_metric = metric.replace("val/", "train/")
     out: dict[str, list[tuple[int, float]]] = {"test": [], "train": []}
     for row in history:
-        step = int(row.get("trainer/global_step", row.get("_step", 0)))
+        step = int(row.get("step", row.get("trainer/global_step", row.get("_step", 0))))
         if metric in row:
             out["test"].append((step, 100.0 * (1.0 - float(row[metric]))))
         if train_metric in row:

@@ -1,13 +1,19 @@
-"""What every task shares: backbone construction, optimizer/scheduler injection, speed switches, logging.
+"""What every task shares, written once: its arguments, the network's weights, the label set, checkpoint
+metadata, the optimizer and schedule, the speed switches, and the guard against a diverging loss.
 
-A task's constructor is its hyperparameters (torchgeo's pattern): the backbone by zoo name plus any
-builder option, the weights to start from, an injected optimizer and scheduler. Subclasses implement
-``configure_models`` (and build metrics there) and the step methods.
+A task's constructor is its hyperparameters (torchgeo's pattern). :class:`BaseTask` takes the arguments
+every task has (the backbone by zoo name plus any builder option, the weights to start from, the
+injected optimizer and schedule, the speed and reliability switches); a task's own signature names only
+what is its own and passes the rest on as ``**kwargs``, which LightningCLI follows into this signature
+for ``--help`` and type checks. A task declares where its network lives (``network_attr``, also its
+prefix in the task's state dict) and which layer's rows are its classes (``classifier_key``), and
+implements ``build_network``, its steps and its metric.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,39 +21,30 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
-from backbones import build_backbone, check_backbone_name, load_weights
-from backbones.resnet import ResNet
-from backbones.weights import read_state_dict
+from backbones import Backbone, BackboneName, build_backbone, check_backbone_name
+from backbones.weights import (
+    adopt_architecture,
+    apply_weights,
+    backbone_subset,
+    check_architecture,
+    load_state_dict_checked,
+    read_state_dict,
+    remap,
+)
+
+from .optim import fused, parameter_groups, scale_learning_rate
+from .reliability import NonFiniteLossError, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
 
-#: Task arguments that change how a run executes, not what the model is; kept out of checkpoint hparams.
-RUNTIME_OPTIONS: tuple[str, ...] = ("channels_last", "compile", "predictions_file", "log_samples", "nonfinite_loss")
-
-#: torchvision weights trained with ``FrozenBatchNorm2d(eps=0)``: torchvision's builders set eps to 0 when
-#: loading them (``overwrite_eps``), and so do we, to reproduce their outputs exactly.
-ZERO_EPS_WEIGHTS: frozenset[str] = frozenset({"FasterRCNN_ResNet50_FPN_Weights.COCO_V1"})
-
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def read_model_weights(source: str, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A whole model's state dict from a torchvision name, a file or a checkpoint of the task.
-
-    A task checkpoint's ``prefix`` (``detector.``, ``model.``, ``backbone.``) is removed. The metadata
-    holds what is known of the label set: torchvision's ``categories`` or a checkpoint's ``class_names``
-    and ``category_ids``.
-    """
-    state, meta = read_state_dict(source)
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    return state, meta
+#: Arguments that change how a run executes, not what the model is: kept out of checkpoint hparams, so
+#: that a later validate/predict command line decides them (LightningCLI applies a checkpoint's hparams).
+RUNTIME_OPTIONS: tuple[str, ...] = ("channels_last", "compile", "log_samples", "nonfinite_loss")
 
 
 def classes_in(state: dict[str, torch.Tensor], key: str, source: str, what: str) -> int:
-    """The number of output classes of the layer ``key`` in ``state`` (rows of its weight)."""
+    """The number of output rows of the layer ``key`` in ``state``."""
     if key not in state:
         raise ValueError(f"weights={source!r} is not a {what} state dict: it has no {key!r}")
     return int(state[key].shape[0])
@@ -62,102 +59,289 @@ def check_num_classes(given: int | None, found: int, source: str) -> int:
     return found
 
 
-def set_frozen_bn_eps(module: nn.Module, eps: float) -> None:
-    for m in module.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            m.eps = eps
-
-
-def parameter_groups(model: nn.Module, weight_decay_norm_bias: bool) -> list[dict[str, Any]]:
-    """Trainable parameters, split so that normalization weights and biases can skip weight decay.
-
-    With ``weight_decay_norm_bias=False`` the second group gets ``weight_decay=0`` (a common ImageNet
-    refinement, Goyal et al. 2017 keep it; torchvision's recipes drop it for BN).
-    """
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            if not weight_decay_norm_bias and (isinstance(module, _NORM_TYPES) or name == "bias"):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 class BaseTask(pl.LightningModule):
-    """Shared machinery of ``ClassificationTask``, ``DetectionTask`` and ``SegmentationTask``.
+    """Shared machinery of every task.
 
-    Class attributes ``monitor`` and ``mode`` name the metric that picks the best checkpoint.
+    Args:
+        backbone: zoo name (``python -m backbones`` lists them).
+        backbone_args: any builder option of the backbone, e.g. ``{"stride_in_1x1": true}``.
+        num_classes: size of the label set; ``None`` takes it from the weights or the datamodule (an
+            error if they disagree with a given value).
+        weights: a whole model to start from -- a torchvision weights name, a weight file or a checkpoint
+            of this task; its label set comes with it.
+        weights_backbone: weights for the backbone only (torchvision name, file, or any task's
+            checkpoint, e.g. a ``tasks.classify`` one); the rest starts fresh. Variant options the file
+            records (``stride_in_1x1``, ``unit``, ...) are adopted unless ``backbone_args`` sets them.
+        optimizer: injected optimizer; the configs carry the papers' recipes.
+        scheduler: injected learning-rate schedule.
+        scheduler_interval: step the schedule each ``epoch`` or each optimizer ``step``; ``None`` is the
+            task's own (``epoch`` for classification, ``step`` for detection and segmentation).
+        weight_decay_norm_bias: apply weight decay to normalization weights and biases too.
+        channels_last: NHWC memory layout; ``None`` is the task's default (on CUDA for classification
+            and segmentation, off for detection).
+        compile: ``torch.compile`` the backbone.
+        nonfinite_loss: ``stop`` the run on a NaN/inf loss, naming the step and the batch, or ``skip``
+            such batches (counted in ``train/skipped_nonfinite``).
+        reference_batch_size: the global batch the optimizer's learning rate is meant for.
+        scale_lr: scale the learning rate linearly with the actual global batch (Goyal et al. 2017).
+        log_samples: validation images logged to W&B with their predictions (``None``: the task's
+            default, 16 for classification, 4 otherwise; 0 logs none).
     """
 
+    #: the metric that picks the best checkpoint, and whether higher is better
     monitor: str = "val/loss"
     mode: Literal["min", "max"] = "min"
+    #: ``--trainer.benchmark`` default: cuDNN's algorithm search pays off when every batch has one shape
+    cudnn_benchmark: bool | None = None
+    #: the attribute holding the network; also its prefix in the task's state dict
+    network_attr: str = "model"
+    #: the network's state-dict key whose rows are the classes (``background_rows`` of them are not)
+    classifier_key: str = ""
+    background_rows: int = 0
+    #: what the weights of ``network_attr`` are called in messages
+    network_kind: str = "model"
+    default_scheduler_interval: Literal["epoch", "step"] = "epoch"
+    default_channels_last: bool | None = None
+    default_log_samples: int = 4
+    #: the task's own options that say where outputs go, not what the model is (kept out of checkpoints)
+    output_options: tuple[str, ...] = ()
 
     def __init__(
         self,
+        backbone: BackboneName = "resnet50",
+        backbone_args: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        weights: str | None = None,
+        weights_backbone: str | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        scheduler_interval: Literal["epoch", "step"] | None = None,
         weight_decay_norm_bias: bool = True,
         channels_last: bool | None = None,
         compile: bool = False,
         nonfinite_loss: Literal["stop", "skip"] = "stop",
         reference_batch_size: int | None = None,
         scale_lr: bool = False,
+        log_samples: int | None = None,
     ) -> None:
         super().__init__()
         if scale_lr and not reference_batch_size:
             raise ValueError(
                 "model.scale_lr needs model.reference_batch_size: the global batch the learning rate is for"
             )
-        self.reference_batch_size = reference_batch_size
-        self.scale_lr = scale_lr
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite_loss={nonfinite_loss!r} must be 'stop' or 'skip'")
-        self.nonfinite_loss = nonfinite_loss
-        self.skipped_nonfinite = 0
+        if weights and weights_backbone:
+            raise ValueError(
+                f"set either model.weights (the whole {self.network_kind}) or model.weights_backbone, not both"
+            )
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *RUNTIME_OPTIONS, *self.output_options])
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.scheduler_interval = scheduler_interval
-        self.weight_decay_norm_bias = weight_decay_norm_bias
-        self.use_channels_last = channels_last
+        self.scheduler_interval = scheduler_interval or self.default_scheduler_interval
+        self.use_channels_last = self.default_channels_last if channels_last is None else channels_last
         self.use_compile = compile
+        self.nonfinite_loss = nonfinite_loss
+        self.log_samples = self.default_log_samples if log_samples is None else log_samples
+        self.skipped_nonfinite = 0
+        self.skipped_images = 0
         self._speedups_applied = False
+        setattr(self, self.network_attr, None)
+        self.class_names: list[str] | None = None
+        #: dataset category id of each class (COCO-style label spaces), when the label set has ids
+        self.category_ids: list[int] | None = None
+        self.backbone_options: dict[str, Any] = {}
+        self._weights: tuple[dict, dict] | None = None
+        if weights:
+            state, meta = read_state_dict(weights, backbone)
+            prefix = f"{self.network_attr}."
+            if any(k.startswith(prefix) for k in state):  # a checkpoint of this task
+                state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            found = classes_in(state, self.classifier_key, weights, self.network_kind) - self.background_rows
+            self.hparams.num_classes = check_num_classes(num_classes, found, weights)
+            self.labels_from_weights(meta, found)
+            self._weights = (state, meta)
+        if self.hparams.num_classes:  # known now (given, or from the weights): build the network at once
+            self.configure_models()
 
-    # -- models ---------------------------------------------------------------------------------
-    @staticmethod
-    def make_backbone(
-        name: str, backbone_args: dict[str, Any] | None, weights_backbone: str | None, **overrides: Any
-    ) -> ResNet:
-        """``build_backbone(name, **backbone_args, **overrides)`` with ``weights_backbone`` loaded (no classifier)."""
-        check_backbone_name(name)
-        args = {**(backbone_args or {}), **overrides}
-        for key in ("weights",):
-            if key in args:
-                raise ValueError(f"set model.weights_backbone instead of model.backbone_args.{key}")
-        net = build_backbone(name, **args)
-        if weights_backbone:
-            load_weights(net, weights_backbone, ignore_head=True)
-        return net
-
-    def configure_models(self) -> None:
-        raise NotImplementedError
-
-    def models_ready(self) -> bool:
-        raise NotImplementedError
+    # -- the label set ---------------------------------------------------------------------------
+    def labels_from_weights(self, meta: dict, found: int) -> None:
+        """Take the label set a weights source records (a checkpoint's names and ids, torchvision's names)."""
+        self.class_names = meta.get("class_names") or meta.get("categories")
+        self.category_ids = meta.get("category_ids")
 
     def setup(self, stage: str) -> None:
-        if not self.models_ready():
+        """Reconcile the label set with the datamodule's, build the network if not yet built, speed it up."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and stage != "predict" and hasattr(datamodule, "num_classes"):
+            self.labels_from_data(datamodule)
+        self.require_num_classes(stage)
+        if getattr(self, self.network_attr) is None:
             self.configure_models()
         self._apply_speedups()
 
+    def labels_from_data(self, datamodule) -> None:
+        """The datamodule's label set: ``num_classes`` unless given (then they must agree), and its class
+        names (and category ids) unless the weights or a checkpoint brought a label set of that size.
+
+        A label set of category ids (detection) maps the data's ids to the model's classes by id, so a
+        model whose ids came with its weights may cover more classes than the data has.
+        """
+        n = int(datamodule.num_classes)
+        names = list(getattr(datamodule, "class_names", None) or range(n))
+        ids = getattr(datamodule, "category_ids", None)
+        hp = self.hparams
+        if hp.num_classes is None:
+            hp.num_classes = n
+        elif hp.num_classes != n and not (ids is not None and self.category_ids is not None):
+            raise ValueError(
+                f"model.num_classes={hp.num_classes} but the dataset has {n} classes ({type(datamodule).__name__}); "
+                f"remove model.num_classes to take it from the data"
+            )
+        if ids is not None and self.category_ids is None:
+            self.category_ids, self.class_names = list(ids), names
+        elif ids is None and (self.class_names is None or len(self.class_names) != n):
+            self.class_names = names
+
+    def require_num_classes(self, stage: str) -> None:
+        """An error saying what to pass when neither the config, the weights nor the data gave
+        ``num_classes`` (prediction reads no labels: its classes come with the trained checkpoint)."""
+        if self.hparams.num_classes is not None:
+            return
+        if stage == "predict":
+            raise ValueError(
+                "predict needs a trained model: pass --ckpt_path <checkpoint> (or model.weights with model.num_classes)"
+            )
+        raise ValueError("model.num_classes is not set and the datamodule does not tell it")
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index`` of the network's outputs (detection's background row excluded)."""
+        k = index - self.background_rows
+        if self.class_names and 0 <= k < len(self.class_names):
+            return str(self.class_names[k])
+        return str(index)
+
+    # -- the network and its weights ------------------------------------------------------------------
+    def build_network(self) -> nn.Module:
+        """The task's network, built from ``self.hparams`` (its backbone through :meth:`make_backbone`)."""
+        raise NotImplementedError
+
+    def configure_metrics(self) -> None:
+        """Build the task's metrics once the label set is known."""
+
+    def configure_models(self) -> None:
+        network = self.build_network()
+        setattr(self, self.network_attr, network)
+        if self._weights is not None:
+            state, meta = self._weights
+            self._weights = None
+            what = f"weights={self.hparams.weights!r}"
+            if isinstance(network, Backbone):
+                apply_weights(
+                    network, state, what=what, checkpoint_backbone=meta.get("checkpoint_backbone"),
+                    architecture=meta.get("architecture"),
+                )  # fmt: skip
+            else:
+                check_architecture(meta.get("architecture"), self.backbone_module(), what)
+                load_state_dict_checked(network, remap(state), what)
+            self.on_weights_loaded(self.hparams.weights)
+        self.configure_metrics()
+
+    def on_weights_loaded(self, source: str) -> None:
+        """Called after ``weights`` were loaded into the network (detection adjusts torchvision's eps)."""
+
+    def make_backbone(self, **overrides: Any) -> Backbone:
+        """``build_backbone(backbone, **backbone_args, **overrides)`` with ``weights_backbone`` loaded (no
+        classifier), adopting the variant options the weights record (see ``backbones.weights``)."""
+        hp = self.hparams
+        check_backbone_name(hp.backbone)
+        given = dict(hp.backbone_args or {})
+        if "weights" in given:
+            raise ValueError("set model.weights_backbone instead of model.backbone_args.weights")
+        source, state, meta = hp.weights_backbone, None, {}
+        if source:
+            state, meta = read_state_dict(source, hp.backbone)
+        elif self._weights is not None:
+            meta = self._weights[1]
+        adopted = {}
+        if meta.get("architecture"):
+            with torch.device("meta"):  # what these options build, to see what the weights would change
+                default = build_backbone(hp.backbone, **given, **overrides).architecture
+            adopted = adopt_architecture(given, meta["architecture"], default)
+        if adopted:
+            log.info("%s record %s: building %s with them", source or hp.weights, adopted, hp.backbone)
+            hp.backbone_args = given = {**given, **adopted}  # recorded in the checkpoint's hparams
+        net = build_backbone(hp.backbone, **given, **overrides)
+        if state is not None:
+            apply_weights(
+                net, backbone_subset(state, meta.get("backbone_keys")), what=f"weights={source!r}", ignore_head=True,
+                checkpoint_backbone=meta.get("checkpoint_backbone"), architecture=meta.get("architecture"),
+            )  # fmt: skip
+        self.backbone_options = {k: v for k, v in {**given, **overrides}.items() if k != "num_classes"}
+        return net
+
+    def backbone_module(self) -> Backbone | None:
+        """The zoo backbone inside the network."""
+        network = getattr(self, self.network_attr)
+        return next((m for m in network.modules() if isinstance(m, Backbone)), None) if network is not None else None
+
+    def detached_stages(self) -> nn.Module | None:
+        """Where a head keeps the stages it took with ``Backbone.truncate`` (the C4 detector's box head)."""
+        return None
+
+    def backbone_record(self) -> dict:
+        """What a checkpoint records of its backbone: name, builder options, ``architecture``, and where its
+        tensors are (``keys``, read by ``backbones.weights.backbone_subset`` and ``backbones.export``)."""
+        body = self.backbone_module()
+        if body is None:
+            return {}
+        paths = {id(m): name for name, m in self.named_modules()}
+        keys = {"": f"{paths[id(body)]}." if paths[id(body)] else ""}
+        detached = self.detached_stages()
+        if detached is not None:
+            for index, attr in enumerate(body.detached):
+                keys[f"{attr}."] = f"{paths[id(detached)]}.{index}."
+        return {"name": body.name, "options": self.backbone_options, "architecture": body.architecture, "keys": keys}
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()  # a resumed run draws what an uninterrupted one would
+        checkpoint["class_names"] = [str(n) for n in (self.class_names or [])]
+        checkpoint["category_ids"] = list(self.category_ids or [])
+        checkpoint["backbone"] = self.backbone_record()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            restore_rng_state(checkpoint["rng_state"])
+        if checkpoint.get("class_names"):
+            self.class_names = list(checkpoint["class_names"])
+        if checkpoint.get("category_ids"):
+            self.category_ids = list(checkpoint["category_ids"])
+        recorded = checkpoint.get("backbone") or {}
+        body = self.backbone_module()
+        if body is not None:
+            check_architecture(recorded.get("architecture"), body, "the checkpoint's weights")
+
+    # -- outputs -----------------------------------------------------------------------------------------
+    def output_path(self, configured: str | None, default: str) -> Path:
+        """Where ``predict``/``test`` write: the configured path, else ``default`` in the run directory."""
+        return Path(configured) if configured else Path(self.trainer.default_root_dir) / default
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        from .media import WandbSamples
+
+        return [WandbSamples(self.log_samples)] if self.log_samples > 0 else []
+
+    def count_skipped(self, batch: dict) -> int:
+        """Log ``data/skipped``, the images skipped so far as unreadable (``data.skip_corrupt``); return the
+        batch's count."""
+        skipped = int(batch.get("skipped", 0))
+        if skipped:
+            self.skipped_images += skipped
+            self.log("data/skipped", float(self.skipped_images), on_step=True, on_epoch=False, reduce_fx="max")
+        return skipped
+
+    # -- speed switches -------------------------------------------------------------------------------
     def _on_cuda(self) -> bool:
         try:
             return self.trainer.strategy.root_device.type == "cuda"
@@ -185,15 +369,19 @@ class BaseTask(pl.LightningModule):
         return images
 
     def compile_targets(self) -> list[nn.Module]:
-        """Modules compiled in place by ``compile=True`` (parameter names stay unchanged)."""
-        return [self.backbone]
+        """Modules compiled in place by ``compile=True`` (parameter names stay unchanged): the backbone."""
+        return [self.backbone_module()]
 
-    # -- optimization ---------------------------------------------------------------------------
+    # -- optimization ---------------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = parameter_groups(self, self.weight_decay_norm_bias)
+        params = parameter_groups(self, self.hparams.weight_decay_norm_bias)
         factory = self.optimizer_factory or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
-        optimizer = self._fused(factory(params))
-        self._scale_learning_rate(optimizer)
+        optimizer = fused(factory(params), self._on_cuda())
+        if self.hparams.scale_lr:
+            actual = self.global_batch_size()
+            if actual is None:
+                raise ValueError("model.scale_lr: the datamodule does not tell its batch_size")
+            scale_learning_rate(optimizer, actual, self.hparams.reference_batch_size)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -217,48 +405,6 @@ class BaseTask(pl.LightningModule):
             return None
         return int(per_process) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    def _scale_learning_rate(self, optimizer: torch.optim.Optimizer) -> None:
-        """The linear scaling rule (Goyal et al. 2017, arXiv 1706.02677 §2.1): lr x global batch / reference.
-
-        The configs state the global batch their learning rate is for (``reference_batch_size``: 256 on
-        ImageNet, 16 for COCO detection); with ``scale_lr`` the rate follows the actual global batch.
-        Large factors want a warm-up (the configs' ``WarmupMultiStepLR`` ``warmup_iters``), as Goyal et al. use.
-        """
-        if not self.scale_lr:
-            return
-        actual = self.global_batch_size()
-        if actual is None:
-            raise ValueError("model.scale_lr: the datamodule does not tell its batch_size")
-        factor = actual / self.reference_batch_size
-        for group in optimizer.param_groups:
-            group["lr"] *= factor
-            group["initial_lr"] = group["lr"]
-        log.info(
-            "learning rate scaled by %d / %d = %.4g (linear scaling rule)", actual, self.reference_batch_size, factor
-        )
-
-    def _fused(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """The same optimizer with its fused CUDA kernel (one launch for all parameters) when one exists.
-
-        SGD, Adam and AdamW have one; it is used on CUDA unless the config sets ``fused`` or ``foreach``.
-        """
-        fusable = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
-        defaults = optimizer.defaults
-        if not (
-            type(optimizer) in fusable
-            and self._on_cuda()
-            and defaults.get("fused") is None
-            and defaults.get("foreach") is None
-            and not defaults.get("differentiable")
-        ):
-            return optimizer
-        groups = [{**group, "fused": True, "foreach": None} for group in optimizer.param_groups]
-        if not all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]):
-            return optimizer
-        return type(optimizer)(
-            groups, fused=True, **{k: v for k, v in defaults.items() if k not in ("fused", "foreach")}
-        )
-
     def guard_loss(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Stop (or skip the batch) when the loss is NaN or infinite, naming the step and the batch.
 
@@ -276,8 +422,6 @@ class BaseTask(pl.LightningModule):
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, reduce_fx="max")
             log.warning("non-finite loss at step %d, batch skipped: %s", self.global_step, ", ".join(where[:8]))
             return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-        from .reliability import NonFiniteLossError
-
         callback = self.trainer.checkpoint_callback if self._trainer is not None else None
         last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
         shown = ", ".join(where[:16]) + (f" ... ({len(where)} in all)" if len(where) > 16 else "")
@@ -287,29 +431,6 @@ class BaseTask(pl.LightningModule):
             f"learning rate or check these images, then resume with --ckpt_path {last or '<checkpoint>'}; "
             f"model.nonfinite_loss=skip skips such batches instead."
         )
-
-    # -- random states in checkpoints: a resumed run draws what an uninterrupted one would -------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from .reliability import rng_state
-
-        checkpoint["rng_state"] = rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        from .reliability import restore_rng_state
-
-        if "rng_state" in checkpoint:
-            restore_rng_state(checkpoint["rng_state"])
-
-    def require_num_classes(self, stage: str) -> None:
-        """An error saying what to pass when neither the config, the weights nor the data gave
-        ``num_classes`` (prediction reads no labels: its classes come with the trained checkpoint)."""
-        if self.hparams.num_classes is not None:
-            return
-        if stage == "predict":
-            raise ValueError(
-                "predict needs a trained model: pass --ckpt_path <checkpoint> (or model.weights with model.num_classes)"
-            )
-        raise ValueError("model.num_classes is not set and the datamodule does not tell it")
 
     def log_learning_rate(self) -> None:
         """``train/lr`` on the steps the loggers write (``trainer.log_every_n_steps``) only: handing it to
@@ -321,7 +442,6 @@ class BaseTask(pl.LightningModule):
         optimizer = getattr(optimizer, "optimizer", optimizer)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
-    # -- logging helpers --------------------------------------------------------------------------
     def wandb_loggers(self) -> list[WandbLogger]:
         if self._trainer is None:
             return []

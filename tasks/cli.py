@@ -8,7 +8,9 @@ On top of Lightning's CLI it
 * adds a ``ModelCheckpoint`` (``--checkpoint.*``) that keeps ``best.ckpt`` by the task's metric
   (``val/acc1``, ``val/mAP``, ``val/mIoU``) and ``last.ckpt``;
 * logs to Weights & Biases by default, offline when no W&B credentials are configured (``wandb sync``
-  uploads later), and logs the full resolved config as the run's hyperparameters;
+  uploads later), and logs the full resolved config as the run's hyperparameters; beside any logger, the
+  metrics also go to ``metrics.csv`` in the run directory (Lightning's ``CSVLogger``), a file meant to be
+  read back (``studies report`` does);
 * reads every checkpoint with ``weights_only=True``;
 * on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise;
 * sets ``--trainer.benchmark`` (cuDNN's algorithm search), unless given or ``--trainer.deterministic``
@@ -31,8 +33,14 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+
+from backbones.weights import torch_load_safe
+from datamodules.images import CorruptImageError
+from zoo_common.command import run_command
+
+from .reliability import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +163,7 @@ class TaskCLI(LightningCLI):
                 if self.config.subcommand == "fit" and Path(path).parent.name == "checkpoints":
                     self._resume_dir = Path(path).parent.parent
             if cfg.get("ckpt_path"):
-                from backbones.weights import _torch_load
-
-                _torch_load(Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}")  # refuses pickled code, clearly
+                torch_load_safe(Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}")  # refuses pickled code, clearly
         super()._parse_ckpt_path()
 
     # -- run directory, logger and safety defaults ------------------------------------------------
@@ -235,20 +241,6 @@ class TaskCLI(LightningCLI):
             and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         ):
             cfg.trainer.precision = "bf16-mixed"
-        model = cfg.get("model")
-        if (
-            self.subcommand == "fit"
-            and not cfg.get("ckpt_path")
-            and model is not None
-            and model.get("norm") == "frozen_bn"
-            and not model.get("weights")
-            and not model.get("weights_backbone")
-        ):
-            rank_zero_warn(
-                "model.norm=frozen_bn without model.weights_backbone: BatchNorm stays at its initial statistics "
-                "(an identity) and the frozen stages at their random initialization. To train the backbone from "
-                "scratch use --model.norm bn (or sync_bn, gn) and --model.freeze_at 0."
-            )
         if cfg.trainer.get("benchmark") is None and not cfg.trainer.get("deterministic"):
             # (with --trainer.deterministic, cuDNN's search would make the run non-deterministic)
             cfg.trainer.benchmark = getattr(self.model_class, "cudnn_benchmark", None)
@@ -285,9 +277,13 @@ class TaskCLI(LightningCLI):
             id_file.write_text(init.id)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
-        """Add the reliability defaults: atomic, weights-only checkpoints and a checkpoint on interruption."""
-        from .reliability import AtomicCheckpointIO, InterruptCheckpoint
-
+        """Add the reliability defaults (atomic, weights-only checkpoints and a checkpoint on interruption) and,
+        beside any logger, a ``metrics.csv`` in the run directory (what ``studies report`` reads)."""
+        loggers = config.get("logger")
+        if loggers not in (None, False, True):
+            loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
+            if not any(isinstance(lg, CSVLogger) for lg in loggers):
+                config["logger"] = [*loggers, CSVLogger(save_dir=config["default_root_dir"], name="", version="")]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
@@ -323,11 +319,6 @@ class TaskCLI(LightningCLI):
 
 def script(main) -> None:
     """Run a task's ``main`` as a command: user errors print one clear message instead of a traceback
-    (``backbones.command.run_command``; unreadable images and a non-finite loss count as user errors too).
+    (``zoo_common.command.run_command``; unreadable images and a non-finite loss count as user errors too).
     """
-    from backbones.command import run_command
-    from datamodules.images import CorruptImageError
-
-    from .reliability import NonFiniteLossError
-
     run_command(main, (CorruptImageError, NonFiniteLossError))

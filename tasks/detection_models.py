@@ -30,11 +30,10 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from backbones.resnet import ResNet
+from backbones import Backbone
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 HeadKind = Literal["c4", "fpn"]
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def check_pyramid(strides: Sequence[int]) -> None:
@@ -53,10 +52,10 @@ class FPNBackbone(nn.Module):
     The attribute names (``body``, ``fpn``) are torchvision's ``BackboneWithFPN``'s.
     """
 
-    def __init__(self, body: ResNet, out_channels: int = 256) -> None:
+    def __init__(self, body: Backbone, out_channels: int = 256) -> None:
         super().__init__()
         stages = [name for name in body.stage_names if name != "stem"]
-        body._set_out_features(stages)
+        body.select_outputs(stages)
         check_pyramid([body.feature_info[s].stride for s in stages])
         self.body = body
         self.fpn = FeaturePyramidNetwork(
@@ -74,7 +73,7 @@ class FPNBackbone(nn.Module):
 class C4Backbone(nn.Module):
     """The shared trunk of the C4 detector: the backbone up to its penultimate stage."""
 
-    def __init__(self, body: ResNet) -> None:
+    def __init__(self, body: Backbone) -> None:
         super().__init__()
         self.body = body
         self.stage = body.out_features[-1]
@@ -98,7 +97,7 @@ class StageBoxHead(nn.Module):
 
 
 def build_faster_rcnn(
-    body: ResNet,
+    body: Backbone,
     *,
     head: HeadKind,
     num_classes: int,
@@ -153,7 +152,7 @@ def build_faster_rcnn(
         raise ValueError(f"the C4 head needs at least two stages, {body.name} has {stages}")
     trunk_stage, head_stage = stages[-2], stages[-1]
     head_channels = body.feature_info[head_stage].channels
-    body._set_out_features([trunk_stage])
+    body.select_outputs([trunk_stage])
     res5 = body.truncate(after=trunk_stage)
     backbone = C4Backbone(body)
     sizes = list(anchor_sizes) if anchor_sizes else [backbone.stride * k for k in (2, 4, 8, 16, 32)]

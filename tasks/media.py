@@ -1,7 +1,14 @@
-"""Turning batches into pictures for W&B: sample predictions, boxes and masks (written once, used by all tasks)."""
+"""Pictures of what a model predicts: W&B sample media for every task, written once.
+
+:class:`WandbSamples` (added by every task through ``configure_callbacks`` when ``log_samples > 0``)
+collects a few validation images per epoch and logs them to each W&B logger as ``val/samples``. A task
+describes one image's prediction as the keyword arguments of ``wandb.Image`` (``sample_records``); the
+helpers below build the boxes and masks parts.
+"""
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -27,3 +34,57 @@ def class_palette(num_classes: int) -> torch.Tensor:
             c >>= 3
         colors[index] = torch.tensor(value, dtype=torch.uint8)
     return colors
+
+
+def wandb_boxes(boxes: torch.Tensor, labels: torch.Tensor, names: dict[int, str], scores=None) -> dict:
+    """One set of ``x1, y1, x2, y2`` pixel boxes as W&B's ``box_data`` (with scores in the captions)."""
+    data = []
+    for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        entry = {
+            "position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]},
+            "domain": "pixel",
+            "class_id": int(label),
+            "box_caption": names.get(int(label), str(label)),
+        }
+        if scores is not None:
+            entry["scores"] = {"score": float(scores[i])}
+            entry["box_caption"] += f" {float(scores[i]):.2f}"
+        data.append(entry)
+    return {"box_data": data, "class_labels": names}
+
+
+def wandb_mask(mask: torch.Tensor, names: dict[int, str]) -> dict:
+    """A class-index mask as W&B's ``mask_data``."""
+    return {"mask_data": mask.numpy().astype("uint8"), "class_labels": names}
+
+
+class WandbSamples(pl.Callback):
+    """Log ``count`` validation images with the task's predictions to W&B once per validation epoch.
+
+    The task's ``sample_records(batch, outputs)`` turns a validation batch and what its
+    ``validation_step`` returned into ``wandb.Image`` keyword arguments (``image`` first, as a tensor).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.records: list[dict] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        self.records = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        want = self.count - len(self.records)
+        if want <= 0 or outputs is None or trainer.sanity_checking or not pl_module.wandb_loggers():
+            return
+        self.records.extend(pl_module.sample_records(batch, outputs)[:want])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        records, self.records = self.records, []
+        loggers = pl_module.wandb_loggers()
+        if not records or not loggers or trainer.sanity_checking:
+            return
+        import wandb
+
+        images = [wandb.Image(to_display(r.pop("image")).numpy(), **r) for r in records]
+        for logger in loggers:
+            logger.experiment.log({"val/samples": images, "trainer/global_step": trainer.global_step})

@@ -27,6 +27,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from backbones.weights import WeightsError, torch_load_safe
+
 log = logging.getLogger(__name__)
 
 
@@ -59,13 +61,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pass
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        from backbones.weights import WeightsError, _torch_load
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
-            return _torch_load(path, f"checkpoint {path}")
+            return torch_load_safe(path, f"checkpoint {path}")
         except WeightsError as err:
             raise WeightsError(
                 f"{err} A checkpoint from an earlier run that cannot be read cannot be resumed."

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.resnet import ResNet
+from backbones import Backbone
 
 SegHeadKind = Literal["dilated", "skip"]
 
@@ -42,11 +42,11 @@ class FCNHead(nn.Sequential):
 class DilatedFCN(nn.Module):
     """FCN on a dilated backbone with an auxiliary head; returns ``{"out", "aux"}`` logits at input size."""
 
-    def __init__(self, backbone: ResNet, num_classes: int, aux: bool = True, dropout: float = 0.1) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, aux: bool = True, dropout: float = 0.1) -> None:
         super().__init__()
         stages = [s for s in backbone.stage_names if s != "stem"]
         self.out_stage, self.aux_stage = stages[-1], stages[-2]
-        backbone._set_out_features([self.aux_stage, self.out_stage] if aux else [self.out_stage])
+        backbone.select_outputs([self.aux_stage, self.out_stage] if aux else [self.out_stage])
         self.backbone = backbone
         self.classifier = FCNHead(backbone.feature_info[self.out_stage].channels, num_classes, dropout)
         self.aux_classifier = (
@@ -70,12 +70,12 @@ class DilatedFCN(nn.Module):
 class SkipFCN(nn.Module):
     """FCN-8s-style fusion of the last three stages' class scores (FCN paper, Sec. 4.2)."""
 
-    def __init__(self, backbone: ResNet, num_classes: int, dropout: float = 0.1) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, dropout: float = 0.1) -> None:
         super().__init__()
         stages = [s for s in backbone.stage_names if s != "stem"][-3:]
         if len(stages) < 3:
             raise ValueError(f"the skip head fuses three stages; {backbone.name} has {stages}")
-        backbone._set_out_features(stages)
+        backbone.select_outputs(stages)
         self.stages = stages
         self.backbone = backbone
         fine, mid, coarse = (backbone.feature_info[s].channels for s in stages)
@@ -94,10 +94,6 @@ class SkipFCN(nn.Module):
         score = F.interpolate(score, size=mid.shape[-2:], mode="bilinear", align_corners=False) + self.score_mid(mid)
         score = F.interpolate(score, size=fine.shape[-2:], mode="bilinear", align_corners=False) + self.score_fine(fine)
         return {"out": F.interpolate(score, size=size, mode="bilinear", align_corners=False)}
-
-
-def native_output_stride(backbone: ResNet) -> int:
-    return max(info.stride for info in backbone.feature_info.values())
 
 
 @torch.no_grad()

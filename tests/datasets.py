@@ -155,7 +155,7 @@ def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
     """
     import time
 
-    from tasks.wandb_offline import read_offline_run
+    from wandb_offline import read_offline_run
 
     deadline = time.monotonic() + timeout
     while True:

@@ -104,7 +104,7 @@ def _input_for(net) -> torch.Tensor:
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_parameter_gets_a_gradient_and_features_match_feature_info(name):
     net = build_backbone(name, num_classes=5, out_features=None)
-    net._set_out_features(list(net.feature_info))
+    net.select_outputs(list(net.feature_info))
     x = _input_for(net)
     feats = net.forward_features(x)
     assert list(feats) == list(net.feature_info)

@@ -10,8 +10,9 @@ from datasets import write_imagefolder
 
 from benchmarks import coco_eval, dataloader, fit_loop, train_step
 from datamodules import ImageFolderDataModule
-from datamodules.gpu_decode import GPUAugment, crop_batch, decode_batch, unpack_encoded
-from datamodules.imagefolder import ImageFolderDataset, collate_raw, find_classes, list_images, list_samples
+from datamodules.folders import find_classes, list_images, list_samples
+from datamodules.gpu_decode import GPUAugment, collate_raw, crop_batch, decode_batch, unpack_encoded
+from datamodules.imagefolder import ImageFolderDataset
 from datamodules.images import CorruptImageError
 from datamodules.loading import EpochSeeded
 from datamodules.transforms import train_transform
@@ -207,7 +208,7 @@ def test_gpu_path_skips_files_only_the_decoder_rejects(train, tmp_path):
         dataset = ImageFolderDataset(samples, None, raw=True, draw=dm.gpu.sample if train else None)
         batch = collate_raw([dataset[i] for i in range(len(samples))])
         try:
-            outcomes[skip] = dm._prepare_on_gpu(batch, torch.device("cpu"), train=train)
+            outcomes[skip] = dm.decoding.prepare(batch, torch.device("cpu"), train=train)
         except CorruptImageError as err:
             outcomes[skip] = err
     assert isinstance(outcomes[False], CorruptImageError) and str(bad) in str(outcomes[False])
@@ -218,7 +219,7 @@ def test_gpu_path_skips_files_only_the_decoder_rejects(train, tmp_path):
     # a batch of nothing but unreadable files becomes a batch the task skips
     dm = ImageFolderDataModule(root=str(root), image_size=16, skip_corrupt=True)
     dataset = ImageFolderDataset([samples[1]], None, raw=True, draw=dm.gpu.sample)
-    assert dm._prepare_on_gpu(collate_raw([dataset[0]]), torch.device("cpu"), train=True) == {"skipped": 1}
+    assert dm.decoding.prepare(collate_raw([dataset[0]]), torch.device("cpu"), train=True) == {"skipped": 1}
 
 
 def test_raw_items_decode_on_the_cpu_what_pil_will_not_size(tmp_path, monkeypatch):
@@ -243,7 +244,7 @@ def test_a_cpu_share_of_the_gpu_path_gives_the_same_batch(tmp_path):
         seeded = EpochSeeded(dataset, seed=3)
         batch = collate_raw([seeded[(1, i)] for i in range(len(samples))])
         assert int(batch["done"].sum()) == sum(dataset.on_cpu(i) for i in range(len(samples)))
-        batches[share] = dm._prepare_on_gpu(batch, torch.device("cpu"), train=True)
+        batches[share] = dm.decoding.prepare(batch, torch.device("cpu"), train=True)
     assert (
         5
         <= sum(ImageFolderDataset(samples, None, draw=dm.gpu.sample, cpu_share=0.5).on_cpu(i) for i in range(15))
@@ -262,7 +263,7 @@ def test_prefetcher_keeps_order_reraises_and_stops():
     import threading
     import time
 
-    from datamodules.gpu_decode import CUDAPrefetcher
+    from datamodules.loading import CUDAPrefetcher
 
     batches = [{"x": torch.tensor([i])} for i in range(6)]
     double = CUDAPrefetcher(batches, lambda b: {"x": b["x"] * 2}, torch.device("cpu"))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import CPU, logged_run, write_cifar, write_imagefolder
+from wandb_offline import metric_series
 
 from tasks.classify import ClassificationTask, main
-from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_CONFIGS = sorted(CONFIGS.glob("imagenet_*.yaml"))
@@ -216,7 +216,7 @@ def test_mixup_cutmix_label_smoothing_and_no_decay_groups():
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     mixed, soft = task._apply_mixing(images, labels)
     assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
-    from tasks.base import parameter_groups
+    from tasks.optim import parameter_groups
 
     decay, no_decay = parameter_groups(task, weight_decay_norm_bias=False)
     assert no_decay["weight_decay"] == 0.0

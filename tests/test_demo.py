@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import CPU, logged_run
+from wandb_offline import metric_series
 
 from datamodules import ShapesClassificationDataModule, ShapesDetectionDataModule, ShapesSegmentationDataModule
-from datamodules.coco import load_coco
+from datamodules.coco_files import load_coco
 from datamodules.shapes import SHAPES, generate_coco
 from tasks import classify, demo, segment
-from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

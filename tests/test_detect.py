@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, write_coco
+from wandb_offline import metric_series
 
 from datamodules import COCODetectionDataModule
 from tasks import detect
 from tasks.detect import DetectionTask
-from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DETECTION_CONFIGS = sorted(

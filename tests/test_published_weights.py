@@ -12,7 +12,7 @@ from conftest import randomize_norms
 from datasets import CPU, write_coco
 
 from backbones import WeightsError
-from datamodules.coco import VOC_COCO_NAMES
+from datamodules.masks import VOC_COCO_NAMES
 from tasks import detect, segment
 from tasks.classify import ClassificationTask
 from tasks.detect import DetectionTask

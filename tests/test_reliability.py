@@ -288,8 +288,8 @@ def test_polygons_of_fewer_than_three_points_are_left_out_of_masks_and_reported(
 
     from pycocotools.coco import COCO
 
-    from datamodules.check import validate_coco
-    from datamodules.coco import semantic_mask
+    from datamodules.masks import semantic_mask
+    from datamodules.validation import validate_coco
 
     triangle = [10, 10, 50, 10, 50, 50]
 
@@ -513,7 +513,7 @@ class _Unreadable(torch.utils.data.Dataset):
 @pytest.mark.parametrize("index", [0, 1])
 def test_errors_raised_in_loader_workers_keep_their_own_message(index):
     """A DataLoader re-raises a worker's error wrapped in its traceback; the CLI shows the original message."""
-    from backbones.command import message
+    from zoo_common.command import message
 
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(_Unreadable(), [index]), num_workers=1)
     with pytest.raises((CorruptImageError, DataValidationError)) as caught:
@@ -577,7 +577,9 @@ def test_detection_and_segmentation_checkpoints_export_the_whole_backbone(task, 
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn_like(tensor))  # every tensor distinct from a fresh network's
     ckpt = tmp_path / "task.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)  # what Lightning adds to it: the task's record of where its backbone is
+    torch.save(checkpoint, ckpt)
     net = build_backbone(backbone, num_classes=0)
     load_weights(net, export(ckpt, tmp_path / "backbone.safetensors"))
     values = {tuple(t.flatten()[:8].tolist()) for t in model.state_dict().values() if t.is_floating_point()}

@@ -11,13 +11,14 @@ import torch
 from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, write_coco
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassConfusionMatrix
+from wandb_offline import metric_series
 
 from datamodules import COCOSegmentationDataModule
-from datamodules.coco import VOC_CATEGORY_IDS, category_classes, load_coco, semantic_mask
+from datamodules.coco_files import load_coco
+from datamodules.masks import VOC_CATEGORY_IDS, category_classes, semantic_mask
 from tasks import segment
 from tasks.segment import SegmentationTask
 from tasks.segmentation_models import confusion_scores
-from tasks.wandb_offline import metric_series
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

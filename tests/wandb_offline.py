@@ -3,7 +3,8 @@
 An offline run (``<run dir>/wandb/offline-run-*/run-<id>.wandb``) is a record log in LevelDB's log
 format (32 KiB blocks of checksummed, possibly fragmented records) behind a 7-byte ``:W&B`` header;
 each record is a ``wandb.proto.wandb_internal_pb2.Record``. ``wandb sync`` uploads the same file. The
-studies report and the tests read metrics through :func:`read_offline_run`.
+tests read what runs logged to W&B through :func:`read_offline_run`; the studies report reads the
+``metrics.csv`` every run writes beside it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,128 @@
+"""A COCO-format dataset's files: where each split's images and annotation file are, its categories, and
+the annotation file read, validated and indexed by pycocotools (shared by detection and segmentation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+from .coco_format import LAYOUT_HELP, read_coco_json
+from .validation import DataValidationError, validate_coco
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False):
+    """A validated ``pycocotools.coco.COCO`` for the annotation file ``path``.
+
+    The file is checked (``datamodules.validation.validate_coco``; image files too when ``images_dir``
+    is given, without decoding them) before pycocotools indexes it. Errors stop here with the report --
+    before any training -- unless ``drop_invalid``, which drops the offending images and annotations and
+    logs how many. Warnings (degenerate or out-of-image boxes, handled later) are logged.
+    """
+    from pycocotools.coco import COCO
+
+    path = Path(path)
+    dataset = read_coco_json(path)
+    report, cleaned = validate_coco(dataset, path, Path(images_dir) if images_dir is not None else None)
+    lacking = sum(isinstance(a, dict) and not ("area" in a and "iscrowd" in a) for a in dataset["annotations"])
+    if lacking and drop_invalid:  # COCOeval reads them from the file itself: dropping cannot mend that
+        raise DataValidationError(
+            f"{path}: {lacking} annotations lack 'area' or 'iscrowd', which COCOeval reads from this file "
+            f"(data.drop_invalid cannot mend the file). python -m datamodules.check --config <config> --fix "
+            f"writes a copy with them filled in; point data.*_annotations at it."
+        )
+    if report.errors:
+        if not drop_invalid:
+            raise DataValidationError(
+                f"{path} has errors that would break training:\n{report.text()}\nFix the file (python -m "
+                f"datamodules.check --config <config> --fix writes a cleaned copy) or set data.drop_invalid: true."
+            )
+        log.warning(
+            "%s: dropped %d images and %d annotations with errors (data.drop_invalid):\n%s",
+            path, len(dataset["images"]) - len(cleaned["images"]),
+            len(dataset["annotations"]) - len(cleaned["annotations"]), report.text(limit=20),
+        )  # fmt: skip
+        dataset = cleaned
+    elif report.warnings:
+        log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def unlisted_categories(coco, listed) -> list[int]:
+    """Category ids the file's annotations use that ``listed`` (the model's classes) lacks, sorted."""
+    return sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(listed))
+
+
+class COCOFiles:
+    """The files of a COCO-format dataset below ``root``: each split's image folder and annotation file.
+
+    Args:
+        root: dataset folder; the other paths are relative to it.
+        train_images, train_annotations, val_images, val_annotations: the splits' folders and files.
+        test_images, test_annotations: the test split's (default: the validation split's).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+    ) -> None:
+        self.root = Path(root).expanduser()
+        self.paths = {
+            "train": (train_images, train_annotations),
+            "val": (val_images, val_annotations),
+            "test": (test_images or val_images, test_annotations or val_annotations),
+        }
+        self._categories: list[dict] | None = None
+
+    def split_files(self, split: str) -> tuple[Path, Path]:
+        """``(images folder, annotation file)`` of ``train``, ``val`` or ``test``."""
+        if split not in self.paths:
+            raise ValueError(f"unknown split {split!r}: one of {', '.join(SPLITS)}")
+        images, annotations = self.paths[split]
+        return self.root / images, self.root / annotations
+
+    def annotation_file(self, split: str) -> Path:
+        return self.split_files(split)[1]
+
+    def check_split(self, split: str) -> None:
+        """Raise, naming the path and COCO's layout, when the split's folder or annotation file is missing."""
+        images, annotations = self.split_files(split)
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder {images} does not exist. {LAYOUT_HELP}")
+        if not annotations.is_file():
+            raise FileNotFoundError(f"annotation file {annotations} does not exist. {LAYOUT_HELP}")
+
+    def load(self, split: str, drop_invalid: bool = False):
+        """The split's validated ``COCO`` object (:func:`load_coco`), after checking its files exist."""
+        self.check_split(split)
+        images, annotations = self.split_files(split)
+        return load_coco(annotations, images, drop_invalid=drop_invalid)
+
+    @property
+    def categories(self) -> list[dict]:
+        """COCO categories (``id``, ``name``) sorted by id, from the validation (else training) file."""
+        if self._categories is None:
+            for split in ("val", "train"):
+                path = self.annotation_file(split)
+                if path.is_file():
+                    self._categories = sorted(read_coco_json(path)["categories"], key=lambda c: c["id"])
+                    break
+            else:
+                raise FileNotFoundError(f"no annotation file under {self.root}. {LAYOUT_HELP}")
+        return self._categories

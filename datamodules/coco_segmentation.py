@@ -1,0 +1,269 @@
+"""COCO instance annotations as semantic segmentation masks (``tasks.segment``).
+
+The files are COCO's (``datamodules.coco_files``); each image's instances become one class-index mask
+(``datamodules.masks``: the VOC label set torchvision's FCN models use, or every category), cached as a
+PNG. Training augmentation is torchvision's segmentation reference: random resize of the shorter side,
+flip, crop (masks padded with the ignore index); evaluation resizes the shorter side.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .coco_files import COCOFiles, unlisted_categories
+from .images import read_image_or_skip
+from .loading import ImageListDataset, SplitLoaders, make_loader
+from .masks import (
+    IGNORE_INDEX,
+    MaskCache,
+    MaskRules,
+    cache_folder,
+    category_classes,
+    check_voc_categories,
+)
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .validation import DataValidationError, check_image_size
+
+log = logging.getLogger(__name__)
+
+
+class COCOSegmentationDataset(Dataset):
+    """Images of one COCO split with class-index masks, rasterized once and cached as PNG files.
+
+    Args:
+        images_dir: folder of the split's image files.
+        coco: the split's annotations.
+        classes: category id to class index (``category_classes``).
+        train: training mode (image filtering).
+        transform: ``transforms.v2`` callable on ``(tv_tensors.Image, tv_tensors.Mask)``.
+        cache_dir: folder of the cached masks (one ``<image id>.png`` each).
+        min_area: training keeps images whose annotations of the label set cover more than this many
+            pixels in total (torchvision's reference uses 1000).
+        skip_corrupt: return ``None`` for unreadable images.
+        rules: how overlaps and crowds are labeled (``semantic_mask``).
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        coco,
+        classes: dict[int, int],
+        train: bool,
+        transform,
+        cache_dir: Path,
+        min_area: float = 1000,
+        skip_corrupt: bool = False,
+        rules: MaskRules = "default",
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        self.coco = coco
+        self.classes = classes
+        self.transform = transform
+        self.mask = MaskCache(cache_dir, coco, classes, rules)
+        self.skip_corrupt = skip_corrupt
+        ids = sorted(coco.getImgIds())
+        if train:
+
+            def annotated_area(image_id: int) -> float:
+                anns = coco.imgToAnns.get(image_id, [])
+                return sum(a.get("area", 0.0) for a in anns if a["category_id"] in classes)
+
+            kept = [i for i in ids if annotated_area(i) > min_area]
+            if len(kept) < len(ids):
+                log.info("%s: %d of %d images skipped for training (annotated area <= %s pixels)",
+                         self.images_dir, len(ids) - len(kept), len(ids), min_area)  # fmt: skip
+            ids = kept
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict | None:
+        image_id = self.ids[index]
+        path = self.images_dir / self.coco.imgs[image_id]["file_name"]
+        image = read_image_or_skip(path, self.skip_corrupt)
+        if image is None:
+            return None
+        check_image_size(image, self.coco.imgs[image_id], path)
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.mask(image_id)))
+        return {
+            "image": image.as_subclass(torch.Tensor),
+            "mask": mask.as_subclass(torch.Tensor)[0].long(),
+            "image_id": image_id,
+            "path": str(path),
+        }
+
+
+def segmentation_collate(batch: list[dict | None]) -> dict:
+    """Stack samples, padding differently sized evaluation images (image with 0, mask with 255)."""
+    kept = [sample for sample in batch if sample is not None]
+    out: dict = {"skipped": len(batch) - len(kept)}
+    if not kept:
+        return out
+    height = max(s["image"].shape[-2] for s in kept)
+    width = max(s["image"].shape[-1] for s in kept)
+
+    def pad(t: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value)
+
+    out["image"] = torch.stack([pad(s["image"], 0.0) for s in kept])
+    if "mask" in kept[0]:
+        out["mask"] = torch.stack([pad(s["mask"], IGNORE_INDEX) for s in kept])
+    if "original_size" in kept[0]:
+        out["original_size"] = torch.stack([s["original_size"] for s in kept])
+        out["input_size"] = torch.tensor([list(s["image"].shape[-2:]) for s in kept])
+    out["image_id"] = [s["image_id"] for s in kept]
+    out["path"] = [s["path"] for s in kept]
+    return out
+
+
+class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
+    """COCO instance annotations as semantic segmentation masks, for ``tasks.segment``.
+
+    Args:
+        root, train_images, train_annotations, val_images, val_annotations, test_images,
+            test_annotations, predict_root: as for ``COCODetectionDataModule``.
+        categories: ``voc`` -- the 20 PASCAL VOC classes + background (21, torchvision's COCO
+            segmentation label set); ``all`` -- every category + background.
+        base_size: training scales are 0.5-2.0 x ``base_size`` (shorter side); evaluation resizes the
+            shorter side to ``base_size``.
+        crop_size: training crop (masks padded with 255 where the image is smaller).
+        scale_range: random scale range relative to ``base_size``.
+        flip_prob: horizontal flip probability.
+        min_area: minimum annotated area of a training image (pixels).
+        mask_rules: ``default`` (different-class overlaps and crowds ignored) or ``torchvision`` (its
+            reference scripts' rules, to reproduce its published numbers); see ``semantic_mask``.
+        cache_dir: where rasterized masks are cached (default: ``~/.cache/residual-zoo/coco_masks``).
+        batch_size: training images per batch and process.
+        eval_batch_size: evaluation images per batch (1 evaluates every image at its own size; more
+            pads to the largest in the batch).
+        mean, std: normalization.
+        num_workers, skip_corrupt, drop_invalid, pin_memory, persistent_workers: as for
+            ``COCODetectionDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        predict_root: str | None = None,
+        categories: Literal["voc", "all"] = "voc",
+        base_size: int = 520,
+        crop_size: int = 480,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        flip_prob: float = 0.5,
+        min_area: float = 1000,
+        mask_rules: MaskRules = "default",
+        cache_dir: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        skip_corrupt: bool = False,
+        drop_invalid: bool = False,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.files = COCOFiles(
+            root, train_images, train_annotations, val_images, val_annotations, test_images, test_annotations
+        )
+        self.root = self.files.root
+        self.batch_size = batch_size
+        self.datasets: dict[str, Dataset] = {}
+        self._classes: tuple[dict[int, int], list[str]] | None = None
+
+    @property
+    def label_set(self) -> tuple[dict[int, int], list[str]]:
+        if self._classes is None:
+            categories = self.files.categories if self.hparams.categories == "all" else []
+            if self.hparams.categories == "voc":
+                try:
+                    check_voc_categories(self.files.categories, f"{self.root}'s annotation file")
+                except FileNotFoundError:  # predicting from a checkpoint: no annotations to check
+                    pass
+            self._classes = category_classes(categories, self.hparams.categories)
+        return self._classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.label_set[1]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background."""
+        return len(self.class_names)
+
+    def annotation_file(self, split: str) -> Path:
+        return self.files.annotation_file(split)
+
+    def _check_split(self, split: str) -> None:
+        self.files.check_split(split)
+
+    def _transform(self, train: bool) -> v2.Compose:
+        hp = self.hparams
+        normalize = [
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean=list(hp.mean), std=list(hp.std)),
+        ]
+        if not train:
+            return v2.Compose([v2.Resize(hp.base_size, antialias=True), *normalize])
+        low, high = hp.scale_range
+        return v2.Compose(
+            [
+                v2.RandomResize(int(low * hp.base_size), int(high * hp.base_size), antialias=True),
+                v2.RandomHorizontalFlip(hp.flip_prob),
+                v2.RandomCrop(hp.crop_size, pad_if_needed=True, fill={tv_tensors.Mask: IGNORE_INDEX, "others": 0}),
+                *normalize,
+            ]
+        )
+
+    def _split(self, split: str) -> COCOSegmentationDataset:
+        coco = self.files.load(split, drop_invalid=self.hparams.drop_invalid)
+        images, annotations = self.files.split_files(split)
+        if self.hparams.categories == "all" and self._classes is None:
+            self._classes = category_classes(coco.dataset["categories"], "all")
+        unknown = unlisted_categories(coco, self.label_set[0])
+        if self.hparams.categories == "all" and unknown:  # they would become background without a word
+            raise DataValidationError(
+                f"{annotations} annotates categories {unknown[:10]} that the class list (from the first annotation "
+                f"file read) lacks. Give the training and validation files the same 'categories'."
+            )
+        train = split == "train"
+        hp = self.hparams
+        cache = cache_folder(annotations, hp.cache_dir, hp.categories, hp.mask_rules)
+        return COCOSegmentationDataset(
+            images, coco, self.label_set[0], train, self._transform(train), cache,
+            min_area=self.hparams.min_area, skip_corrupt=self.hparams.skip_corrupt, rules=self.hparams.mask_rules,
+        )  # fmt: skip
+
+    def _predict_dataset(self, paths: list[Path]) -> Dataset:
+        return ImageListDataset(paths, self._transform(False))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        hp = self.hparams
+        return make_loader(
+            self.datasets[split],
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            num_workers=hp.num_workers,
+            train=train,
+            pin_memory=hp.pin_memory,
+            persistent_workers=hp.persistent_workers,
+            collate_fn=segmentation_collate,
+            trainer=self.trainer,
+        )

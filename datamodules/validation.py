@@ -1,0 +1,255 @@
+"""Dataset validation: what would break a run or silently corrupt its results, found before training.
+
+One function per format, each returning a :class:`Report` of errors and warnings that name the file, the
+entry and the fix: the datamodules call them when they set up (and stop, or with ``data.drop_invalid``
+leave the bad items out), and ``python -m datamodules.check`` prints them (decoding every image too).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .coco_format import annotation_area, is_number, is_polygon
+from .folders import find_classes, no_images_problem, scan_folder
+from .images import CorruptImageError, read_image
+
+
+class DataValidationError(ValueError):
+    """The dataset has errors that would break training or corrupt its results."""
+
+
+@dataclass
+class Problem:
+    severity: str  # "error" or "warning"
+    where: str  # the file (and the entry in it)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():7s} {self.where}: {self.message}"
+
+
+@dataclass
+class Report:
+    """Problems found in one dataset split, and how much was checked."""
+
+    subject: str
+    checked: Counter = field(default_factory=Counter)
+    problems: list[Problem] = field(default_factory=list)
+
+    def error(self, where: str, message: str) -> None:
+        self.problems.append(Problem("error", where, message))
+
+    def warning(self, where: str, message: str) -> None:
+        self.problems.append(Problem("warning", where, message))
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def summary(self) -> str:
+        checked = ", ".join(f"{n} {kind}" for kind, n in self.checked.items())
+        return f"{self.subject}: {len(self.errors)} errors, {len(self.warnings)} warnings ({checked} checked)"
+
+    def text(self, limit: int = 50) -> str:
+        shown = [str(p) for p in (self.errors + self.warnings)[:limit]]
+        more = len(self.problems) - len(shown)
+        lines = shown + ([f"... and {more} more"] if more > 0 else []) + [self.summary()]
+        return "\n".join(lines)
+
+
+def image_problem(path: Path, decode: bool, expected: tuple[int, int] | None = None) -> str | None:
+    """Why ``path`` cannot be used as an image (decoded: also when it is not ``expected``, width x height),
+    or ``None``."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "the file does not exist"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if decode:
+        try:
+            image = read_image(path)
+        except CorruptImageError as err:
+            return str(err).split(": ", 1)[-1]
+        if expected is not None:
+            return size_problem(image, *expected)
+    return None
+
+
+def size_problem(image: torch.Tensor, width: int, height: int) -> str | None:
+    """Why a decoded image cannot carry annotations made for a ``width`` x ``height`` image, or ``None``."""
+    found_height, found_width = image.shape[-2:]
+    if (found_width, found_height) == (width, height):
+        return None
+    return (
+        f"the image is {found_width}x{found_height} but the annotation file says {width}x{height}, so its boxes "
+        f"and masks would be misplaced"
+    )
+
+
+# -- COCO ---------------------------------------------------------------------------------------------
+def validate_coco(
+    dataset: dict, annotation_file: Path, images_dir: Path | None = None, decode: bool = False
+) -> tuple[Report, dict]:
+    """Check a COCO instances dataset; return the report and a copy with the offending entries removed.
+
+    Errors (would break training or corrupt results): entries without their required fields, image ids
+    or file names listed twice, annotations of images not in ``images``, category ids not in
+    ``categories``, annotations without the ``area``/``iscrowd`` COCOeval reads (filled in in the
+    copy), image files missing on disk or unreadable (or, decoded, of another size than recorded).
+    Warnings (handled by the datamodules, but worth knowing): boxes no wider or taller than one pixel
+    (dropped), boxes reaching outside the image (clipped), polygons of fewer than 3 points (left out of
+    masks).
+    """
+    report = Report(str(annotation_file))
+    name = annotation_file.name
+    images_ok: dict[int, dict] = {}
+    seen_files: set[str] = set()
+    on_disk: set[str] | None = None
+    if images_dir is not None:
+        on_disk = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
+        if not images_dir.is_dir():
+            report.error(str(images_dir), "the image folder does not exist")
+    for i, image in enumerate(dataset.get("images") or []):
+        report.checked["images"] += 1
+        where = f"{name} images[{i}]"
+        if not isinstance(image, dict) or not isinstance(image.get("id"), int) or not image.get("file_name"):
+            report.error(where, "an image needs an integer 'id' and a 'file_name'")
+            continue
+        if not (is_number(image.get("width")) and is_number(image.get("height"))):
+            report.error(where, f"image id {image['id']} lacks 'width'/'height'")
+            continue
+        if image["id"] in images_ok:
+            report.error(where, f"image id {image['id']} is listed twice")
+            continue
+        if image["file_name"] in seen_files:
+            report.error(where, f"file {image['file_name']} is listed twice (image id {image['id']})")
+            continue
+        if on_disk is not None and images_dir.is_dir():
+            if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
+                report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
+                continue
+            expected = (image["width"], image["height"])
+            problem = image_problem(images_dir / image["file_name"], decode, expected) if decode else None
+            if problem is None and not decode:
+                try:
+                    if (images_dir / image["file_name"]).stat().st_size == 0:
+                        problem = "the file is empty (0 bytes)"
+                except OSError as err:
+                    problem = str(err)
+            if problem:
+                report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: {problem}")
+                continue
+        seen_files.add(image["file_name"])
+        images_ok[image["id"]] = image
+    categories = {c.get("id") for c in dataset.get("categories") or [] if isinstance(c, dict)}
+    annotations_ok = []
+    for i, ann in enumerate(dataset.get("annotations") or []):
+        report.checked["annotations"] += 1
+        where = f"{name} annotations[{i}]"
+        if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
+            report.error(where, "an annotation needs 'image_id', 'category_id' and 'bbox'")
+            continue
+        ident = f"annotation id {ann.get('id', '?')}"
+        bbox = ann["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+            report.error(where, f"{ident}: 'bbox' must be four numbers [x, y, width, height], got {bbox!r}")
+            continue
+        if ann["category_id"] not in categories:
+            report.error(
+                where, f"{ident}: category_id {ann['category_id']} is not in 'categories' {sorted(categories)}"
+            )
+            continue
+        image = images_ok.get(ann["image_id"])
+        if image is None:
+            report.error(where, f"{ident}: image_id {ann['image_id']} is not a usable image of this file")
+            continue
+        segmentation = ann.get("segmentation")
+        if isinstance(segmentation, list):
+            short = [len(p) if isinstance(p, list) else 0 for p in segmentation if not is_polygon(p)]
+            if short:
+                report.warning(
+                    where,
+                    f"{ident} (image {image['file_name']}): polygons of {', '.join(map(str, short))} coordinates "
+                    f"are not polygons (3 points or more: 6 numbers, x and y) and are left out of its mask",
+                )
+        missing = [key for key in ("area", "iscrowd") if key not in ann]
+        if missing:
+            report.error(
+                where,
+                f"{ident}: lacks {' and '.join(repr(k) for k in missing)}; COCOeval sorts objects into small, "
+                f"medium and large by 'area' and ignores 'iscrowd' regions, so APs/APm/APl would be wrong. "
+                f"--fix writes them (the area of the polygons, mask or box; iscrowd 0)",
+            )
+            ann = {**ann, "area": ann.get("area", annotation_area(ann, image)), "iscrowd": ann.get("iscrowd", 0)}
+        x, y, w, h = bbox
+        if w <= 1 or h <= 1:
+            report.warning(where, f"{ident} (image {image['file_name']}): degenerate box {bbox} (dropped for training)")
+        elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+            report.warning(
+                where,
+                f"{ident} (image {image['file_name']}): box {bbox} reaches outside the "
+                f"{image['width']}x{image['height']} image (clipped)",
+            )
+        annotations_ok.append(ann)
+    cleaned = dict(dataset)
+    cleaned["images"] = list(images_ok.values())
+    cleaned["annotations"] = [a for a in annotations_ok if a["bbox"][2] > 1 and a["bbox"][3] > 1]
+    return report, cleaned
+
+
+def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:
+    """Annotations are in the pixel coordinates of the image they were made on: a resized or different file
+    would misplace every box and mask silently, so the decoded size must be the one the file records."""
+    problem = size_problem(image, info["width"], info["height"])
+    if problem:
+        raise DataValidationError(
+            f"{path}: {problem} (image id {info['id']}). Use the images the annotations were made for, or rescale "
+            f"the annotations and their 'width'/'height' to these images."
+        )
+
+
+# -- ImageFolder ----------------------------------------------------------------------------------------
+def validate_imagefolder(
+    split_dir: Path, classes: list[str], *, train: bool, decode: bool = False, strict: bool = True
+) -> tuple[Report, list[tuple[str, int]]]:
+    """Check ``split_dir/<class>/<images>``; return the report and the ``(path, class index)`` samples.
+
+    Errors: class folders the training split lacks (with ``strict``), a training class without images it
+    can read (what the folder holds instead is named), empty files (and, with ``decode``, files that do
+    not decode). Warnings: files in formats that are not read, an evaluation class without images.
+    """
+    report = Report(str(split_dir))
+    index = {name: i for i, name in enumerate(classes)}
+    extra = [name for name in find_classes(split_dir) if name not in index]
+    if extra and strict:
+        report.error(
+            str(split_dir),
+            f"class folders {extra[:5]} do not exist in the training split; every evaluation class must be one "
+            f"of the {len(classes)} training classes",
+        )
+    samples: list[tuple[str, int]] = []
+    for name in classes:
+        folder = split_dir / name
+        report.checked["classes"] += 1
+        images, others = scan_folder(folder) if folder.is_dir() else ([], Counter())
+        if not images and (train or folder.is_dir()):
+            (report.error if train else report.warning)(str(folder), no_images_problem(folder, others))
+        elif others:
+            report.warning(str(folder), f"{sum(others.values())} files not in a readable image format are ignored")
+        for path in images:
+            report.checked["images"] += 1
+            problem = image_problem(path, decode)
+            if problem:
+                report.error(str(path), problem)
+            samples.append((str(path), index[name]))
+    return report, samples
