@@ -52,7 +52,8 @@ def norm_layer(kind: NormKind, channels: int) -> nn.Module:
 
     Args:
         kind: ``bn`` (BatchNorm2d), ``frozen_bn`` (fixed affine map, as the ResNet paper's detectors use,
-            Appendix A), ``sync_bn`` (statistics over all DDP ranks) or ``gn`` (GroupNorm, 32 groups).
+            Appendix A), ``sync_bn`` (statistics over all DDP ranks, :class:`SyncBatchNorm`) or ``gn``
+            (GroupNorm, 32 groups).
         channels: number of channels normalized.
     """
     if kind == "bn":
@@ -60,10 +61,70 @@ def norm_layer(kind: NormKind, channels: int) -> nn.Module:
     if kind == "frozen_bn":
         return FrozenBatchNorm2d(channels)
     if kind == "sync_bn":
-        return nn.SyncBatchNorm(channels)
+        return SyncBatchNorm(channels)
     if kind == "gn":
         return nn.GroupNorm(gn_groups(channels), channels)
     raise ValueError(f"norm={kind!r} is not one of {', '.join(NORM_KINDS)}")
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` that also synchronizes on the CPU (DDP over gloo), where torch's raises.
+
+    (torch's ``DistributedDataParallel`` refuses to wrap a CPU module holding one: convert after wrapping,
+    with :func:`to_sync_batchnorm`, as ``tasks.segment`` does.)
+
+    Training under DDP, the batch statistics are those of all ranks' batches together: each rank's
+    per-channel sums of ``x`` and ``x**2`` and its pixel count go through one differentiable all-reduce
+    (``torch.distributed.nn.functional.all_reduce``), so gradients flow to every rank's inputs as with
+    torch's CUDA kernels. Elsewhere (CUDA, evaluation, one process) it is torch's module unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if x.device.type != "cpu" or not (self.training and distributed):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [d for d in range(x.dim()) if d != 1]
+        channels = x.shape[1]
+        count = x.new_full((1,), x.numel() / channels)
+        totals = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        var = totals[channels : 2 * channels] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1)
+                self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def to_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Every ``BatchNorm`` in ``module`` (or ``module`` itself) as a :class:`SyncBatchNorm` sharing its
+    parameters and buffers -- the same tensor objects, so an optimizer or a DDP wrapper built before the
+    conversion still holds them (torch's ``convert_sync_batchnorm`` copies them into new ones)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+        sync = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        for name, param in module.named_parameters(recurse=False):
+            setattr(sync, name, param)
+        for name, buffer in module.named_buffers(recurse=False):
+            sync._buffers[name] = buffer
+        sync.train(module.training)
+        return sync
+    for name, child in module.named_children():
+        converted = to_sync_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:

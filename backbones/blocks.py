@@ -122,6 +122,9 @@ class ResidualUnit(nn.Module):
         unit: activation placement of Identity Mappings Fig. 4, see ``UNITS``.
         form: ResNeXt block form (Fig. 3): ``grouped``, ``split`` or ``concat``.
         norm: normalization layer kind.
+        follows_stem: the net's first unit, right after the stand-alone conv1: in pre-activation units
+            its shortcut reads the pre-activated input even when it is an identity (Identity Mappings,
+            Appendix).
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class ResidualUnit(nn.Module):
         unit: UnitKind = "original",
         form: Form = "grouped",
         norm: NormKind = "bn",
+        follows_stem: bool = False,
     ) -> None:
         super().__init__()
         _choice("shortcut", shortcut, SHORTCUTS)
@@ -194,8 +198,14 @@ class ResidualUnit(nn.Module):
             self.downsample = nn.Sequential(*layers)
         elif self.has_shortcut and shortcut == "A" and dims_change:
             self.downsample = ZeroPadShortcut(in_channels, out_channels, stride)
-        # Identity Mappings Sec. 3.2 / Appendix: a projection reads the pre-activated input.
-        self.shortcut_reads_preact = project and unit in PREACT_UNITS
+        # Identity Mappings, Appendix: the first unit, after the stand-alone conv1, adopts "the first
+        # activation right after conv1 and before splitting into two paths", and projection shortcuts
+        # are "also with pre-activation". The authors' resnet-pre-act.lua applies one common BN-ReLU to
+        # both paths of every unit that increases dimensions, so a zero-padded (option A) shortcut reads
+        # the pre-activated input there too (the paper names only projections).
+        self.shortcut_reads_preact = (
+            self.has_shortcut and unit in PREACT_UNITS and (project or dims_change or follows_stem)
+        )
 
         self.skip_param = SKIP_DEFAULTS.get(skip) if skip_param is None else float(skip_param)
         if skip in ("exclusive_gate", "shortcut_gate"):

@@ -4,10 +4,15 @@ Every unit is ``x_{l+1} = x_l + F(x_l)`` with ``F = conv(ReLU(BN(... conv(ReLU(B
 so the shortcut path from any unit to any deeper one is a pure identity (Eq. 4). Following the paper's
 Appendix and its authors' code:
 
-* the stem is a bare convolution (plus the max pool on ImageNet); the first unit of each stage applies
-  its BN+ReLU before splitting, and its projection shortcut reads that pre-activated input;
+* the stem is a bare convolution (plus the max pool on ImageNet); every unit applies its BN+ReLU
+  first, and the shortcut reads that pre-activated input in the net's first unit ("the first activation
+  right after conv1 and before splitting into two paths", even where the shortcut is an identity) and
+  in every unit that increases dimensions (the authors' resnet-pre-act.lua: one BN-ReLU for both paths);
 * the last unit is followed by one extra BN+ReLU, before pooling and the classifier;
-* projection shortcuts where dimensions grow (type B), none of them followed by BN.
+* projection shortcuts where dimensions grow (type B), none of them followed by BN, except on CIFAR's
+  2-layer ResNet-110 (option A, the ResNet paper's CIFAR recipe);
+* the CIFAR bottleneck nets (164, 1001) stride the first 1x1, as resnet-pre-act.lua does; the ImageNet
+  nets stride the 3x3, as fb.resnet.torch's preresnet.lua (and timm's resnetv2, whose weights load) do.
 
 The ImageNet nets match timm's ``resnetv2_*`` (non-BiT) layout, so their weights load through
 :func:`backbones.weights.load_weights`. Other activation placements of Fig. 4 are the ``unit=`` option of
@@ -55,16 +60,22 @@ def preact_resnet200(**kwargs) -> ResNet:
 
 
 def cifar_preact_resnet110(**kwargs) -> ResNet:
-    """Pre-activation ResNet-110 (2-layer units): 6.37% CIFAR-10 error (Table 2)."""
-    kwargs.setdefault("shortcut", "B")
+    """Pre-activation ResNet-110 (2-layer units): 6.37% CIFAR-10 error (Table 2).
+
+    Option-A shortcuts, as every CIFAR net of the ResNet paper (Sec. 4.2), whose recipe Identity
+    Mappings' 110-layer experiments follow (it names projections only for its bottleneck nets): the
+    same parameters as ``cifar_resnet110``. ``shortcut="B"`` builds the projection variant.
+    """
     return cifar_resnet(110, name="cifar_preact_resnet110", **_preact(kwargs))
 
 
 def cifar_preact_resnet164(**kwargs) -> ResNet:
-    """Pre-activation ResNet-164 (bottlenecks): 1.7M parameters, 5.46% / 24.33% CIFAR-10/100 (Table 3)."""
+    """Pre-activation ResNet-164 (bottlenecks, stride in the first 1x1): 1.7M parameters, 5.46% / 24.33%
+    CIFAR-10/100 (Table 3)."""
     return cifar_bottleneck_resnet(164, name="cifar_preact_resnet164", **_preact(kwargs))
 
 
 def cifar_preact_resnet1001(**kwargs) -> ResNet:
-    """Pre-activation ResNet-1001 (333 bottlenecks): 10.2M parameters, 4.92% / 22.71% (Table 3)."""
+    """Pre-activation ResNet-1001 (333 bottlenecks, stride in the first 1x1): 10.2M parameters, 4.92% /
+    22.71% (Table 3)."""
     return cifar_bottleneck_resnet(1001, name="cifar_preact_resnet1001", **_preact(kwargs))

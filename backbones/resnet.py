@@ -46,6 +46,12 @@ class ResNet(Backbone):
         skip_param: the skip variant's constant (see ``blocks.SKIP_DEFAULTS``).
         unit: activation placement of Identity Mappings Fig. 4 used in every unit.
         form: ResNeXt block form (Xie et al. Fig. 3).
+        shared_first_activation: in pre-activation nets, the first unit's BN+ReLU (right after the
+            stand-alone conv1) feeds both of its paths, as Identity Mappings' Appendix says ("we adopt the
+            first activation right after conv1 and before splitting into two paths"; fb.resnet.torch's
+            ``preresnet.lua`` likewise). ``False``: only its residual path, the identity shortcut carrying
+            the raw stem output -- timm's ``resnetv2_*``, for its weights (detected and required when they
+            load). Bottleneck nets are the same either way (their first unit projects).
         norm: ``bn``, ``frozen_bn``, ``sync_bn`` or ``gn``.
         output_stride: the largest stride of the deepest map; below the native stride (32 on ImageNet)
             the last stages are dilated instead of strided (16: ``res5``; 8: ``res4`` and ``res5``); a
@@ -75,6 +81,7 @@ class ResNet(Backbone):
         skip_param: float | None = None,
         unit: UnitKind = "original",
         form: Form = "grouped",
+        shared_first_activation: bool = True,
         norm: NormKind = "bn",
         output_stride: int | None = None,
         zero_init_residual: bool = False,
@@ -107,7 +114,7 @@ class ResNet(Backbone):
             "layers": list(layers), "bottleneck": bottleneck, "stem": stem, "stem_width": stem_width,
             "planes": list(planes), "in_channels": in_channels, "groups": groups, "width_per_group": width_per_group,
             "stride_in_1x1": stride_in_1x1, "shortcut": shortcut, "skip": skip, "skip_param": skip_param,
-            "unit": unit, "form": form,
+            "unit": unit, "form": form, "shared_first_activation": shared_first_activation,
         }  # fmt: skip
         if output_stride is None or (_power_of_two(output_stride) and output_stride >= native_stride):
             output_stride = native_stride  # an upper bound the net already meets: nothing to dilate
@@ -156,6 +163,7 @@ class ResNet(Backbone):
                         unit=unit,
                         form=form,
                         norm=norm,
+                        follows_stem=index == 0 and i == 0 and shared_first_activation,
                     )
                 )
                 channels = width * expansion
@@ -223,7 +231,8 @@ def build_resnet(name: str, *, weights: str | None = None, **kwargs) -> ResNet:
 
 # -- ResNet v1 on ImageNet (ResNet Table 1). Defaults: shortcut B (Sec. 3.3), stride in the 3x3 ("v1.5"). --
 def resnet18(**kwargs) -> ResNet:
-    """ResNet-18, basic units (2, 2, 2, 2); 1.8 GMACs (Table 1), 27.88% top-1 10-crop (Table 2)."""
+    """ResNet-18, basic units (2, 2, 2, 2); 1.8 GMACs (Table 1). Table 2's 27.88% top-1 (10-crop) is with
+    option-A shortcuts (``shortcut="A"``); the paper gives no number for this default, option B."""
     return build_resnet("resnet18", layers=(2, 2, 2, 2), bottleneck=False, **kwargs)
 
 
@@ -238,12 +247,14 @@ def resnet50(**kwargs) -> ResNet:
 
 
 def resnet101(**kwargs) -> ResNet:
-    """ResNet-101, bottlenecks (3, 4, 23, 3); 7.6 GMACs (Table 1), 21.75% top-1 10-crop (Table 3)."""
+    """ResNet-101, bottlenecks (3, 4, 23, 3); 21.75% top-1 10-crop (Table 3). Table 1's 7.6 GMACs are with
+    the stride in the first 1x1 (``stride_in_1x1=True``, the paper's v1); the default v1.5 costs 7.8."""
     return build_resnet("resnet101", layers=(3, 4, 23, 3), bottleneck=True, **kwargs)
 
 
 def resnet152(**kwargs) -> ResNet:
-    """ResNet-152, bottlenecks (3, 8, 36, 3); 11.3 GMACs (Table 1), 21.43% top-1 10-crop (Table 3)."""
+    """ResNet-152, bottlenecks (3, 8, 36, 3); 21.43% top-1 10-crop (Table 3). Table 1's 11.3 GMACs are with
+    the stride in the first 1x1 (``stride_in_1x1=True``); the default v1.5 costs 11.5."""
     return build_resnet("resnet152", layers=(3, 8, 36, 3), bottleneck=True, **kwargs)
 
 
@@ -283,11 +294,14 @@ def cifar_bottleneck_resnet(depth: int, *, name: str | None = None, **kwargs) ->
     """The 9n+2-layer bottleneck CIFAR ResNet of Identity Mappings Sec. 4 (ResNet-164: n=18; 1001: n=111).
 
     Units ``[1x1, 16; 3x3, 16; 1x1, 64]`` at the first map size, widths doubling; projection shortcuts
-    where dimensions grow (Appendix).
+    where dimensions grow (Appendix). A unit that downsamples strides its first 1x1, as the authors'
+    resnet-pre-act.lua (KaimingHe/resnet-1k-layers) and ResNet's Caffe bottlenecks do (the paper does not
+    say); ``stride_in_1x1=False`` moves it to the 3x3.
     """
     n, rest = divmod(depth - 2, 9)
     if rest or n < 1:
         raise ValueError(f"bottleneck CIFAR ResNets have 9n+2 layers (164, 1001, ...), not {depth}")
+    kwargs.setdefault("stride_in_1x1", True)
     return build_resnet(name or f"cifar_resnet{depth}", layers=(n, n, n), bottleneck=True, stem="cifar", **kwargs)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .blocks import PREACT_UNITS
+
 log = logging.getLogger(__name__)
 
 #: Zoo names whose architecture torchvision publishes weights for, and that enum's class name.
@@ -178,7 +180,10 @@ def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[di
                 raise WeightsError(f"{what}: not a readable safetensors file ({err})") from None
         else:
             raw = torch_load_safe(path, what)
-    return _unwrap(raw, what, meta), meta
+    state = _unwrap(raw, what, meta)
+    if is_timm_resnetv2(state):  # timm's first unit keeps its activation off the shortcut
+        meta.setdefault("architecture", {})["shared_first_activation"] = False
+    return state, meta
 
 
 def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
@@ -254,7 +259,20 @@ def backbone_subset(state: dict[str, Tensor], keys: dict[str, str] | None = None
 
 #: Builder options that choose among the papers' variants of a named network (``ResNet``'s arguments):
 #: the ones a weight file can record and a task can adopt from it.
-VARIANT_OPTIONS: tuple[str, ...] = ("stride_in_1x1", "shortcut", "skip", "skip_param", "unit", "form")
+VARIANT_OPTIONS: tuple[str, ...] = (
+    "stride_in_1x1", "shortcut", "skip", "skip_param", "unit", "form", "shared_first_activation",
+)  # fmt: skip
+
+
+def _moot(option: str, architecture: dict) -> bool:
+    """Options that change nothing in a network of ``architecture``: the 1x1 stride of basic units, where
+    the first pre-activation goes in bottleneck or post-activation nets (their first unit projects, or
+    has none)."""
+    if option == "stride_in_1x1":
+        return not architecture.get("bottleneck")
+    if option == "shared_first_activation":
+        return architecture.get("bottleneck", False) or architecture.get("unit") not in PREACT_UNITS
+    return False
 
 
 def adopt_architecture(given: dict, recorded: dict | None, default: dict) -> dict:
@@ -269,8 +287,7 @@ def adopt_architecture(given: dict, recorded: dict | None, default: dict) -> dic
     return {
         k: recorded[k]
         for k in VARIANT_OPTIONS
-        if k in recorded and k not in given and recorded[k] != default.get(k)
-        and not (k == "stride_in_1x1" and not default.get("bottleneck"))
+        if k in recorded and k not in given and recorded[k] != default.get(k) and not _moot(k, default)
     }  # fmt: skip
 
 
@@ -288,8 +305,7 @@ def check_architecture(recorded: dict | None, net: nn.Module, what: str) -> None
     differ = [
         key
         for key, value in recorded.items()
-        if key in own and key not in _NOT_ARCHITECTURE and own[key] != value
-        and not (key == "stride_in_1x1" and not own.get("bottleneck"))  # basic units have no 1x1
+        if key in own and key not in _NOT_ARCHITECTURE and own[key] != value and not _moot(key, own)
     ]  # fmt: skip
     if differ:
         found = ", ".join(f"{k}={recorded[k]!r}" for k in differ)

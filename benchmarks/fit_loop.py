@@ -150,8 +150,13 @@ def task_loop(
     def sgd(params):
         return torch.optim.SGD(params, lr=lr(batch), momentum=0.9, weight_decay=1e-4)
 
+    def constant(optimizer):  # the reference loop keeps its rate: no default warm-up or decay here either
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
     cuda = device.type == "cuda"
-    task = ClassificationTask(backbone=name, num_classes=1000, optimizer=sgd, weight_decay_norm_bias=True)
+    task = ClassificationTask(
+        backbone=name, num_classes=1000, optimizer=sgd, scheduler=constant, weight_decay_norm_bias=True
+    )
     if init is not None:
         task.backbone.load_state_dict(init)
     clock = Clock()

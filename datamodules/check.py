@@ -6,8 +6,10 @@ run: unreadable or truncated images, annotation files that are not valid COCO or
 negative size or outside their image, category ids missing from ``categories``, annotations of images
 that do not exist, images listed twice or missing on disk, images whose size is not the one their
 annotation file records (a resized copy: every box and mask would be misplaced), polygons of fewer
-than 3 points (warned of; left out of segmentation masks), ImageFolder classes without images. The
-report ends with counts; the command exits with status 1 when there are errors.
+than 3 points (warned of; left out of segmentation masks), ImageFolder classes without images; for the
+XML formats (PASCAL VOC, ILSVRC DET and CLS-LOC) malformed XML, inverted boxes or boxes outside the image,
+names not in the label set, images without an annotation file or label, and files a split lists but
+that are missing. The report ends with counts; the command exits with status 1 when there are errors.
 
 The datamodules run the cheap part (everything but decoding every image) when they set up, and stop
 with this report before training starts. ``data.drop_invalid: true`` drops the offending items instead
@@ -35,7 +37,10 @@ __all__ = ["DataValidationError", "check_datamodule", "main"]
 
 # -- the command ----------------------------------------------------------------------------------------
 def check_datamodule(datamodule, decode: bool = True, fix: bool = False) -> list[Report]:
-    """Every split of a configured datamodule (ImageFolder or COCO kinds)."""
+    """Every split of a configured datamodule: ImageFolder and COCO kinds here; any other datamodule with a
+    ``check(decode)`` method returning its reports (the VOC, ILSVRC DET and CLS-LOC kinds)."""
+    if callable(getattr(datamodule, "check", None)):
+        return datamodule.check(decode=decode)
     reports = []
     if isinstance(datamodule, ImageFolderDataModule):
         classes = datamodule.classes  # the training split's class folders (an error names a missing one)

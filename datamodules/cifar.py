@@ -148,6 +148,11 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
     ``predict`` classifies the test batch; its rows are named ``#<index>`` (``#00000`` ...).
     """
 
+    #: what ``data.root`` must hold (named by command-line errors)
+    layout = "Expected CIFAR's python batches: <root>/cifar-10-batches-py/ or <root>/cifar-100-python/."
+    #: the side of every image (what the tasks' default recipes read)
+    image_size = 32
+
     def __init__(
         self,
         root: str,

@@ -19,6 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .coco_files import COCOFiles, unlisted_categories
+from .coco_format import LAYOUT_HELP
 from .images import read_image_or_skip
 from .loading import ImageListDataset, SplitLoaders, make_loader
 from .masks import (
@@ -149,6 +150,9 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         num_workers, skip_corrupt, drop_invalid, pin_memory, persistent_workers: as for
             ``COCODetectionDataModule``.
     """
+
+    #: what ``data.root`` must hold (named by command-line errors)
+    layout = LAYOUT_HELP
 
     def __init__(
         self,

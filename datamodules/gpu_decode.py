@@ -29,11 +29,17 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
-from torchvision.transforms.v2 import ColorJitter, RandomCrop, RandomResizedCrop, RandomShortestSize
+from torchvision.transforms.v2 import (
+    ColorJitter,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResizedCrop,
+    RandomShortestSize,
+)
 
 from .images import CorruptImageError, read_image_or_skip
 from .loading import collate_skipping
-from .transforms import PAPER_SCALES, eval_transform, train_transform
+from .transforms import PAPER_SCALES, eval_transform, resolve_augment, train_transform
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -211,15 +217,19 @@ class GPUAugment:
         eval_scales: Sequence[int] = PAPER_SCALES,
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
+        crop_scale: Sequence[float] | None = None,
+        flip: bool | None = None,
     ) -> None:
-        self.augment = augment
+        self.augment = resolve_augment(augment, image_size)
         self.image_size = image_size
         # The CPU pipelines' own transforms: their parameter draws (training) and their views (evaluation)
         # are what this path applies, so both paths augment and evaluate alike by construction.
         cpu = train_transform(
-            augment=augment, image_size=image_size, scale_range=scale_range, color_jitter=color_jitter
-        )
+            augment=augment, image_size=image_size, scale_range=scale_range, color_jitter=color_jitter,
+            crop_scale=crop_scale, flip=flip,
+        )  # fmt: skip
         parts = {type(t): t for t in cpu.transforms}
+        self.flip = RandomHorizontalFlip in parts
         self.resized_crop = parts.get(RandomResizedCrop)
         self.shortest, self.crop = parts.get(RandomShortestSize), parts.get(RandomCrop)
         self.jitter = parts.get(ColorJitter)
@@ -232,11 +242,14 @@ class GPUAugment:
         """One training image's draws, in the CPU pipeline's order: ``box`` ``(x1, y1, x2, y2)``, ``flip``
         and, with color jitter, ``jitter`` (:meth:`jitter_params`)."""
         if self.augment == "random_resized_crop":
-            box, flip = random_resized_crop_box(height, width, self.resized_crop), bool(torch.rand(()) < 0.5)
+            box = random_resized_crop_box(height, width, self.resized_crop)
         elif self.augment == "scale":
-            box, flip = scale_crop_box(height, width, self.shortest, self.crop), bool(torch.rand(()) < 0.5)
-        else:  # "none": resize and center crop, no flip
-            box, flip = center_crop_box(height, width, self.image_size, self.image_size), False
+            box = scale_crop_box(height, width, self.shortest, self.crop)
+        elif self.augment == "pad_crop":
+            raise ValueError("train_augment=pad_crop (small images) is applied on the CPU path only")
+        else:  # "none": resize and center crop
+            box = center_crop_box(height, width, self.image_size, self.image_size)
+        flip = self.flip and bool(torch.rand(()) < 0.5)  # drawn after the box, as RandomHorizontalFlip
         draws = {"box": torch.tensor(box, dtype=torch.float32), "flip": torch.tensor(flip)}
         if self.jitter is not None:
             draws["jitter"] = self.jitter_params()

@@ -18,10 +18,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folders import LAYOUT_HELP, class_archives, find_classes, loose_images, synset_names
+from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, loose_images, synset_names
 from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, encoded_item, is_packed, on_cpu
 from .images import read_image_or_skip
 from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping, make_loader
+from .statistics import cached_pixel_mean
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,7 +30,9 @@ from .transforms import (
     EvalCrops,
     Normalize,
     TrainAugment,
+    default_eval_resize,
     eval_transform,
+    resolve_augment,
     train_transform,
 )
 from .validation import DataValidationError, validate_imagefolder
@@ -94,23 +97,37 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         val_dir: validation split folder under ``root``.
         test_dir: test split folder under ``root`` (defaults to ``val_dir``).
         predict_root: a folder of images (searched recursively) for ``predict``.
-        batch_size: images per batch and process.
+        batch_size: images per batch and process (32, torchvision reference's per-GPU batch: on 8 GPUs,
+            ImageNet's 256).
         eval_batch_size: images per evaluation batch (defaults to ``batch_size``).
         num_workers: loader processes per training process.
         image_size: training and evaluation crop size.
         eval_size: evaluation crop size when it differs from ``image_size`` (Identity Mappings Table 5
             tests at 320x320).
-        eval_resize: shorter side before the evaluation crop.
+        eval_resize: shorter side before the evaluation crop; ``None``: the crop / 0.875 (256 for 224, 37
+            for 32), or the crop itself when training sees whole images (``pad_crop``, ``none``).
         eval_crops: for validation, test and prediction: ``center`` (one crop), ``ten`` (the ResNet
             paper's 10-crop testing, Sec. 3.4) or ``multiscale`` (its fully-convolutional testing: the
             whole image at each of ``eval_scales``); the task averages the views' softmax scores.
         eval_scales: shorter sides of ``multiscale`` testing (the paper's 224, 256, 384, 480, 640).
-        train_augment: ``random_resized_crop`` (modern), ``scale`` (ResNet Sec. 3.4) or ``none``.
+        train_augment: ``random_resized_crop`` (modern; areas from ``crop_scale``), ``scale`` (ResNet Sec.
+            3.4), ``pad_crop`` (the CIFAR recipe: pad an eighth, random crop; Sec. 4.2), ``none``
+            (resize and center crop), or ``auto`` (the default): ``pad_crop`` below 64 px, else
+            ``random_resized_crop``.
+        crop_scale: ``random_resized_crop``'s range of crop areas; ``None``: (0.08, 1) from 128 px up
+            (Inception, torchvision), (0.25, 1) below.
+        flip: random horizontal flips in training; ``None``: with ``random_resized_crop`` and ``scale``,
+            not with ``pad_crop`` (small images are often digits or signs, which a mirror changes) or ``none``.
         scale_range: shorter-side range of the ``scale`` augmentation.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables).
         pca_lighting: AlexNet PCA lighting std (0.1 in the ResNet recipe; 0 disables).
         mean: per-channel mean for normalization.
         std: per-channel std for normalization.
+        normalize: ``channel`` subtracts ``mean`` and divides by ``std``; ``pixel_mean`` subtracts the
+            training set's per-pixel mean image (the ResNet paper's, Sec. 3.4; computed once at the crop
+            size from up to ``pixel_mean_images`` training images and cached, ``datamodules.statistics``)
+            and divides by nothing, as the paper does.
+        pixel_mean_images: training images the per-pixel mean is estimated from (all, when fewer).
         skip_corrupt: skip unreadable images (each logged, counted in ``data/skipped``) instead of failing.
         drop_invalid: leave out empty files and class folders without training images (counts logged)
             instead of stopping before training with a report (``datamodules.check``).
@@ -126,6 +143,9 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         persistent_workers: keep loader processes between epochs.
     """
 
+    #: what ``data.root`` must hold (named by command-line errors)
+    layout = LAYOUT_HELP.format(train="train")
+
     def __init__(
         self,
         root: str | None = None,
@@ -133,20 +153,24 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         val_dir: str = "val",
         test_dir: str | None = None,
         predict_root: str | None = None,
-        batch_size: int = 256,
+        batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 8,
         image_size: int = 224,
         eval_size: int | None = None,
-        eval_resize: int = 256,
+        eval_resize: int | None = None,
         eval_crops: EvalCrops = "center",
         eval_scales: tuple[int, ...] = PAPER_SCALES,
-        train_augment: TrainAugment = "random_resized_crop",
+        train_augment: TrainAugment = "auto",
+        crop_scale: tuple[float, float] | None = None,
+        flip: bool | None = None,
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
         pca_lighting: float = 0.0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        normalize: Literal["channel", "pixel_mean"] = "channel",
+        pixel_mean_images: int = 10000,
         skip_corrupt: bool = False,
         drop_invalid: bool = False,
         decode_device: Literal["cpu", "cuda"] = "cpu",
@@ -161,6 +185,14 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         if not 0.0 <= cpu_share <= 1.0:
             raise ValueError(f"data.cpu_share={cpu_share} must be a fraction between 0 and 1")
         crop = eval_size or image_size
+        augment = resolve_augment(train_augment, image_size)
+        if decode_device == "cuda" and augment == "pad_crop":
+            raise ValueError(
+                f"data.train_augment=pad_crop ({'the default below 64 px' if train_augment == 'auto' else 'as set'}) "
+                f"runs on the CPU path: set data.decode_device cpu (small images decode fast on the CPU), or "
+                f"data.train_augment random_resized_crop"
+            )
+        eval_resize = eval_resize if eval_resize is not None else default_eval_resize(crop, augment)
         if eval_crops != "multiscale" and crop > eval_resize:
             raise ValueError(
                 f"data.{'eval_size' if eval_size else 'image_size'}={crop} is larger than data.eval_resize="
@@ -168,12 +200,14 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
                 f"at least {crop} (Identity Mappings tests 320x320 crops of images resized to 320)."
             )
         self.save_hyperparameters()
+        self.hparams.update(eval_resize=eval_resize)  # resolved, as the pipelines use it
         self.root = Path(root).expanduser() if root else None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self._classes: list[str] | None = None
         self.datasets: dict[str, ImageFolderDataset] = {}
         self.normalize = Normalize(mean, std, pca_lighting)
+        self._pixel_mean: torch.Tensor | None = None
         self.gpu = GPUAugment(
             augment=train_augment,
             image_size=image_size,
@@ -183,6 +217,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             eval_scales=eval_scales,
             scale_range=scale_range,
             color_jitter=color_jitter,
+            crop_scale=crop_scale,
+            flip=flip,
         )
         self.decoding = GPUDecoding(self.gpu, skip_corrupt)
 
@@ -234,6 +270,8 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
                 image_size=hp.image_size,
                 scale_range=hp.scale_range,
                 color_jitter=hp.color_jitter,
+                crop_scale=hp.crop_scale,
+                flip=hp.flip,
             )
         return eval_transform(
             image_size=hp.eval_size or hp.image_size,
@@ -245,6 +283,33 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         move = super().transfer_batch_to_device
         return self.decoding.transfer(batch, device, lambda b, d: move(b, d, dataloader_idx))
+
+    # -- the per-pixel mean (data.normalize: pixel_mean) ------------------------------------------
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        self._use_pixel_mean()  # once per node, before the ranks set up: they read the cache
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._use_pixel_mean()
+
+    def _use_pixel_mean(self) -> None:
+        hp = self.hparams
+        if hp.normalize != "pixel_mean" or self.root is None:
+            return
+        if self._pixel_mean is None:
+            paths = [path for path, _ in list_samples(self.split_path("train"), self.classes)]
+            self._pixel_mean = cached_pixel_mean(paths, hp.image_size, hp.pixel_mean_images)
+        self.normalize = Normalize(self._pixel_mean, (1.0, 1.0, 1.0), hp.pca_lighting)
+
+    def state_dict(self) -> dict:
+        """The per-pixel mean goes into checkpoints, so ``predict`` from one needs no training images."""
+        return {"pixel_mean": self._pixel_mean} if self._pixel_mean is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("pixel_mean") is not None and self.hparams.normalize == "pixel_mean":
+            self._pixel_mean = state["pixel_mean"]
+            self.normalize = Normalize(self._pixel_mean, (1.0, 1.0, 1.0), self.hparams.pca_lighting)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 batches become normalized floats where they land (the GPU when there is one).

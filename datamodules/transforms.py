@@ -1,10 +1,19 @@
 """Classification pipelines: geometry on uint8 tensors in the loader, normalization on the device.
 
 * ``random_resized_crop`` -- the modern recipe (Inception-style scale + aspect-ratio augmentation; the
-  ResNeXt paper, Sec. 4, and torchvision's references);
+  ResNeXt paper, Sec. 4, and torchvision's references), areas from 8% of the image at 128 px and up,
+  from 25% below (a crop of 8% of a small image keeps too little of the object);
+* ``pad_crop`` -- the CIFAR recipe (ResNet Sec. 4.2): the whole image at the crop size, zero-padded by an
+  eighth of it on each side, a random crop of the original size; ``auto`` (the default) picks it below
+  64 px and ``random_resized_crop`` otherwise;
+* horizontal flips with the crops, except after ``pad_crop`` unless asked for (``flip``): small images
+  are as often digits, signs or glyphs, which a mirror makes another class (SVHN, GTSRB and MNIST train
+  without flips; on handwritten digits flipping cost 3-4 points of top-1 here), as natural images;
 * ``scale`` -- the ResNet paper's (Sec. 3.4): shorter side resized to a random ``s`` in [256, 480], a
   random 224 crop of the image or its flip, optional AlexNet-style color augmentation (PCA lighting);
-* evaluation: shorter side 256, center crop 224 (ResNeXt Sec. 5.1's single-crop protocol), or the
+* evaluation: shorter side 256, center crop 224 (ResNeXt Sec. 5.1's single-crop protocol: the crop is
+  0.875 of the resized side, whatever the size; after ``pad_crop`` or ``none`` training, the whole image
+  at the crop size, as CIFAR is evaluated), or the
   ResNet paper's 10-crop testing (Sec. 3.4, after AlexNet: the four corners and the center, and their
   mirror images), or its fully-convolutional multi-scale testing ("for best results", Sec. 3.4: the
   whole image with its shorter side at 224, 256, 384, 480 and 640); the task scores several views by
@@ -26,7 +35,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TrainAugment = Literal["random_resized_crop", "scale", "none"]
+TrainAugment = Literal["auto", "random_resized_crop", "scale", "pad_crop", "none"]
 EvalCrops = Literal["center", "ten", "multiscale"]
 #: the ResNet paper's test scales (Sec. 3.4): shorter sides of the whole image
 PAPER_SCALES = (224, 256, 384, 480, 640)
@@ -36,27 +45,67 @@ _PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
 _PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
 
 
+def resolve_augment(augment: TrainAugment, image_size: int) -> str:
+    """``auto``: the CIFAR recipe's ``pad_crop`` below 64 px, ``random_resized_crop`` from 64 px up."""
+    if augment == "auto":
+        return "pad_crop" if image_size < 64 else "random_resized_crop"
+    if augment not in ("random_resized_crop", "scale", "pad_crop", "none"):
+        raise ValueError(
+            f"train_augment={augment!r} is not one of 'auto', 'random_resized_crop', 'scale', 'pad_crop', 'none'"
+        )
+    return augment
+
+
+def default_crop_scale(image_size: int) -> tuple[float, float]:
+    """Random-resized-crop's area range: Inception's (0.08, 1) from 128 px up, (0.25, 1) for smaller crops."""
+    return (0.08, 1.0) if image_size >= 128 else (0.25, 1.0)
+
+
+def default_eval_resize(image_size: int, augment: str) -> int:
+    """The shorter side before the evaluation crop: the crop / 0.875 (256 for 224, 37 for 32), or the crop
+    itself after ``pad_crop``/``none`` training, which sees whole images (the evaluation then does too)."""
+    if augment in ("pad_crop", "none"):
+        return image_size
+    return round(image_size / 0.875)
+
+
 def train_transform(
     *,
-    augment: TrainAugment = "random_resized_crop",
+    augment: TrainAugment = "auto",
     image_size: int = 224,
     scale_range: Sequence[int] = (256, 480),
     color_jitter: float = 0.0,
+    crop_scale: Sequence[float] | None = None,
+    flip: bool | None = None,
 ) -> v2.Compose:
-    """Training geometry (and color jitter) for uint8 ``3 x H x W`` images; the output stays uint8."""
+    """Training geometry (and color jitter) for uint8 ``3 x H x W`` images; the output stays uint8.
+
+    ``flip``: random horizontal flips; ``None`` flips with ``random_resized_crop`` and ``scale``, not with
+    ``pad_crop`` (see the module docstring) nor ``none``.
+    """
+    augment = resolve_augment(augment, image_size)
+    if flip is None:
+        flip = augment in ("random_resized_crop", "scale")
+    mirror = [v2.RandomHorizontalFlip()] if flip else []
     if augment == "random_resized_crop":
-        geometry: list = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        scale = tuple(crop_scale) if crop_scale else default_crop_scale(image_size)
+        geometry: list = [v2.RandomResizedCrop(image_size, scale=scale, antialias=True), *mirror]
     elif augment == "scale":
         low, high = scale_range
         geometry = [
             v2.RandomShortestSize(min_size=list(range(low, high + 1)), antialias=True),
             v2.RandomCrop(image_size),
-            v2.RandomHorizontalFlip(),
+            *mirror,
         ]
-    elif augment == "none":
-        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    else:
-        raise ValueError(f"train_augment={augment!r} is not one of 'random_resized_crop', 'scale', 'none'")
+    elif augment == "pad_crop":
+        geometry = [
+            v2.Resize(image_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.RandomCrop(image_size, padding=max(1, image_size // 8), fill=0),
+            *mirror,
+        ]
+    else:  # "none"
+        geometry = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), *mirror]
     color: list = []
     if color_jitter > 0:
         color.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
@@ -103,20 +152,28 @@ class StackedTenCrop:
 class Normalize:
     """uint8 batches to normalized float batches, with AlexNet's PCA lighting noise when training.
 
-    Lighting (Krizhevsky et al. 2012, Sec. 4.1; ResNet Sec. 3.4's "standard color augmentation") adds
-    ``eigvec @ (alpha * eigval)`` to every pixel of an image in [0, 1], ``alpha ~ N(0, pca_lighting)``
-    per image.
+    ``mean`` is per channel (3 numbers) or per pixel (a ``3 x S x S`` mean image, the ResNet paper's
+    "per-pixel mean", resized bilinearly to views of another size). Lighting (Krizhevsky et al. 2012,
+    Sec. 4.1; ResNet Sec. 3.4's "standard color augmentation") adds ``eigvec @ (alpha * eigval)`` to every
+    pixel of an image in [0, 1], ``alpha ~ N(0, pca_lighting)`` per image.
     """
 
     def __init__(
         self,
-        mean: Sequence[float] = IMAGENET_MEAN,
+        mean: Sequence[float] | torch.Tensor = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         pca_lighting: float = 0.0,
     ) -> None:
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.mean = mean.view(1, 3, 1, 1) if mean.ndim == 1 else mean.view(1, *mean.shape[-3:])
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.pca_lighting = pca_lighting
+
+    def _mean_for(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self.mean.to(x.device)
+        if mean.shape[-1] > 1 and mean.shape[-2:] != x.shape[-2:]:
+            mean = torch.nn.functional.interpolate(mean, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return mean
 
     def __call__(self, images, train: bool = False):
         if isinstance(images, list):  # per-image lists of views of different sizes (multi-scale testing)
@@ -128,4 +185,4 @@ class Normalize:
             alpha = torch.randn(len(x), 3, device=x.device) * self.pca_lighting
             rgb = (alpha * _PCA_EIGVAL.to(x.device)) @ _PCA_EIGVEC.to(x.device).T  # B x 3
             x = x + rgb.view(-1, 3, 1, 1)
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        return x.sub_(self._mean_for(x)).div_(self.std.to(x.device))

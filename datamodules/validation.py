@@ -17,6 +17,7 @@ import torch
 from .coco_format import annotation_area, is_number, is_polygon
 from .folders import find_classes, no_images_problem, scan_folder
 from .images import CorruptImageError, read_image
+from .records import DetectionRecords
 
 
 class DataValidationError(ValueError):
@@ -253,3 +254,94 @@ def validate_imagefolder(
                 report.error(str(path), problem)
             samples.append((str(path), index[name]))
     return report, samples
+
+
+# -- PASCAL VOC / ILSVRC XML -----------------------------------------------------------------------------
+@dataclass
+class XMLSplit:
+    """A split of per-image XML annotations, read and checked: its records and the report."""
+
+    records: DetectionRecords
+    report: Report
+
+
+def read_xml_split(
+    entries: list[tuple[str, Path, Path | None]],
+    root: Path,
+    base: int,
+    class_of,
+    subject: str,
+    drop_invalid: bool = False,
+    decode: bool = False,
+) -> XMLSplit:
+    """Read and check the annotation files of ``entries`` (``(image id, image file, XML file or None)``).
+
+    Errors: an image or annotation file the split lists but that does not exist, an unreadable file,
+    XML that is not well-formed or lacks ``<size>``, a ``<name>`` not in the label set (``class_of``
+    returns ``None``), an inverted box (and, with ``decode``, an image of another size than recorded).
+    Warnings: boxes reaching outside the image (clipped), boxes no wider or taller than one pixel
+    (dropped), objects without a box (image-level labels, not detection targets). Images with errors stop
+    the run with the report, or with ``drop_invalid`` are left out. ``None`` for the XML file is a
+    negative image (ILSVRC's training images without objects).
+    """
+    from .voc_format import AnnotationError, read_xml
+
+    report = Report(subject)
+    ids, names, sizes, boxes, labels, difficult = [], [], [], [], [], []
+    for number, (image, jpeg, xml) in enumerate(entries, start=1):
+        report.checked["images"] += 1
+        if not jpeg.is_file():
+            report.error(str(jpeg), f"image {image}: the file does not exist (the split file lists it)")
+            continue
+        if xml is None:
+            kept, size = [], (0, 0)  # a negative image: no objects, size read when it is decoded
+        else:
+            if not xml.is_file():
+                report.error(str(xml), f"image {image}: no annotation file")
+                continue
+            try:
+                annotation = read_xml(xml, base)
+            except AnnotationError as err:
+                report.error(str(xml), str(err).split(": ", 1)[-1])
+                continue
+            size = (annotation.width, annotation.height)
+            kept, bad = [], False
+            for index, obj in enumerate(annotation.objects):
+                where = f"{xml.name} <object> {index} ({obj.name})"
+                category = class_of(obj.name)
+                if category is None:
+                    report.error(str(xml), f"{where}: '{obj.name}' is not one of the dataset's classes")
+                    bad = True
+                    continue
+                if obj.box is None:
+                    report.checked["objects without a box"] += 1
+                    continue
+                report.checked["objects"] += 1
+                x1, y1, x2, y2 = obj.box
+                w, h = annotation.width, annotation.height
+                if x1 < -1 or y1 < -1 or x2 > w + 1 or y2 > h + 1:
+                    report.warning(str(xml), f"{where}: box {obj.box} reaches outside the {w}x{h} image (clipped)")
+                x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
+                if x2 - x1 <= 1 or y2 - y1 <= 1:
+                    report.warning(str(xml), f"{where}: degenerate box {obj.box} (dropped)")
+                    continue
+                kept.append(((x1, y1, x2, y2), category, obj.difficult))
+            if bad:
+                continue
+        if decode:
+            problem = image_problem(jpeg, True, size if size != (0, 0) else None)
+            if problem:
+                report.error(str(jpeg), f"image {image}: {problem}")
+                continue
+        ids.append(number)
+        names.append(str(jpeg.relative_to(root)))
+        sizes.append(size)
+        boxes.append([k[0] for k in kept])
+        labels.append([k[1] for k in kept])
+        difficult.append([k[2] for k in kept])
+    if report.errors and not drop_invalid:
+        raise DataValidationError(
+            f"{subject} has errors that would break training:\n{report.text()}\nFix or remove these files, or set "
+            f"data.drop_invalid: true to leave these images out."
+        )
+    return XMLSplit(DetectionRecords.build(ids, names, sizes, boxes, labels, difficult), report)

@@ -33,7 +33,7 @@ from backbones.weights import (
     remap,
 )
 
-from .optim import fused, parameter_groups, scale_learning_rate
+from .optim import Recipe, TaskOptimization
 from .reliability import NonFiniteLossError, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def check_num_classes(given: int | None, found: int, source: str) -> int:
     return found
 
 
-class BaseTask(pl.LightningModule):
+class BaseTask(TaskOptimization, pl.LightningModule):
     """Shared machinery of every task.
 
     Args:
@@ -72,10 +72,15 @@ class BaseTask(pl.LightningModule):
         weights_backbone: weights for the backbone only (torchvision name, file, or any task's
             checkpoint, e.g. a ``tasks.classify`` one); the rest starts fresh. Variant options the file
             records (``stride_in_1x1``, ``unit``, ...) are adopted unless ``backbone_args`` sets them.
-        optimizer: injected optimizer; the configs carry the papers' recipes.
-        scheduler: injected learning-rate schedule.
-        scheduler_interval: step the schedule each ``epoch`` or each optimizer ``step``; ``None`` is the
-            task's own (``epoch`` for classification, ``step`` for detection and segmentation).
+        optimizer: injected optimizer; the configs carry the papers' recipes. ``None``: the task's default
+            recipe, scaled to the run's global batch (SGD, momentum 0.9, weight decay 1e-4; lr 0.1 per 256
+            images for classification, detectron2's 0.02 per 16 for detection, torchvision's FCN 0.02 per 32
+            for segmentation), stated in the log at the start.
+        scheduler: injected learning-rate schedule. ``None``: the task's default, stepped per iteration: a
+            linear warm-up (at most a tenth of the run), then cosine decay (classification), ÷10 at 2/3
+            and 8/9 of the run (detection, detectron2's schedule) or poly decay, power 0.9 (segmentation).
+        scheduler_interval: step an injected schedule each ``epoch`` or each optimizer ``step``; ``None``
+            is the task's own (``epoch`` for classification, ``step`` for detection and segmentation).
         weight_decay_norm_bias: apply weight decay to normalization weights and biases too.
         channels_last: NHWC memory layout; ``None`` is the task's default (on CUDA for classification
             and segmentation, off for detection).
@@ -105,6 +110,8 @@ class BaseTask(pl.LightningModule):
     default_log_samples: int = 4
     #: the task's own options that say where outputs go, not what the model is (kept out of checkpoints)
     output_options: tuple[str, ...] = ()
+    #: what trains when the config names no optimizer or schedule (``tasks.optim.Recipe``)
+    recipe: Recipe = Recipe("SGD", lr=0.1, images=256, decay="cosine")
 
     def __init__(
         self,
@@ -332,6 +339,10 @@ class BaseTask(pl.LightningModule):
 
         return [WandbSamples(self.log_samples)] if self.log_samples > 0 else []
 
+    def forward(self, images: torch.Tensor):
+        """The network on a batch of images, in the task's memory format (detection adds targets)."""
+        return getattr(self, self.network_attr)(self.to_memory_format(images))
+
     def count_skipped(self, batch: dict) -> int:
         """Log ``data/skipped``, the images skipped so far as unreadable (``data.skip_corrupt``); return the
         batch's count."""
@@ -372,39 +383,6 @@ class BaseTask(pl.LightningModule):
         """Modules compiled in place by ``compile=True`` (parameter names stay unchanged): the backbone."""
         return [self.backbone_module()]
 
-    # -- optimization ---------------------------------------------------------------------------------
-    def configure_optimizers(self):
-        params = parameter_groups(self, self.hparams.weight_decay_norm_bias)
-        factory = self.optimizer_factory or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-4))
-        optimizer = fused(factory(params), self._on_cuda())
-        if self.hparams.scale_lr:
-            actual = self.global_batch_size()
-            if actual is None:
-                raise ValueError("model.scale_lr: the datamodule does not tell its batch_size")
-            scale_learning_rate(optimizer, actual, self.hparams.reference_batch_size)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if hasattr(scheduler, "set_total_iters"):
-            total = (
-                self.trainer.estimated_stepping_batches
-                if self.scheduler_interval == "step"
-                else self.trainer.max_epochs
-            )
-            scheduler.set_total_iters(total)
-        config = {"scheduler": scheduler, "interval": self.scheduler_interval}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = self.monitor  # "÷10 whenever the error plateaus" (ResNet Sec. 3.4)
-        return {"optimizer": optimizer, "lr_scheduler": config}
-
-    def global_batch_size(self) -> int | None:
-        """Images per optimizer step over all processes: batch size x processes x accumulation."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        per_process = getattr(datamodule, "batch_size", None)
-        if per_process is None:
-            return None
-        return int(per_process) * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
     def guard_loss(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
         """Stop (or skip the batch) when the loss is NaN or infinite, naming the step and the batch.
 
@@ -427,20 +405,10 @@ class BaseTask(pl.LightningModule):
         shown = ", ".join(where[:16]) + (f" ... ({len(where)} in all)" if len(where) > 16 else "")
         raise NonFiniteLossError(
             f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-            f"batch: {shown or 'unknown'}. Last good checkpoint: {last or 'none written yet'}. Lower the "
-            f"learning rate or check these images, then resume with --ckpt_path {last or '<checkpoint>'}; "
+            f"batch: {shown or 'unknown'}. {self._rate_in_effect()}Last good checkpoint: {last or 'none written yet'}. "
+            f"Lower the learning rate or check these images, then resume with --ckpt_path {last or '<checkpoint>'}; "
             f"model.nonfinite_loss=skip skips such batches instead."
         )
-
-    def log_learning_rate(self) -> None:
-        """``train/lr`` on the steps the loggers write (``trainer.log_every_n_steps``) only: handing it to
-        Lightning at every step costs about a millisecond of Python per step for a value nobody reads."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:
-            return
-        optimizer = self.optimizers()
-        optimizer = getattr(optimizer, "optimizer", optimizer)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def wandb_loggers(self) -> list[WandbLogger]:
         if self._trainer is None:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import ArgsType
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
@@ -25,7 +24,8 @@ from torchvision.transforms import v2
 from zoo_common.distributed import gather_objects
 
 from .base import BaseTask
-from .cli import TaskCLI, script
+from .cli import entry_point, script
+from .optim import Recipe
 from .outputs import write_predictions
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,21 @@ class ClassificationTask(BaseTask):
     network_attr = "backbone"
     classifier_key = "fc.weight"
     network_kind = "classifier"
+    #: SGD 0.1 per 256 images (ResNet Sec. 3.4, scaled linearly: Goyal et al. 2017), 5 epochs of warm-up
+    #: (theirs), cosine decay over the run (torchvision's recipes)
+    imagenet_recipe = Recipe("ImageNet SGD, Goyal et al. 2017", lr=0.1, images=256, decay="cosine", warmup_epochs=5)
+    #: images under 64 px train as the paper's CIFAR nets do: 0.1 per 128 images (ResNet Sec. 4.2)
+    small_image_recipe = Recipe("CIFAR SGD, ResNet Sec. 4.2", lr=0.1, images=128, decay="cosine", warmup_epochs=5)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The CIFAR recipe when the datamodule's images are under 64 px (CIFAR's, or ``image_size``),
+        ImageNet's otherwise -- the same line ``data.train_augment: auto`` draws."""
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        size = getattr(datamodule, "image_size", None) or getattr(datamodule, "hparams", {}).get("image_size")
+        return self.small_image_recipe if size is not None and size < 64 else self.imagenet_recipe
+
     default_scheduler_interval = "epoch"
     default_log_samples = 16
     output_options = ("predictions_file",)
@@ -98,9 +113,6 @@ class ClassificationTask(BaseTask):
         if cutmix_alpha:
             choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=n))
         return v2.RandomChoice(choices)(images, labels)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.to_memory_format(images))
 
     # -- steps ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
@@ -220,9 +232,7 @@ class ClassificationTask(BaseTask):
             print(f"predictions: {path} ({len(rows)} images)")
 
 
-def main(args: ArgsType = None) -> TaskCLI:
-    """Entry point; ``main([...])`` runs the CLI in-process (tests use it)."""
-    return TaskCLI(ClassificationTask, args=args)
+main = entry_point(ClassificationTask)
 
 
 __all__ = ["ClassificationTask", "main", "write_predictions"]

@@ -24,6 +24,7 @@ import logging
 import netrc
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
@@ -40,6 +41,7 @@ from backbones.weights import torch_load_safe
 from datamodules.images import CorruptImageError
 from zoo_common.command import run_command
 
+from .parse_errors import OneLineErrors
 from .reliability import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class TaskCLI(LightningCLI):
     def __init__(self, model_class: type[pl.LightningModule], args: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", OneLineErrors)  # a missing data.root is one line, not a namespace dump
         super().__init__(
             model_class,
             pl.LightningDataModule,
@@ -315,6 +318,17 @@ class TaskCLI(LightningCLI):
         files = [p for p in top.rglob("*") if not p.is_dir()]
         if [p.name for p in files] in ([], ["wandb_id"]):
             shutil.rmtree(top, ignore_errors=True)
+
+
+def entry_point(task_class: type[pl.LightningModule]) -> Callable[[ArgsType], TaskCLI]:
+    """A task module's ``main``: ``main([...])`` runs the CLI in-process (the tests use it), ``main()`` reads
+    ``sys.argv``."""
+
+    def main(args: ArgsType = None) -> TaskCLI:
+        """Entry point; ``main([...])`` runs the CLI in-process."""
+        return TaskCLI(task_class, args=args)
+
+    return main
 
 
 def script(main) -> None:

@@ -4,7 +4,7 @@ Nothing is re-derived: detections are converted to COCO's results format (``imag
 ``category_id``, ``bbox`` as ``[x, y, w, h]``, ``score``), loaded into the ground truth's ``COCO`` object
 with ``loadRes`` and evaluated by the library's ``COCOeval`` restricted to the images that were
 evaluated. The twelve standard numbers come back; the tasks log the first six as ``mAP``, ``AP50``,
-``AP75``, ``APs``, ``APm``, ``APl``.
+``AP75``, ``APs``, ``APm``, ``APl``, and each category's AP and AP50 from the same run's precision array.
 """
 
 from __future__ import annotations
@@ -61,14 +61,28 @@ def evaluate_detections(
     backend: Backend = "faster_coco_eval",
     iou_type: str = "bbox",
 ) -> list[float]:
-    """``COCOeval(...).stats`` (12 numbers) for ``results`` on the images ``image_ids``.
+    """``COCOeval(...).stats`` (12 numbers) for ``results`` on the images ``image_ids``."""
+    return evaluate_coco(annotation_file, results, image_ids, backend, iou_type)[0]
 
+
+def evaluate_coco(
+    annotation_file: str | Path,
+    results: list[dict],
+    image_ids: list[int],
+    backend: Backend = "faster_coco_eval",
+    iou_type: str = "bbox",
+) -> tuple[list[float], dict[int, tuple[float, float]]]:
+    """``COCOeval(...).stats`` (12 numbers) and, from the same run, each category's ``(AP, AP50)``.
+
+    The per-category numbers are what COCOeval's ``summarize`` averages: the precision array
+    ``eval["precision"][T, R, K, A, M]`` at all areas and 100 detections, over the IoU thresholds
+    (AP) or at IoU 0.5 (AP50), over the recall points, skipping COCOeval's -1 (no ground truth).
     With no detections at all every AP is 0 (there is nothing to rank); images without ground truth
     are part of ``image_ids`` like any other, as in COCOeval.
     """
     gt = ground_truth(annotation_file, backend)
     if not results:
-        return [0.0] * 12
+        return [0.0] * 12, {}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it gets
         if backend == "pycocotools":
@@ -83,4 +97,14 @@ def evaluate_detections(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return [float(v) for v in evaluator.stats[:12]]
+    precision = evaluator.eval["precision"]  # T x R x K x A x M
+    per_class = {}
+    for k, category in enumerate(evaluator.params.catIds):
+        everything = precision[:, :, k, 0, -1]
+        at_50 = precision[0, :, k, 0, -1]
+        if (everything > -1).any():
+            per_class[int(category)] = (
+                float(everything[everything > -1].mean()),
+                float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else 0.0,
+            )
+    return [float(v) for v in evaluator.stats[:12]], per_class

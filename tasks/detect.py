@@ -4,9 +4,12 @@
     python -m tasks.detect fit --config configs/coco_resnet101.yaml --model.backbone resnext101_32x8d
     python -m tasks.detect validate --config configs/coco_resnet50_fpn.yaml --ckpt_path runs/.../best.ckpt
 
-Metrics are COCOeval's, computed against the annotation file: ``val/mAP`` (AP@[.5:.95]), ``val/AP50``,
-``val/AP75``, ``val/APs``, ``val/APm``, ``val/APl``; ``train/loss`` and its four parts. The best
-checkpoint is chosen by ``val/mAP``.
+Metrics are the dataset's official ones (its datamodule's ``protocol``): on COCO, COCOeval's against the
+annotation file -- ``val/mAP`` (AP@[.5:.95]), ``val/AP50``, ``val/AP75``, ``val/APs``, ``val/APm``,
+``val/APl``, and per class ``val/AP/<class>``, ``val/AP50/<class>``; on PASCAL VOC and ILSVRC DET, their
+devkits' mean AP at IoU 0.5 as ``val/mAP`` (and ``val/AP50``) and per class ``val/AP/<class>``
+(``tasks.detection_metrics``). ``train/loss`` and its four parts. The best checkpoint is chosen by
+``val/mAP``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import ArgsType
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -25,10 +27,12 @@ from backbones.base import NormKind
 from zoo_common.distributed import gather_objects
 
 from .base import BaseTask
-from .cli import TaskCLI, script
-from .coco_eval import METRIC_NAMES, Backend, evaluate_detections, to_coco_results
+from .cli import entry_point, script
+from .coco_eval import METRIC_NAMES, Backend, evaluate_coco, to_coco_results
+from .detection_metrics import evaluate_devkit
 from .detection_models import HeadKind, build_faster_rcnn
 from .media import wandb_boxes
+from .optim import Recipe
 from .outputs import draw_detections, images_folder, write_detections
 
 log = logging.getLogger(__name__)
@@ -50,10 +54,13 @@ class DetectionTask(BaseTask):
         head: ``fpn`` (feature pyramid) or ``c4`` (the ResNet paper's res4 trunk + per-region res5).
         norm: backbone normalization; detection freezes BN statistics (ResNet paper, Appendix A).
         freeze_at: stages frozen from the stem on (detectron2's ``freeze_at``: 2 = stem and res2).
-        min_size: shorter side of the resized image (a list: one drawn per training image).
+        min_size: shorter side of the resized image; a list draws one per training image (detectron2's
+            multi-scale training: 640, 672, 704, 736, 768, 800) and tests at the last.
         max_size: cap of the longer side.
         anchor_sizes: anchor sizes in pixels (defaults follow the pyramid's strides).
         fpn_channels: FPN width.
+        roi_align_aligned: RoIAlign with detectron2's half-pixel offset (its ``ROIAlignV2``); ``false`` is
+            torchvision's original, which its published detectors need.
         box_detections_per_img: detections kept per image.
         box_score_thresh: minimum score of a kept detection.
         detector_args: any other argument of torchvision's ``FasterRCNN`` (``rpn_post_nms_top_n_train``,
@@ -71,6 +78,11 @@ class DetectionTask(BaseTask):
     classifier_key = "roi_heads.box_predictor.cls_score.weight"
     background_rows = 1
     network_kind = "Faster R-CNN"
+    #: detectron2's Faster R-CNN schedule: lr 0.02 per 16 images, 1000 steps of linear warm-up from 0.001x,
+    #: ÷10 at 60k and 80k of 90k steps (2/3 and 8/9 of the run)
+    recipe = Recipe(
+        "detectron2's Faster R-CNN", lr=0.02, images=16, decay="steps", milestones=(2 / 3, 8 / 9), warmup_steps=1000
+    )
     default_scheduler_interval = "step"
     default_channels_last = False
     output_options = ("detections_file", "draw_predictions")
@@ -84,6 +96,7 @@ class DetectionTask(BaseTask):
         max_size: int = 1333,
         anchor_sizes: list[int] | None = None,
         fpn_channels: int = 256,
+        roi_align_aligned: bool = False,
         box_detections_per_img: int = 100,
         box_score_thresh: float = 0.05,
         detector_args: dict[str, Any] | None = None,
@@ -116,6 +129,7 @@ class DetectionTask(BaseTask):
             max_size=hp.max_size,
             anchor_sizes=hp.anchor_sizes,
             fpn_channels=hp.fpn_channels,
+            aligned=hp.roi_align_aligned,
             box_detections_per_img=hp.box_detections_per_img,
             box_score_thresh=hp.box_score_thresh,
             **(hp.detector_args or {}),
@@ -224,16 +238,50 @@ class DetectionTask(BaseTask):
 
     def _evaluate(self, split: str) -> None:
         results, image_ids = self._gathered()
-        stats = [0.0] * 12
+        protocol = getattr(self.trainer.datamodule, "protocol", "coco")
+        metrics = {name: 0.0 for name in (METRIC_NAMES if protocol == "coco" else ("mAP", "AP50"))}
         if self.trainer.is_global_zero and image_ids:
-            annotation_file = self.trainer.datamodule.annotation_file(split)
-            stats = evaluate_detections(annotation_file, results, image_ids, self.hparams.evaluator)
-        stats = self.trainer.strategy.broadcast(stats, src=0)
+            metrics.update(self._score(split, protocol, results, image_ids))
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
         prefix = "val" if split == "val" else "test"
-        self.log_dict({f"{prefix}/{name}": float(v) for name, v in zip(METRIC_NAMES, stats)}, sync_dist=False)
+        self.log_dict({f"{prefix}/{name}": float(v) for name, v in metrics.items()}, sync_dist=False)
         self.last_results = results
-        if split == "test" and self.trainer.is_global_zero:
-            write_detections(results, self.output_path(self.detections_file, "detections.json"))
+        if self.trainer.is_global_zero:
+            self._per_class_table(prefix, metrics)
+            if split == "test":
+                write_detections(results, self.output_path(self.detections_file, "detections.json"))
+
+    def _score(self, split: str, protocol: str, results: list[dict], image_ids: list[int]) -> dict[str, float]:
+        """The split's official metrics: COCOeval on the annotation file, or the VOC/ILSVRC devkit's mean AP,
+        with the AP (and COCO's AP50) of each class as ``AP/<class>`` (``AP50/<class>``)."""
+        datamodule = self.trainer.datamodule
+        ids = self.label_to_category()[1:]
+        names = {cid: self.class_name(k) for k, cid in enumerate(ids, start=1)}
+        if protocol != "coco":
+            categories = [{"id": cid, "name": names[cid]} for cid in ids]
+            return evaluate_devkit(results, datamodule.ground_truth(split), categories, protocol, image_ids)
+        stats, per_class = evaluate_coco(datamodule.annotation_file(split), results, image_ids, self.hparams.evaluator)
+        metrics = dict(zip(METRIC_NAMES, stats))
+        for cid, (ap, ap50) in per_class.items():
+            metrics[f"AP/{names.get(cid, cid)}"], metrics[f"AP50/{names.get(cid, cid)}"] = ap, ap50
+        return metrics
+
+    def _per_class_table(self, prefix: str, metrics: dict[str, float]) -> None:
+        """Each class's AP as a W&B table (and printed after ``test``)."""
+        rows = [
+            [name[3:], v, metrics.get(f"AP50/{name[3:]}", v)] for name, v in metrics.items() if name.startswith("AP/")
+        ]
+        if not rows:
+            return
+        for logger in self.wandb_loggers():
+            logger.log_table(
+                f"{prefix}/AP_per_class", columns=["class", "AP", "AP50"], data=rows, step=self.global_step
+            )
+        if prefix == "test":
+            width = max(len(r[0]) for r in rows)
+            print(
+                "\n".join([f"{'class':{width}s}  AP     AP50"] + [f"{c:{width}s}  {a:.4f} {b:.4f}" for c, a, b in rows])
+            )
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -274,9 +322,7 @@ class DetectionTask(BaseTask):
         write_detections(results, self.output_path(self.detections_file, "detections.json"))
 
 
-def main(args: ArgsType = None) -> TaskCLI:
-    """Entry point; ``main([...])`` runs the CLI in-process."""
-    return TaskCLI(DetectionTask, args=args)
+main = entry_point(DetectionTask)
 
 
 if __name__ == "__main__":

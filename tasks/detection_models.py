@@ -27,8 +27,9 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _setup_scales
 
 from backbones import Backbone
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -84,6 +85,35 @@ class C4Backbone(nn.Module):
         return OrderedDict([("0", self.body.forward_features(x)[self.stage])])
 
 
+class RoIAlignPooler(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` (its level assignment, Eq. 1 of the FPN paper) with RoIAlign's
+    ``aligned`` choice: ``True`` samples at pixel centers (the half-pixel offset detectron2 uses), ``False``
+    is torchvision's original RoIAlign (what its published detectors were trained with)."""
+
+    def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int, aligned: bool) -> None:
+        super().__init__(featmap_names, output_size=output_size, sampling_ratio=sampling_ratio)
+        self.aligned = aligned
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        if not self.aligned:
+            return super().forward(x, boxes, image_shapes)
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if self.scales is None or self.map_levels is None:  # torchvision's own setup: same scales and levels
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        if len(features) == 1:
+            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, aligned=True)
+        levels = self.map_levels(boxes)
+        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            index = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, aligned=True)
+            out[index] = pooled.to(out.dtype)
+        return out
+
+
 class StageBoxHead(nn.Module):
     """The C4 box head: the backbone's last stage applied to each region, then global average pooling."""
 
@@ -107,6 +137,7 @@ def build_faster_rcnn(
     fpn_channels: int = 256,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
+    aligned: bool = False,
     **detector_kwargs,
 ) -> FasterRCNN:
     """torchvision's ``FasterRCNN`` with ``body`` attached through ``head``.
@@ -122,8 +153,13 @@ def build_faster_rcnn(
             32 ... 512 on ImageNet nets), C4: all on the one level (default 2, 4, 8, 16, 32 x stride).
         fpn_channels: FPN width.
         image_mean, image_std: normalization applied by the detector's transform to [0, 1] images.
+        aligned: RoIAlign with the half-pixel offset (detectron2's ``ROIAlignV2``) instead of torchvision's
+            original RoIAlign (its published weights need ``False``).
         detector_kwargs: any other ``FasterRCNN`` argument (``rpn_post_nms_top_n_test``,
-            ``box_detections_per_img``, ...).
+            ``box_detections_per_img``, ...). The C4 head's region proposals default to detectron2's C4
+            configs: the 12,000 (training) / 6,000 (testing) best-scoring anchors go into NMS, the best
+            2,000 / 1,000 after it come out (torchvision's 2,000 / 1,000 before NMS are meant per FPN
+            level); the ResNet paper's detector kept 300 at test time (``rpn_post_nms_top_n_test: 300``).
     """
     ratios = (0.5, 1.0, 2.0)
     if head == "fpn":
@@ -139,6 +175,7 @@ def build_faster_rcnn(
             num_classes=num_classes,
             rpn_anchor_generator=anchors,
             rpn_head=RPNHead(backbone.out_channels, len(ratios)),
+            box_roi_pool=RoIAlignPooler(["0", "1", "2", "3"], output_size=7, sampling_ratio=2, aligned=aligned),
             min_size=min_size,
             max_size=max_size,
             image_mean=list(image_mean),
@@ -157,16 +194,20 @@ def build_faster_rcnn(
     backbone = C4Backbone(body)
     sizes = list(anchor_sizes) if anchor_sizes else [backbone.stride * k for k in (2, 4, 8, 16, 32)]
     anchors = AnchorGenerator((tuple(sizes),), (ratios,))
+    proposals = {
+        "rpn_pre_nms_top_n_train": 12000, "rpn_pre_nms_top_n_test": 6000,
+        "rpn_post_nms_top_n_train": 2000, "rpn_post_nms_top_n_test": 1000,
+    }  # fmt: skip
     return FasterRCNN(
         backbone,
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(backbone.out_channels, len(sizes) * len(ratios)),
-        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+        box_roi_pool=RoIAlignPooler(["0"], output_size=14, sampling_ratio=0, aligned=aligned),
         box_head=StageBoxHead(res5, head_channels),
         box_predictor=FastRCNNPredictor(head_channels, num_classes),
         min_size=min_size,
         max_size=max_size,
         image_mean=list(image_mean),
         image_std=list(image_std),
-        **detector_kwargs,
+        **{**proposals, **detector_kwargs},
     )

@@ -1,11 +1,16 @@
-"""The optimizer side every task shares: parameter groups, fused kernels, the linear scaling rule."""
+"""The optimizer side every task shares: parameter groups, fused kernels, the linear scaling rule, and
+each task's default recipe -- what trains when a config names no optimizer or schedule.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -13,27 +18,47 @@ log = logging.getLogger(__name__)
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def parameter_groups(model: nn.Module, weight_decay_norm_bias: bool) -> list[dict[str, Any]]:
-    """Trainable parameters, split so that normalization weights and biases can skip weight decay.
+def parameter_groups(
+    model: nn.Module, weight_decay_norm_bias: bool, lr_scales: dict[nn.Module, float] | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters, split so that normalization weights and biases can skip weight decay and
+    parts of the model can train at a multiple of the rate.
 
-    With ``weight_decay_norm_bias=False`` the second group gets ``weight_decay=0`` (a common ImageNet
-    refinement, Goyal et al. 2017 keep it; torchvision's recipes drop it for BN).
+    With ``weight_decay_norm_bias=False`` normalization weights and biases get ``weight_decay=0`` (a
+    common ImageNet refinement, Goyal et al. 2017 keep it; torchvision's recipes drop it for BN). The
+    parameters of each module in ``lr_scales`` go to groups with that ``lr_scale`` (the task multiplies
+    the group's rate by it: torchvision's FCN trains its auxiliary head at 10x). Groups come in order:
+    decayed, not decayed, then the scaled ones.
     """
-    decay, no_decay = [], []
+    scale_of: dict[int, float] = {}
+    for module, scale in (lr_scales or {}).items():
+        scale_of.update({id(p): scale for p in module.parameters()})
+    groups: dict[tuple[bool, float], list] = {(False, 1.0): [], (True, 1.0): []}
     seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            if not weight_decay_norm_bias and (isinstance(module, _NORM_TYPES) or name == "bias"):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    groups = [{"params": decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+            no_decay = not weight_decay_norm_bias and (isinstance(module, _NORM_TYPES) or name == "bias")
+            groups.setdefault((no_decay, scale_of.get(id(param), 1.0)), []).append(param)
+    out = []
+    for (no_decay, scale), params in groups.items():
+        if not params and (no_decay or scale != 1.0):
+            continue
+        group: dict[str, Any] = {"params": params}
+        if no_decay:
+            group["weight_decay"] = 0.0
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        out.append(group)
+    return out
+
+
+def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
+    """Multiply each group's rate by its ``lr_scale`` (:func:`parameter_groups`), once, before scheduling."""
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_scale", 1.0)
 
 
 def fused(optimizer: torch.optim.Optimizer, on_cuda: bool) -> torch.optim.Optimizer:
@@ -66,3 +91,167 @@ def scale_learning_rate(optimizer: torch.optim.Optimizer, actual: int, reference
         group["initial_lr"] = group["lr"]
     log.info("learning rate scaled by %d / %d = %.4g (linear scaling rule)", actual, reference, factor)
     return factor
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A task's default training recipe: SGD with momentum at ``lr`` per ``images`` images per step, scaled
+    linearly to the run's global batch (Goyal et al. 2017), a linear warm-up from ``warmup_factor x lr``,
+    then the task's decay over the rest of the run.
+
+    The warm-up lasts ``warmup_steps`` (or ``warmup_epochs``) but at most ``warmup_fraction`` of the run,
+    so that a short run on a small dataset is not all warm-up.
+
+    Args:
+        source: whose recipe it is, for the log line.
+        lr, images: the learning rate and the global batch it is for.
+        momentum, weight_decay: SGD's.
+        decay: ``steps`` (÷10 at ``milestones``, fractions of the run), ``poly`` (``(1 - t/T) ** power``)
+            or ``cosine`` (to zero).
+    """
+
+    source: str
+    lr: float
+    images: int
+    decay: Literal["steps", "poly", "cosine"]
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
+    warmup_fraction: float = 0.1
+    warmup_factor: float = 0.001
+    milestones: tuple[float, ...] = ()
+    power: float = 0.9
+
+    def learning_rate(self, global_batch: int) -> float:
+        return self.lr * global_batch / self.images
+
+    def warmup(self, total_steps: int, steps_per_epoch: int) -> int:
+        """Warm-up steps for a run of ``total_steps``."""
+        length = self.warmup_steps if self.warmup_steps is not None else 0
+        if self.warmup_epochs is not None:
+            length = max(length, math.ceil(self.warmup_epochs * steps_per_epoch))
+        return max(0, min(length, int(self.warmup_fraction * total_steps)))
+
+    def optimizer(self, params, global_batch: int) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            params, lr=self.learning_rate(global_batch), momentum=self.momentum, weight_decay=self.weight_decay
+        )
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int):
+        """The schedule, stepped every optimizer step."""
+        from .schedulers import WarmupCosineLR, WarmupMultiStepLR, WarmupPolyLR
+
+        warm = {"warmup_iters": self.warmup(total_steps, steps_per_epoch), "warmup_factor": self.warmup_factor}
+        if self.decay == "steps":
+            milestones = [round(f * total_steps) for f in self.milestones]
+            return WarmupMultiStepLR(optimizer, milestones=milestones, **warm)
+        if self.decay == "poly":
+            return WarmupPolyLR(optimizer, total_iters=total_steps, power=self.power, **warm)
+        return WarmupCosineLR(optimizer, total_iters=total_steps, **warm)
+
+    def describe(self, global_batch: int, total_steps: int, steps_per_epoch: int, parts: tuple[str, ...]) -> str:
+        """One line: what the run uses and why (``parts``: which of optimizer and schedule are defaults)."""
+        text = []
+        if "optimizer" in parts:
+            text.append(
+                f"SGD lr {self.learning_rate(global_batch):.4g} ({self.lr} per {self.images} images x {global_batch} "
+                f"images per step), momentum {self.momentum}, weight decay {self.weight_decay}"
+            )
+        if "scheduler" in parts:
+            warm = self.warmup(total_steps, steps_per_epoch)
+            decay = {
+                "steps": "lr / 10 at steps "
+                + ", ".join(str(round(f * total_steps)) for f in self.milestones)
+                + f" of {total_steps}",
+                "poly": f"poly decay (1 - t/{total_steps}) ** {self.power}",
+                "cosine": f"cosine decay to 0 over {total_steps} steps",
+            }[self.decay]
+            text.append(f"linear warm-up {warm} steps from {self.warmup_factor} x lr, then {decay}")
+        return f"default recipe ({self.source}; no {' or '.join(parts)} in the config): " + "; ".join(text)
+
+
+class TaskOptimization:
+    """The optimizer and schedule of a task (mixed into ``tasks.base.BaseTask``): the configured ones, or
+    the task's ``recipe`` scaled to the run; the learning rate's logging and its account of itself."""
+
+    def lr_scales(self) -> dict[nn.Module, float]:
+        """Parts of the model trained at a multiple of the rate (segmentation's auxiliary head at 10x)."""
+        return {}
+
+    def configure_optimizers(self):
+        """The configured optimizer and schedule; where the config names none, the task's ``recipe``
+        (``tasks.optim.Recipe``), scaled to this run's global batch and length and stated in one log line."""
+        params = parameter_groups(self, self.hparams.weight_decay_norm_bias, self.lr_scales())
+        defaults = tuple(
+            k for k, f in (("optimizer", self.optimizer_factory), ("scheduler", self.scheduler_factory)) if f is None
+        )
+        batch = self.global_batch_size() or self.recipe.images
+        if self.optimizer_factory is None:
+            optimizer = self.recipe.optimizer(params, batch)
+        else:
+            optimizer = self.optimizer_factory(params)
+            if self.hparams.scale_lr:
+                scale_learning_rate(optimizer, batch, self.hparams.reference_batch_size)
+        apply_lr_scales(optimizer)
+        optimizer = fused(optimizer, self._on_cuda())
+        total = int(self.trainer.estimated_stepping_batches)
+        # Counting the steps made Lightning build the training loader before a resumed checkpoint's loops
+        # (and the loader's position in its epoch) are restored; it would then skip restoring that position
+        # and replay the epoch from its start. Let the fit loop build the loader again, after the restore.
+        self.trainer.fit_loop._combined_loader = None
+        if self.scheduler_factory is None:
+            epochs = self.trainer.max_epochs if self.trainer.max_steps == -1 else None
+            per_epoch = math.ceil(total / epochs) if epochs and epochs > 0 else total  # for warm-ups in epochs
+            scheduler, interval = self.recipe.scheduler(optimizer, total, per_epoch), "step"
+            rank_zero_info(self.recipe.describe(batch, total, per_epoch, defaults))
+        else:
+            if defaults:
+                rank_zero_info(self.recipe.describe(batch, total, 1, defaults))
+            scheduler, interval = self.scheduler_factory(optimizer), self.scheduler_interval
+            if hasattr(scheduler, "set_total_iters"):
+                scheduler.set_total_iters(total if interval == "step" else self.trainer.max_epochs)
+        config = {"scheduler": scheduler, "interval": interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.monitor  # "÷10 whenever the error plateaus" (ResNet Sec. 3.4)
+        self.lr_warmup = getattr(scheduler, "warmup_iters", 0)  # named by the non-finite loss message
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def global_batch_size(self) -> int | None:
+        """Images per optimizer step over all processes: batch size x processes x accumulation."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        per_process = getattr(datamodule, "batch_size", None)
+        if per_process is None:
+            return None
+        return int(per_process) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _rate_in_effect(self) -> str:
+        """The learning rate and warm-up at this step, and how to lower them (for a diverging loss)."""
+        try:
+            optimizer = self.optimizers()
+        except RuntimeError:  # no trainer, or no optimizer yet
+            return ""
+        lr = getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"]
+        warmup = getattr(self, "lr_warmup", 0)
+        text = f"The learning rate at this step is {lr:.4g}"
+        text += f", {warmup} steps of warm-up" if warmup else ", with no warm-up"
+        if self.optimizer_factory is None:
+            text += (
+                f" (the task's default recipe: {self.recipe.lr} per {self.recipe.images} images). Set a lower one "
+                f"with --model.optimizer SGD --model.optimizer.lr <rate> --model.optimizer.momentum 0.9"
+            )
+        else:
+            text += ". Lower --model.optimizer.lr"
+        if self.scheduler_factory is not None:
+            text += " or lengthen the warm-up (--model.scheduler.warmup_iters)"
+        return text + ". "
+
+    def log_learning_rate(self) -> None:
+        """``train/lr`` on the steps the loggers write (``trainer.log_every_n_steps``) only: handing it to
+        Lightning at every step costs about a millisecond of Python per step for a value nobody reads."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return
+        optimizer = self.optimizers()
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)

@@ -180,3 +180,56 @@ class MetricsDump(pl.Callback):
             import json
 
             self.path.write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))
+
+
+class NormKinds(pl.Callback):
+    """Writes how many normalization layers of each type the model trains with (on global rank 0)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            import json
+            from collections import Counter
+
+            kinds = Counter(type(m).__name__ for m in pl_module.modules() if "Norm" in type(m).__name__)
+            self.path.write_text(json.dumps(kinds))
+
+
+def write_ilsvrc_det(root: Path, trainval: int = 12, test: int = 4, size: int = 64) -> Path:
+    """The shapes in ILSVRC DET's layout (0-based boxes, synset ids as names, per-class train files with a
+    negative image, ``devkit/data/map_det.txt``), converted from their VOC layout; returns the ILSVRC folder."""
+    import re
+    import shutil
+
+    from datamodules.shapes_xml import SHAPE_SYNSETS, generate_voc
+
+    voc = generate_voc(root / "voc", trainval=trainval, test=test, size=size) / "VOC2007"
+    ilsvrc = root / "ILSVRC"
+    names = sorted(p.stem for p in (voc / "JPEGImages").glob("*.jpg"))
+    train = set((voc / "ImageSets" / "Main" / "trainval.txt").read_text().split())
+    for name in names:
+        subset = "train" if name in train else "val"
+        for kind in ("Data", "Annotations"):
+            (ilsvrc / kind / "DET" / subset).mkdir(parents=True, exist_ok=True)
+        shutil.copy(voc / "JPEGImages" / f"{name}.jpg", ilsvrc / "Data" / "DET" / subset / f"{name}.JPEG")
+        text = (voc / "Annotations" / f"{name}.xml").read_text()
+        for shape, wnid in SHAPE_SYNSETS.items():
+            text = text.replace(f"<name>{shape}</name>", f"<name>{wnid}</name>")
+        text = re.sub(r"<(xmin|ymin|xmax|ymax)>(\d+)</", lambda m: f"<{m[1]}>{int(m[2]) - 1}</", text)
+        (ilsvrc / "Annotations" / "DET" / subset / f"{name}.xml").write_text(text)
+    from PIL import Image
+
+    Image.new("RGB", (size, size), (80, 90, 100)).save(ilsvrc / "Data" / "DET" / "train" / "negative.JPEG")
+    (ilsvrc / "ImageSets" / "DET").mkdir(parents=True)
+    listed = [n for n in names if n in train]
+    (ilsvrc / "ImageSets" / "DET" / "train_1.txt").write_text("".join(f"{n} 1\n" for n in listed) + "negative -1\n")
+    (ilsvrc / "ImageSets" / "DET" / "val.txt").write_text(
+        "".join(f"{n} {k}\n" for k, n in enumerate(names) if n not in train)
+    )
+    (root / "devkit" / "data").mkdir(parents=True)
+    (root / "devkit" / "data" / "map_det.txt").write_text(
+        "".join(f"{wnid} {k} {shape}\n" for k, (shape, wnid) in enumerate(SHAPE_SYNSETS.items(), start=1))
+    )
+    return ilsvrc

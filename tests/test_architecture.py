@@ -76,8 +76,7 @@ def test_the_import_graph_has_floors_and_no_cycle():
         f"{source} imports {target}"
         for source, targets in graph.items()
         for target in targets
-        if target.split(".")[0] != source.split(".")[0]
-        and target.split(".")[0] not in ALLOWED[source.split(".")[0]]
+        if target.split(".")[0] != source.split(".")[0] and target.split(".")[0] not in ALLOWED[source.split(".")[0]]
     ]
     assert not crossings, crossings
     # Cycles, module-level and function-level imports alike (a package's __init__ re-exporting its own
@@ -91,7 +90,7 @@ def test_the_import_graph_has_floors_and_no_cycle():
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(nxt):] + [nxt])}")
+                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(nxt) :] + [nxt])}")
             if nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -180,9 +179,7 @@ def test_no_two_task_modules_share_six_lines_of_the_same_shape():
     windows: dict[str, dict[tuple, int]] = {}
     for path in tasks:
         shapes = _shapes(path)
-        windows[path.name] = {
-            tuple(s for _, s in shapes[i : i + 6]): shapes[i][0] for i in range(len(shapes) - 5)
-        }
+        windows[path.name] = {tuple(s for _, s in shapes[i : i + 6]): shapes[i][0] for i in range(len(shapes) - 5)}
     shared = []
     for i, a in enumerate(tasks):
         for b in tasks[i + 1 :]:

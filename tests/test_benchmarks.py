@@ -204,7 +204,9 @@ def test_gpu_path_skips_files_only_the_decoder_rejects(train, tmp_path):
     _header_only_jpeg(bad)
     outcomes = {}
     for skip in (True, False):
-        dm = ImageFolderDataModule(root=str(root), image_size=16, eval_resize=20, skip_corrupt=skip)
+        dm = ImageFolderDataModule(
+            root=str(root), image_size=16, eval_resize=20, skip_corrupt=skip, train_augment="random_resized_crop"
+        )
         dataset = ImageFolderDataset(samples, None, raw=True, draw=dm.gpu.sample if train else None)
         batch = collate_raw([dataset[i] for i in range(len(samples))])
         try:
@@ -217,7 +219,7 @@ def test_gpu_path_skips_files_only_the_decoder_rejects(train, tmp_path):
     assert out["skipped"] == 1 and out["image"].shape == (n, 3, 16, 16) and str(bad) not in out["path"]
     assert out["label"].tolist() == [label for path, label in samples if path != str(bad)] and len(out["index"]) == n
     # a batch of nothing but unreadable files becomes a batch the task skips
-    dm = ImageFolderDataModule(root=str(root), image_size=16, skip_corrupt=True)
+    dm = ImageFolderDataModule(root=str(root), image_size=16, skip_corrupt=True, train_augment="random_resized_crop")
     dataset = ImageFolderDataset([samples[1]], None, raw=True, draw=dm.gpu.sample)
     assert dm.decoding.prepare(collate_raw([dataset[0]]), torch.device("cpu"), train=True) == {"skipped": 1}
 

@@ -13,7 +13,7 @@ from wandb_offline import metric_series
 from tasks.classify import ClassificationTask, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-IMAGENET_CONFIGS = sorted(CONFIGS.glob("imagenet_*.yaml"))
+IMAGENET_CONFIGS = sorted(p for p in CONFIGS.glob("imagenet_*.yaml") if "ImageFolderDataModule" in p.read_text())
 CIFAR_CONFIGS = sorted(CONFIGS.glob("cifar*_*.yaml"))
 
 

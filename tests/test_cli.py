@@ -94,4 +94,3 @@ def test_a_config_setting_the_shared_arguments_parses(task, tmp_path):
     optimizer = model.optimizer_factory([{"params": list(model.parameters())}])
     assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["lr"] == 0.003
     assert model.scheduler_factory(optimizer).power == 2.0
-

@@ -222,8 +222,9 @@ def test_multiscale_and_larger_evaluation_views(tmp_path):
     dm.setup("validate")
     assert next(iter(dm.val_dataloader()))["image"].shape == (4, 3, 40, 40)
     # a crop larger than the resized image would be padded with black: refused, naming the fix
+    # (eval_resize follows the crop unless given: these set it, as a config reusing 256 would)
     with pytest.raises(ValueError, match="data.eval_size=320 is larger than data.eval_resize=256.*at least 320"):
-        ImageFolderDataModule(root=str(root), eval_size=320)
+        ImageFolderDataModule(root=str(root), eval_size=320, eval_resize=256)
     with pytest.raises(ValueError, match="data.image_size=288 is larger than data.eval_resize=256"):
-        ImageFolderDataModule(root=str(root), image_size=288, eval_crops="ten")
+        ImageFolderDataModule(root=str(root), image_size=288, eval_resize=256, eval_crops="ten")
     ImageFolderDataModule(root=str(root), image_size=288, eval_crops="multiscale")  # whole images: no crop

@@ -13,7 +13,7 @@ from wandb_offline import metric_series
 from datamodules import ShapesClassificationDataModule, ShapesDetectionDataModule, ShapesSegmentationDataModule
 from datamodules.coco_files import load_coco
 from datamodules.shapes import SHAPES, generate_coco
-from tasks import classify, demo, segment
+from tasks import classify, demo, detect, localize, segment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,12 +70,31 @@ def test_make_demo_steps_end_to_end(tmp_path, monkeypatch):
     assert all({"image_id", "category_id", "bbox", "score", "file_name"} <= set(d) for d in detections)
 
 
-@pytest.mark.parametrize(("module", "config"), [(classify, "demo_classify.yaml"), (segment, "demo_segment.yaml")])
+@pytest.mark.parametrize(
+    ("module", "config"),
+    [(classify, "demo_classify.yaml"), (segment, "demo_segment.yaml"), (detect, "demo_voc.yaml"),
+     (localize, "demo_localize.yaml")],
+    ids=["classify", "segment", "voc", "localize"],
+)  # fmt: skip
 def test_other_demo_configs_train(module, config, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     root = ["--data.root", str(tmp_path / "data")]
     if module is classify:
         size = ["--data.train_per_class", "4", "--data.val_per_class", "2", "--data.batch_size", "8"]
+    elif config == "demo_voc.yaml":
+        size = ["--data.trainval", "8", "--data.test", "4", "--data.size", "64", "--model.min_size", "64",
+                "--model.max_size", "64"]  # fmt: skip
+    elif module is localize:
+        size = [
+            "--data.train_per_class",
+            "4",
+            "--data.val_per_class",
+            "2",
+            "--data.size",
+            "48",
+            "--data.batch_size",
+            "8",
+        ]
     else:
         size = [
             "--data.num_train_images",

@@ -12,6 +12,7 @@ from wandb_offline import metric_series
 
 from datamodules import COCODetectionDataModule
 from tasks import detect
+from tasks.cli import TaskCLI
 from tasks.detect import DetectionTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -119,7 +120,7 @@ def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
     assert cli.config.fit.trainer.benchmark is False  # image shapes vary: no per-shape cuDNN search
 
 
-def _short_training(root: Path, runs: Path, epochs: int, extra: list[str] = ()) -> detect.TaskCLI:
+def _short_training(root: Path, runs: Path, epochs: int, extra: list[str] = ()) -> TaskCLI:
     return detect.main([
         "fit", "--data", "datamodules.COCODetectionDataModule", "--data.root", str(root),
         "--data.batch_size", "4", "--data.num_workers", "0", "--model.backbone", "resnet18",

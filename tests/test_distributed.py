@@ -97,6 +97,35 @@ def test_ddp_fits_and_evaluates_exactly_like_one_process(module, tmp_path):
         assert one[name] == two[name], (name, one[name], two[name])
 
 
+#: the 2015 tracks' own metrics (VOC's devkit AP, ILSVRC's localization errors): one seeded, untrained
+#: network evaluated by one process and by two ranks over an odd-sized validation set
+TRACKS = {
+    "voc": ("tasks.detect", [
+        "--data", "datamodules.ShapesVOCDataModule", "--data.trainval", "4", "--data.test", "7", "--data.size", "64",
+        "--data.batch_size", "2", "--model.backbone", "resnet18", "--model.norm", "bn", "--model.freeze_at", "0",
+        "--model.min_size", "64", "--model.max_size", "64", "--model.fpn_channels", "32",
+        "--model.box_score_thresh", "0.0", "--model.detector_args",
+        '{"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 100}',
+    ], ["val/mAP", "val/AP/circle", "val/AP/star"]),
+    "localization": ("tasks.localize", [
+        "--data", "datamodules.ShapesLocalizationDataModule", "--data.train_per_class", "1",
+        "--data.val_per_class", "1", "--data.size", "48", "--data.batch_size", "2", "--model.backbone", "resnet18",
+    ], ["val/acc1", "val/loc_err_top5", "val/loc_err_gt"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("track", list(TRACKS))
+def test_the_tracks_metrics_on_two_ranks_equal_one_process(track, tmp_path):
+    module, args, metrics = TRACKS[track]
+    common = [*args, "--data.root", str(tmp_path / "data"), "--data.num_workers", "0", "--seed_everything", "0",
+              *QUIET, "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    _run(module, ["validate", *common, *ONE, *_dump(tmp_path / "one.json")], tmp_path)  # writes the data once
+    _run(module, ["validate", *common, *DDP, *_dump(tmp_path / "two.json")], tmp_path)
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    for name in metrics:
+        assert one[name] == two[name], (name, one[name], two[name])
+
+
 def test_torchrun_launch_shares_one_run_directory(tmp_path):
     root = write_imagefolder(tmp_path / "data", per_class=2, val_per_class=1, size=32)
     data, model, _ = CASES["tasks.classify"]

@@ -24,9 +24,9 @@ def test_every_variant_builds_with_its_documented_size(name):
     assert study.config_path.is_file() and study.variants
     for variant in study.variants:
         info = profile(BACKBONES[variant.backbone], num_classes=_classes(study), **variant.backbone_args)
-        assert info["params"] / 1e6 == pytest.approx(variant.params_m, rel=0.03), variant.name
+        assert info["params"] / 1e6 == pytest.approx(variant.params_m, abs=0.006), variant.name  # to 2 decimals
         if variant.gmacs is not None:
-            assert info["macs"] / 1e9 == pytest.approx(variant.gmacs, rel=0.05), variant.name
+            assert info["macs"] / 1e9 == pytest.approx(variant.gmacs, abs=0.006), variant.name
 
 
 def test_cardinality_variants_keep_table2_complexity():

@@ -1,0 +1,198 @@
+"""ImageNet localization with any zoo backbone: ``python -m tasks.localize fit|validate|test|predict``.
+
+    python -m tasks.localize fit --config configs/imagenet_loc_resnet101.yaml --data.root /data/imagenet \\
+        --model.weights_backbone runs/imagenet_resnet101/version_0/checkpoints/best.ckpt
+
+The ResNet paper's localization (Appendix C): the classifier predicts the classes, a per-class box head
+(``tasks.localization_models``) the box of each. Metrics, as ILSVRC's devkit defines them
+(``tasks.localization_metrics``): ``val/acc1``, ``val/acc5``, ``val/loc_err_top5`` (an image is right when
+one of its five (class, box) guesses has its class and IoU >= 0.5 with one of its boxes) and
+``val/loc_err_gt`` (the box predicted for the true class); the best checkpoint has the lowest
+``val/loc_err_top5``. ``predict`` writes each image's five guesses (class, score, box in the image's
+pixels) to a CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo_common.distributed import gather_objects
+
+from .base import BaseTask
+from .cli import entry_point, script
+from .localization_metrics import gt_known_error, top5_error
+from .localization_models import Localizer, LocHead
+from .optim import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class LocalizationTask(BaseTask):
+    """A classifier with per-class boxes over a zoo backbone.
+
+    The shared arguments are :class:`tasks.base.BaseTask`'s; ``weights_backbone`` (a ``tasks.classify``
+    checkpoint, as the paper starts from its classification network) loads all but the classifier,
+    ``weights`` a whole localizer.
+
+    Args:
+        head: ``rpn`` (the paper's per-class RPN) or ``regression`` (per-class boxes from pooled features).
+        anchor_sizes: the RPN head's anchor sizes (input pixels), each at the ratios 1:2, 1:1, 2:1; default:
+            a quarter, a half and the whole of the input's shorter side (56, 112, 224 at ImageNet's 224).
+        box_weight: the box loss's weight beside the classification loss.
+        predictions_file: where ``predict`` writes five guesses per image (default ``<run dir>/localizations.csv``).
+    """
+
+    monitor = "val/loc_err_top5"
+    mode = "min"
+    cudnn_benchmark = True
+    network_attr = "model"
+    classifier_key = "backbone.fc.weight"
+    network_kind = "localizer"
+    default_scheduler_interval = "step"
+    output_options = ("predictions_file",)
+    #: the classification recipe (the paper fine-tunes the classification network): 0.1 per 256 images
+    recipe = Recipe("ImageNet SGD, Goyal et al. 2017", lr=0.1, images=256, decay="cosine", warmup_epochs=1)
+
+    def __init__(
+        self,
+        head: LocHead = "rpn",
+        anchor_sizes: list[int] | None = None,
+        box_weight: float = 1.0,
+        predictions_file: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.predictions_file = predictions_file
+        self._rows: list[list] = []
+
+    def build_network(self) -> Localizer:
+        hp = self.hparams
+        body = self.make_backbone(num_classes=hp.num_classes)
+        return Localizer(body, head=hp.head, anchor_sizes=hp.anchor_sizes)
+
+    def configure_metrics(self) -> None:
+        n = self.hparams.num_classes
+        for split in ("val", "test"):
+            metrics = MetricCollection({
+                "acc1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
+                "acc5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
+            })  # fmt: skip
+            setattr(self, f"{split}_metrics", metrics.clone(prefix=f"{split}/"))
+            setattr(
+                self, f"{split}_errors", MetricCollection({"loc_err_top5": MeanMetric(), "loc_err_gt": MeanMetric()})
+            )
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int):
+        self.count_skipped(batch)
+        if "image" not in batch:
+            return None
+        out = self(batch["image"])
+        labels = batch["label"]
+        cls = F.cross_entropy(out["logits"], labels)
+        box = self.model.box_loss(out, labels, batch["boxes"], tuple(batch["image"].shape[-2:]))
+        loss = self.guard_loss(cls + self.hparams.box_weight * box, batch)
+        n = len(labels)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log_dict({"train/loss_cls": cls, "train/loss_box": box}, on_step=True, on_epoch=True, batch_size=n)
+        self.log_learning_rate()
+        return loss
+
+    def _guesses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, the top-5 classes and their scores, and their boxes in the original images' pixels."""
+        out = self(batch["image"])
+        probs = out["logits"].float().softmax(1)
+        k = min(5, probs.shape[1])
+        scores, classes = probs.topk(k, dim=1)
+        size = tuple(batch["image"].shape[-2:])
+        boxes = self.model.boxes_for(out, classes, size).double()  # B x 5 x 4, crop pixels
+        boxes = (boxes + batch["offset"].repeat(1, 2)[:, None]) * batch["scale"].repeat(1, 2)[:, None]
+        truth = self.model.boxes_for(out, batch["label"].clamp_min(0)[:, None], size).double()[:, 0]
+        truth = (truth + batch["offset"].repeat(1, 2)) * batch["scale"].repeat(1, 2)
+        return out["logits"], classes, scores, torch.cat([boxes, truth[:, None]], dim=1)
+
+    def _eval_step(self, batch: dict, split: str) -> None:
+        self.count_skipped(batch)
+        if "image" not in batch:
+            return
+        logits, classes, _, boxes = self._guesses(batch)
+        labels = batch["label"]
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(logits, labels)
+        self.log(
+            f"{split}/loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels)
+        )
+        self.log_dict(metrics, on_epoch=True, batch_size=len(labels))
+        top5, known = [], []
+        for b, truth in enumerate(batch["original_boxes"]):
+            guesses = list(zip(classes[b].tolist(), boxes[b, :-1].tolist()))
+            top5.append(top5_error(guesses, int(labels[b]), truth.numpy()))
+            known.append(gt_known_error(boxes[b, -1].tolist(), truth.numpy()))
+        errors = getattr(self, f"{split}_errors")
+        errors["loc_err_top5"].update(torch.tensor(top5, dtype=torch.float64))
+        errors["loc_err_gt"].update(torch.tensor(known, dtype=torch.float64))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_errors(self, split: str) -> None:
+        errors = getattr(self, f"{split}_errors")
+        values = {f"{split}/{name}": metric.compute().float() for name, metric in errors.items()}  # all ranks'
+        errors.reset()
+        self.log_dict(values, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.val_errors.reset()
+            return
+        self._log_errors("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_errors("test")
+
+    # -- prediction ------------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self._rows = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        self.count_skipped(batch)
+        if "image" not in batch:
+            return
+        _, classes, scores, boxes = self._guesses({**batch, "label": torch.zeros_like(batch["label"])})
+        for b, path in enumerate(batch["path"]):
+            row = [path]
+            for j in range(classes.shape[1]):
+                row += [self.class_name(int(classes[b, j])), round(float(scores[b, j]), 6),
+                        *[round(v, 1) for v in boxes[b, j].tolist()]]  # fmt: skip
+            self._rows.append(row)
+
+    def on_predict_epoch_end(self) -> None:
+        rows = sorted(row for part in gather_objects(self._rows) for row in part)
+        if not self.trainer.is_global_zero:
+            return
+        path = self.output_path(self.predictions_file, "localizations.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        k = (len(rows[0]) - 1) // 6 if rows else 5
+        header = ["path"] + [f"{f}{i}" for i in range(1, k + 1) for f in ("class", "score", "x1_", "y1_", "x2_", "y2_")]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        print(f"localizations: {path} ({len(rows)} images)")
+
+
+main = entry_point(LocalizationTask)
+
+
+if __name__ == "__main__":
+    script(main)

@@ -1,0 +1,103 @@
+"""Command-line mistakes in one line: what is missing or wrong, and what it must be.
+
+jsonargparse reports a missing ``data.root`` as a nest of union subtypes with the datamodule's whole
+namespace dumped, after the full usage text. :class:`OneLineErrors` is the parser ``TaskCLI`` uses; its
+``error`` prints ``error: <one line>`` (and where ``--help`` is) instead. :func:`one_line` does the
+translation; a message it does not recognize keeps its first lines, without the value dumps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+import sys
+from typing import NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+#: datamodules to suggest when ``--data`` is missing
+DATAMODULES = (
+    "ImageFolderDataModule", "CIFARDataModule", "COCODetectionDataModule", "COCOSegmentationDataModule",
+)  # fmt: skip
+
+
+def _datamodule(class_path: str):
+    import importlib
+
+    module, _, name = (class_path if "." in class_path else f"datamodules.{class_path}").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # an unknown path: nothing to read from it
+        return None
+
+
+def _close(word: str, options) -> str:
+    found = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(found)}?" if found else ""
+
+
+def _layout(class_path: str) -> str:
+    cls = _datamodule(class_path)
+    return f" {cls.layout}" if cls is not None and getattr(cls, "layout", "") else ""
+
+
+def one_line(message: str, options: list[str] = ()) -> str:
+    """The parser's ``message`` as one line naming the key and what it must be."""
+    if re.search(r"the following arguments are required: (?:\w+\.)?data\b", message):
+        names = [f"datamodules.{n}" for n in DATAMODULES]
+        return (
+            f"--data is required: the datamodule class and its data.root, e.g. --data {names[0]} --data.root "
+            f"/path/to/data (one of {', '.join(names)}, or any LightningDataModule)"
+        )
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    prefix = key[1] if key else ""
+    class_path = re.search(r"Problem with given class_path '([\w.]+)'", message)
+    if class_path:
+        path = class_path[1]
+        if required := re.search(r"the following arguments are required: ([\w, .]+)", message):
+            names = [n.strip() for n in required[1].split(",")]
+            keys = ", ".join(f"{prefix}.{n}" for n in names)
+            what = " (the dataset folder)" if names == ["root"] else ""
+            return f"{keys} {'is' if len(names) == 1 else 'are'} required for {path}{what}.{_layout(path)}"
+        if unknown := re.search(r"Option '(\w+)' is not accepted", message):
+            cls = _datamodule(path)
+            accepted = list(inspect.signature(cls).parameters) if cls is not None else []
+            close = _close(unknown[1], accepted).replace("mean ", f"mean {prefix}.").replace(", ", f", {prefix}.")
+            return f"{prefix}.{unknown[1]} is not an option of {path}{close}"
+        if re.search(r"has no attribute '(\w+)'|No module named", message):
+            known = [f"datamodules.{n}" for n in (*DATAMODULES, "ShapesDetectionDataModule")]
+            return f"{prefix}: {path} does not exist{_close(path, known)}"
+        inner = re.search(r'Parser key "([\w.]+)":\s*Expected a (.+?)\. Got value: (.+)', message)
+        if inner:
+            return f"{prefix}.{inner[1]} must be {_type_text(inner[2])}, not {inner[3].strip()!r}"
+    if key and (expected := re.search(r"Expected a (.+?)\. Got value: (.+)", message)):
+        kind, value = expected[1], expected[2].strip()
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
+        if literal:
+            values = [v.strip(" '\"") for v in literal[1].split(",")]
+            hint = _close(value, values) or f"; one of {', '.join(values[:12])}{' ...' if len(values) > 12 else ''}"
+            extra = " (python -m backbones lists them)" if prefix.endswith("backbone") else ""
+            return f"{prefix}={value!r} is not an allowed value{hint}{extra}"
+        return f"{prefix} must be {_type_text(kind)}, not {value!r}"
+    if unknown := re.search(r"unrecognized arguments: (--[\w.]+)", message, re.IGNORECASE):
+        return f"{unknown[1]} is not an option{_close(unknown[1], options)}"
+    kept = [line for line in message.splitlines() if line.strip() and not line.strip().startswith("Given value")]
+    return " ".join(line.strip() for line in kept[:6])
+
+
+def _type_text(kind: str) -> str:
+    return re.sub(r"<class '(\w+)'>", r"\1", kind).replace("typing.", "")
+
+
+class OneLineErrors(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line (:func:`one_line`) instead of the usage and dumps."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {one_line(message, options)}\n(run {prog} --help for every option)\n")
+        self.exit(2)
