@@ -155,6 +155,7 @@ def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
     """
     import time
 
+    from google.protobuf.message import DecodeError
     from wandb_offline import read_offline_run
 
     deadline = time.monotonic() + timeout
@@ -163,7 +164,7 @@ def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
             run = read_offline_run(run_dir)
             if run["history"] or time.monotonic() > deadline:
                 return run
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, DecodeError):  # not there yet, or its last record half written
             if time.monotonic() > deadline:
                 raise
         time.sleep(0.5)
