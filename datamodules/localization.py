@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 from .folders import find_classes, list_images
 from .images import read_image_or_skip
 from .loading import SplitLoaders, make_loader
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_crop_scale
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_crop_scale, default_eval_resize
 from .validation import DataValidationError, Report, image_problem
 from .voc_format import AnnotationError, read_xml
 
@@ -164,7 +164,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.hparams.update(eval_resize=eval_resize or round(image_size / 0.875))
+        self.hparams.update(eval_resize=eval_resize or default_eval_resize(image_size, "random_resized_crop"))
         self.root = Path(root).expanduser() if root else None
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
