@@ -27,11 +27,13 @@ from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PAPER_SCALES,
+    AutoAugment,
     EvalCrops,
     Normalize,
     TrainAugment,
     default_eval_resize,
     eval_transform,
+    policy_transforms,
     resolve_augment,
     train_transform,
 )
@@ -121,6 +123,13 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         scale_range: shorter-side range of the ``scale`` augmentation.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables).
         pca_lighting: AlexNet PCA lighting std (0.1 in the ResNet recipe; 0 disables).
+        auto_augment: an augmentation policy after the crop and flip: ``trivial_wide``, ``rand``,
+            ``auto_imagenet`` or ``none`` (``datamodules.transforms.policy_transforms``).
+        random_erase: probability of erasing a random rectangle of a training image (0 disables; 0.1 in
+            torchvision's 80.9 % ResNet-50 recipe). With ``decode_device: cuda``, a policy or erasing makes
+            the loader workers finish every training image (``cpu_share`` 1), as the GPU path has neither.
+        repeated_augment: draws of each training image per epoch, spread over the processes (Hoffer et al.
+            2020; torchvision's ``--ra-sampler``, 4 in its recipe; ``datamodules.samplers``); 1 disables.
         mean: per-channel mean for normalization.
         std: per-channel std for normalization.
         normalize: ``channel`` subtracts ``mean`` and divides by ``std``; ``pixel_mean`` subtracts the
@@ -167,6 +176,9 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         scale_range: tuple[int, int] = (256, 480),
         color_jitter: float = 0.0,
         pca_lighting: float = 0.0,
+        auto_augment: AutoAugment = "none",
+        random_erase: float = 0.0,
+        repeated_augment: int = 1,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         normalize: Literal["channel", "pixel_mean"] = "channel",
@@ -184,6 +196,19 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             raise ValueError(f"data.decode_device={decode_device!r} must be 'cpu' or 'cuda'")
         if not 0.0 <= cpu_share <= 1.0:
             raise ValueError(f"data.cpu_share={cpu_share} must be a fraction between 0 and 1")
+        if not 0.0 <= random_erase <= 1.0:
+            raise ValueError(f"data.random_erase={random_erase} must be a probability between 0 and 1")
+        if repeated_augment < 1:
+            raise ValueError(f"data.repeated_augment={repeated_augment} must be 1 (off) or more draws per image")
+        policy_transforms(auto_augment)  # an unknown policy fails here, naming the choices
+        if decode_device == "cuda" and (auto_augment != "none" or random_erase > 0) and cpu_share < 1.0:
+            log.warning(
+                "data.auto_augment=%s / data.random_erase=%s run in the loader workers: with data.decode_device=cuda "
+                "every training image is finished there (cpu_share 1; was %s); validation still decodes on the GPU",
+                auto_augment, random_erase, cpu_share,
+            )  # fmt: skip
+            cpu_share = 1.0
+        self.cpu_share = cpu_share
         crop = eval_size or image_size
         augment = resolve_augment(train_augment, image_size)
         if decode_device == "cuda" and augment == "pad_crop":
@@ -272,6 +297,9 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
                 color_jitter=hp.color_jitter,
                 crop_scale=hp.crop_scale,
                 flip=hp.flip,
+                auto_augment=hp.auto_augment,
+                random_erase=hp.random_erase,
+                erase_value=hp.mean,
             )
         return eval_transform(
             image_size=hp.eval_size or hp.image_size,
@@ -381,7 +409,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             skip_corrupt=self.hparams.skip_corrupt,
             raw=raw,
             draw=self.gpu.sample if raw and train else None,
-            cpu_share=self.hparams.cpu_share if raw and train else 0.0,
+            cpu_share=self.cpu_share if raw and train else 0.0,
         )
 
     def _raw(self) -> bool:
@@ -408,6 +436,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=hp.num_workers,
+            repeats=hp.repeated_augment,
             train=train,
             pin_memory=hp.pin_memory and not raw,
             persistent_workers=hp.persistent_workers,

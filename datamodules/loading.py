@@ -18,7 +18,7 @@ from zoo_common.distributed import broadcast_object, distributed
 
 from .folders import list_images
 from .images import read_image
-from .samplers import ResumableSampler
+from .samplers import RepeatedAugmentationSampler, ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,15 @@ class EpochSeeded(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        """``key``: an index, ``(epoch, index)``, or ``(epoch, index, repeat)`` from repeated augmentation
+        (``samplers.RepeatedAugmentationSampler``), whose every repeat draws its own augmentation."""
+        epoch, index, repeat = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (0, key, 0)
         with torch.random.fork_rng(devices=[]):
             # torch seeds are 64-bit: a run's seed can be any uint32 (LightningCLI draws one when unset)
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
+            seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+            if repeat:  # torch's generator keeps the seed's low 32 bits: the repeat must change those
+                seed = (seed * 6_364_136_223_846_793_005 + repeat * 1_442_695_040_888_963_407) % 2**63
+            torch.manual_seed(seed)
             return self.dataset[index]
 
 
@@ -144,12 +149,14 @@ def make_loader(
     persistent_workers: bool = True,
     collate_fn: Callable = collate_skipping,
     trainer=None,
+    repeats: int = 1,
 ) -> DataLoader:
     """A DataLoader with the project's defaults.
 
     Training: a resumable, seed-determined shuffle (``ResumableSampler`` over ``EpochSeeded``) whose
     position goes into checkpoints, and ``drop_last``. Evaluation: in order, split across DDP ranks
-    without repeats (``eval_sampler``).
+    without repeats (``eval_sampler``). ``repeats`` > 1: repeated augmentation in training
+    (``RepeatedAugmentationSampler``).
     """
     if train:
         check_enough_for_a_batch(dataset, batch_size)
@@ -157,7 +164,9 @@ def make_loader(
         return ResumableDataLoader(
             EpochSeeded(dataset, seed),
             batch_size=batch_size,
-            sampler=ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True),
+            sampler=RepeatedAugmentationSampler(dataset, repeats, seed=seed)
+            if repeats > 1
+            else ResumableSampler(dataset, shuffle=True, seed=seed, drop_last=True),
             num_workers=num_workers,
             pin_memory=pin_memory and torch.cuda.is_available(),
             persistent_workers=persistent_workers and num_workers > 0,

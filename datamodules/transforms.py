@@ -36,6 +36,7 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TrainAugment = Literal["auto", "random_resized_crop", "scale", "pad_crop", "none"]
+AutoAugment = Literal["none", "trivial_wide", "rand", "auto_imagenet"]
 EvalCrops = Literal["center", "ten", "multiscale"]
 #: the ResNet paper's test scales (Sec. 3.4): shorter sides of the whole image
 PAPER_SCALES = (224, 256, 384, 480, 640)
@@ -69,6 +70,23 @@ def default_eval_resize(image_size: int, augment: str) -> int:
     return round(image_size / 0.875)
 
 
+def policy_transforms(policy: AutoAugment) -> list:
+    """An automatic augmentation policy as torchvision's classification reference builds it
+    (``references/classification/presets.py``: bilinear interpolation, RandAugment's magnitude 9):
+    ``trivial_wide`` (TrivialAugment, Muller & Hutter 2021; torchvision's 80.9 % ResNet-50 recipe),
+    ``rand`` (RandAugment, Cubuk et al. 2020) or ``auto_imagenet`` (AutoAugment's ImageNet policy)."""
+    bilinear = v2.InterpolationMode.BILINEAR
+    if policy == "none":
+        return []
+    if policy == "trivial_wide":
+        return [v2.TrivialAugmentWide(interpolation=bilinear)]
+    if policy == "rand":
+        return [v2.RandAugment(interpolation=bilinear, magnitude=9)]
+    if policy == "auto_imagenet":
+        return [v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear)]
+    raise ValueError(f"auto_augment={policy!r} is not one of 'none', 'trivial_wide', 'rand', 'auto_imagenet'")
+
+
 def train_transform(
     *,
     augment: TrainAugment = "auto",
@@ -77,11 +95,19 @@ def train_transform(
     color_jitter: float = 0.0,
     crop_scale: Sequence[float] | None = None,
     flip: bool | None = None,
+    auto_augment: AutoAugment = "none",
+    random_erase: float = 0.0,
+    erase_value: Sequence[float] = IMAGENET_MEAN,
 ) -> v2.Compose:
-    """Training geometry (and color jitter) for uint8 ``3 x H x W`` images; the output stays uint8.
+    """Training geometry, color jitter, an augmentation policy and random erasing for uint8 ``3 x H x W``
+    images; the output stays uint8.
 
     ``flip``: random horizontal flips; ``None`` flips with ``random_resized_crop`` and ``scale``, not with
-    ``pad_crop`` (see the module docstring) nor ``none``.
+    ``pad_crop`` (see the module docstring) nor ``none``. ``auto_augment`` (:func:`policy_transforms`)
+    follows the geometry, as in torchvision's reference; ``random_erase`` is the probability of erasing a
+    random rectangle (Zhong et al. 2020, torchvision's ``RandomErasing``), last. torchvision erases the
+    normalized image with zeros, i.e. the mean color: here, on uint8, the rectangle is filled with
+    ``erase_value`` (the normalization mean, in [0, 1]) x 255, rounded.
     """
     augment = resolve_augment(augment, image_size)
     if flip is None:
@@ -109,7 +135,10 @@ def train_transform(
     color: list = []
     if color_jitter > 0:
         color.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    return v2.Compose([*geometry, *color])
+    erase: list = []
+    if random_erase > 0:
+        erase.append(v2.RandomErasing(p=random_erase, value=[round(255 * m) for m in erase_value]))
+    return v2.Compose([*geometry, *color, *policy_transforms(auto_augment), *erase])
 
 
 def eval_transform(

@@ -33,6 +33,7 @@ from backbones.weights import (
     remap,
 )
 
+from .evaluation import TaskEvaluation
 from .optim import Recipe, TaskOptimization
 from .reliability import NonFiniteLossError, restore_rng_state, rng_state
 
@@ -59,7 +60,7 @@ def check_num_classes(given: int | None, found: int, source: str) -> int:
     return found
 
 
-class BaseTask(TaskOptimization, pl.LightningModule):
+class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
     """Shared machinery of every task.
 
     Args:
@@ -75,7 +76,7 @@ class BaseTask(TaskOptimization, pl.LightningModule):
         optimizer: injected optimizer; the configs carry the papers' recipes. ``None``: the task's default
             recipe, scaled to the run's global batch (SGD, momentum 0.9, weight decay 1e-4; lr 0.1 per 256
             images for classification, detectron2's 0.02 per 16 for detection, torchvision's FCN 0.02 per 32
-            for segmentation), stated in the log at the start.
+            for segmentation from trained weights, AdamW 0.003 per 8 from scratch), stated in the log.
         scheduler: injected learning-rate schedule. ``None``: the task's default, stepped per iteration: a
             linear warm-up (at most a tenth of the run), then cosine decay (classification), ÷10 at 2/3
             and 8/9 of the run (detection, detectron2's schedule) or poly decay, power 0.9 (segmentation).

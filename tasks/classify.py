@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
@@ -25,6 +26,7 @@ from zoo_common.distributed import gather_objects
 
 from .base import BaseTask
 from .cli import entry_point, script
+from .evaluation import EVAL_SPLITS
 from .optim import Recipe
 from .outputs import write_predictions
 
@@ -101,8 +103,7 @@ class ClassificationTask(BaseTask):
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.eval_metrics = nn.ModuleDict({split: metrics.clone(prefix=f"{split}/") for split in EVAL_SPLITS})
 
     def _apply_mixing(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mixup_alpha, cutmix_alpha = self.mix
@@ -169,23 +170,18 @@ class ClassificationTask(BaseTask):
             count.index_add_(0, rows, torch.ones_like(rows, dtype=count.dtype))
         return total / count[:, None]
 
-    def _eval_step(self, batch: dict, metrics: MetricCollection, prefix: str) -> torch.Tensor | None:
+    def evaluate_batch(self, batch: dict, split: str) -> torch.Tensor | None:
         self.count_skipped(batch)
         if "image" not in batch:
             return None
         images, labels = batch["image"], batch["label"]
         logits = self.eval_logits(images)
         loss = F.cross_entropy(logits, labels)
+        metrics = self.eval_metrics[split]
         metrics.update(logits, labels)
-        self.log(f"{prefix}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels))
         self.log_dict(metrics, on_epoch=True, batch_size=len(labels))
         return logits
-
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        return self._eval_step(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
 
     def sample_records(self, batch: dict, logits: torch.Tensor) -> list[dict]:
         """Validation images with their top prediction and true label, for W&B (``tasks.media``)."""

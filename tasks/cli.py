@@ -5,8 +5,9 @@ On top of Lightning's CLI it
 * gives each run its own directory, ``<trainer.default_root_dir or runs>/<run_name>/<run_version>``
   (``run_name`` defaults to the config file's name; ``run_version`` to ``version_<n>``, the SLURM job
   id under SLURM), holding ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and the W&B run;
-* adds a ``ModelCheckpoint`` (``--checkpoint.*``) that keeps ``best.ckpt`` by the task's metric
-  (``val/acc1``, ``val/mAP``, ``val/mIoU``) and ``last.ckpt``;
+* adds a ``ModelCheckpoint`` (``--checkpoint.*``, ``tasks.reliability.RunCheckpoint``) that keeps
+  ``best.ckpt`` by the task's metric (``val/acc1``, ``val/mAP``, ``val/mIoU``) and writes ``last.ckpt``
+  after every validation;
 * logs to Weights & Biases by default, offline when no W&B credentials are configured (``wandb sync``
   uploads later), and logs the full resolved config as the run's hyperparameters; beside any logger, the
   metrics also go to ``metrics.csv`` in the run directory (Lightning's ``CSVLogger``), a file meant to be
@@ -32,7 +33,6 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -42,7 +42,7 @@ from datamodules.images import CorruptImageError
 from zoo_common.command import run_command
 
 from .parse_errors import OneLineErrors
-from .reliability import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossError
+from .reliability import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossError, RunCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class TaskCLI(LightningCLI):
         parser.add_argument(
             "--run_version", type=str | None, default=None, help="run sub-directory (default: version_<n>)"
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         model_class = self.model_class
         parser.set_defaults(
             {

@@ -31,6 +31,7 @@ from .cli import entry_point, script
 from .coco_eval import METRIC_NAMES, Backend, evaluate_coco, to_coco_results
 from .detection_metrics import evaluate_devkit
 from .detection_models import HeadKind, build_faster_rcnn
+from .evaluation import data_split
 from .media import wandb_boxes
 from .optim import Recipe
 from .outputs import draw_detections, images_folder, write_detections
@@ -108,7 +109,8 @@ class DetectionTask(BaseTask):
         super().__init__(**kwargs)
         self.detections_file = detections_file
         self.draw_predictions = draw_predictions
-        self._reset_eval()
+        self._results: dict[str, list[dict]] = {}  # per split, in COCO's result format
+        self._image_ids: dict[str, list[int]] = {}
 
     # -- construction -----------------------------------------------------------------------------
     def labels_from_weights(self, meta: dict, found: int) -> None:
@@ -189,31 +191,22 @@ class DetectionTask(BaseTask):
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def _reset_eval(self) -> None:
-        self._results: list[dict] = []
-        self._image_ids: list[int] = []
+    def reset_scores(self, split: str) -> None:
+        """Forget ``split``'s detections (``predict`` keeps its own under ``predict``)."""
+        self._results[split], self._image_ids[split] = [], []
 
-    def on_validation_epoch_start(self) -> None:
-        self._reset_eval()
-
-    def on_test_epoch_start(self) -> None:
-        self._reset_eval()
-
-    def _detect(self, batch: dict) -> list[dict]:
+    def evaluate_batch(self, batch: dict, split: str) -> list[dict]:
+        """Detect, and keep the detections in COCO's result format for the split's evaluation."""
         self.count_skipped(batch)
         outputs = self(batch["images"]) if batch["images"] else []
+        if split not in self._results:
+            self.reset_scores(split)
         for image_id, out in zip(batch["image_ids"], outputs):
-            self._image_ids.append(int(image_id))
-            self._results.extend(
+            self._image_ids[split].append(int(image_id))
+            self._results[split].extend(
                 to_coco_results(out["boxes"], out["scores"], out["labels"], image_id, self.label_to_category())
             )
         return outputs
-
-    def validation_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        return self._detect(batch)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._detect(batch)
 
     def sample_records(self, batch: dict, outputs: list[dict]) -> list[dict]:
         """Validation images with the boxes scoring above 0.3 and the ground truth, for W&B."""
@@ -226,28 +219,32 @@ class DetectionTask(BaseTask):
             records.append({"image": image.cpu(), "boxes": {"predictions": predicted, "ground_truth": truth}})
         return records
 
-    def _gathered(self) -> tuple[list[dict], list[int]]:
+    def _gathered(self, split: str) -> tuple[list[dict], list[int]]:
         """All ranks' detections, each image counted once (DDP's padding may repeat images)."""
         seen: set[int] = set()
         results: list[dict] = []
-        for image_ids, rows in gather_objects((self._image_ids, self._results)):
+        for image_ids, rows in gather_objects((self._image_ids[split], self._results[split])):
             new = set(image_ids) - seen
             results.extend(r for r in rows if r["image_id"] in new)
             seen |= new
         return results, sorted(seen)
 
-    def _evaluate(self, split: str) -> None:
-        results, image_ids = self._gathered()
+    def epoch_scores(self, split: str) -> None:
+        """The split's official metrics on all ranks' detections, logged as ``<split>/<metric>``; the
+        test split's detections are written to ``detections_file`` too."""
+        if split not in self._results:
+            self.reset_scores(split)
+        results, image_ids = self._gathered(split)
         protocol = getattr(self.trainer.datamodule, "protocol", "coco")
         metrics = {name: 0.0 for name in (METRIC_NAMES if protocol == "coco" else ("mAP", "AP50"))}
         if self.trainer.is_global_zero and image_ids:
-            metrics.update(self._score(split, protocol, results, image_ids))
+            metrics.update(self._score(data_split(split), protocol, results, image_ids))
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
-        prefix = "val" if split == "val" else "test"
-        self.log_dict({f"{prefix}/{name}": float(v) for name, v in metrics.items()}, sync_dist=False)
+        self.log_dict({f"{split}/{name}": float(v) for name, v in metrics.items()}, sync_dist=False)
         self.last_results = results
+        self.reset_scores(split)
         if self.trainer.is_global_zero:
-            self._per_class_table(prefix, metrics)
+            self._per_class_table(split, metrics)
             if split == "test":
                 write_detections(results, self.output_path(self.detections_file, "detections.json"))
 
@@ -283,22 +280,13 @@ class DetectionTask(BaseTask):
                 "\n".join([f"{'class':{width}s}  AP     AP50"] + [f"{c:{width}s}  {a:.4f} {b:.4f}" for c, a, b in rows])
             )
 
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self._reset_eval()
-            return
-        self._evaluate("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._evaluate("test")
-
     # -- prediction -----------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:
-        self._reset_eval()
+        self.reset_scores("predict")
         self._files: dict[int, str] = {}
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        outputs = self._detect(batch)
+        outputs = self.evaluate_batch(batch, "predict")
         self._files.update({int(i): p for i, p in zip(batch["image_ids"], batch["paths"])})
         if self.draw_predictions:
             folder = images_folder(self.output_path(self.detections_file, "detections.json"))
@@ -308,7 +296,7 @@ class DetectionTask(BaseTask):
         return outputs
 
     def on_predict_epoch_end(self) -> None:
-        parts = gather_objects((self._results, self._files))
+        parts = gather_objects((self._results["predict"], self._files))
         if not self.trainer.is_global_zero:
             return
         files: dict[int, str] = {}

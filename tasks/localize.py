@@ -27,6 +27,7 @@ from zoo_common.distributed import gather_objects
 
 from .base import BaseTask
 from .cli import entry_point, script
+from .evaluation import EVAL_SPLITS
 from .localization_metrics import gt_known_error, top5_error
 from .localization_models import Localizer, LocHead
 from .optim import Recipe
@@ -79,7 +80,7 @@ class LocalizationTask(BaseTask):
 
     def configure_metrics(self) -> None:
         n = self.hparams.num_classes
-        for split in ("val", "test"):
+        for split in EVAL_SPLITS:
             metrics = MetricCollection({
                 "acc1": MulticlassAccuracy(num_classes=n, top_k=1, average="micro"),
                 "acc5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
@@ -118,7 +119,7 @@ class LocalizationTask(BaseTask):
         truth = (truth + batch["offset"].repeat(1, 2)) * batch["scale"].repeat(1, 2)
         return out["logits"], classes, scores, torch.cat([boxes, truth[:, None]], dim=1)
 
-    def _eval_step(self, batch: dict, split: str) -> None:
+    def evaluate_batch(self, batch: dict, split: str) -> None:
         self.count_skipped(batch)
         if "image" not in batch:
             return
@@ -139,26 +140,14 @@ class LocalizationTask(BaseTask):
         errors["loc_err_top5"].update(torch.tensor(top5, dtype=torch.float64))
         errors["loc_err_gt"].update(torch.tensor(known, dtype=torch.float64))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def reset_scores(self, split: str) -> None:
+        getattr(self, f"{split}_errors").reset()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _log_errors(self, split: str) -> None:
+    def epoch_scores(self, split: str) -> None:
         errors = getattr(self, f"{split}_errors")
         values = {f"{split}/{name}": metric.compute().float() for name, metric in errors.items()}  # all ranks'
         errors.reset()
         self.log_dict(values, sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self.val_errors.reset()
-            return
-        self._log_errors("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_errors("test")
 
     # -- prediction ------------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:

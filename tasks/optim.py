@@ -95,9 +95,9 @@ def scale_learning_rate(optimizer: torch.optim.Optimizer, actual: int, reference
 
 @dataclass(frozen=True)
 class Recipe:
-    """A task's default training recipe: SGD with momentum at ``lr`` per ``images`` images per step, scaled
-    linearly to the run's global batch (Goyal et al. 2017), a linear warm-up from ``warmup_factor x lr``,
-    then the task's decay over the rest of the run.
+    """A task's default training recipe: SGD with momentum (or AdamW) at ``lr`` per ``images`` images per
+    step, scaled linearly to the run's global batch (Goyal et al. 2017), a linear warm-up from
+    ``warmup_factor x lr``, then the task's decay over the rest of the run.
 
     The warm-up lasts ``warmup_steps`` (or ``warmup_epochs``) but at most ``warmup_fraction`` of the run,
     so that a short run on a small dataset is not all warm-up.
@@ -105,7 +105,8 @@ class Recipe:
     Args:
         source: whose recipe it is, for the log line.
         lr, images: the learning rate and the global batch it is for.
-        momentum, weight_decay: SGD's.
+        optimizer: ``sgd`` (with ``momentum``) or ``adamw`` (Loshchilov & Hutter 2019, default betas).
+        momentum, weight_decay: the optimizer's.
         decay: ``steps`` (÷10 at ``milestones``, fractions of the run), ``poly`` (``(1 - t/T) ** power``)
             or ``cosine`` (to zero).
     """
@@ -114,6 +115,7 @@ class Recipe:
     lr: float
     images: int
     decay: Literal["steps", "poly", "cosine"]
+    optimizer_name: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int | None = None
@@ -134,9 +136,10 @@ class Recipe:
         return max(0, min(length, int(self.warmup_fraction * total_steps)))
 
     def optimizer(self, params, global_batch: int) -> torch.optim.Optimizer:
-        return torch.optim.SGD(
-            params, lr=self.learning_rate(global_batch), momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        lr = self.learning_rate(global_batch)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int):
         """The schedule, stepped every optimizer step."""
@@ -154,9 +157,11 @@ class Recipe:
         """One line: what the run uses and why (``parts``: which of optimizer and schedule are defaults)."""
         text = []
         if "optimizer" in parts:
+            momentum = f", momentum {self.momentum}" if self.optimizer_name == "sgd" else ""
             text.append(
-                f"SGD lr {self.learning_rate(global_batch):.4g} ({self.lr} per {self.images} images x {global_batch} "
-                f"images per step), momentum {self.momentum}, weight decay {self.weight_decay}"
+                f"{'AdamW' if self.optimizer_name == 'adamw' else 'SGD'} lr {self.learning_rate(global_batch):.4g} "
+                f"({self.lr} per {self.images} images x {global_batch} images per step){momentum}, "
+                f"weight decay {self.weight_decay}"
             )
         if "scheduler" in parts:
             warm = self.warmup(total_steps, steps_per_epoch)

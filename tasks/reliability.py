@@ -4,6 +4,9 @@
   to disk and renames it over the target, so a process killed mid-save leaves the previous checkpoint
   intact; it reads every checkpoint with ``torch.load(weights_only=True)``, so resuming from a file
   cannot run code.
+* :class:`RunCheckpoint` keeps ``best.ckpt`` by the task's metric and writes ``last.ckpt`` after every
+  validation (Lightning 2.6's ``ModelCheckpoint`` writes it only when a best checkpoint is written at the
+  same step, so a run whose metric stopped improving would resume from the epoch of its best);
 * :class:`InterruptCheckpoint` writes ``last.ckpt`` when a run is stopped by Ctrl-C or SIGTERM (Lightning
   turns SIGTERM into ``SIGTERMException`` at the next batch boundary).
 * :func:`rng_state` / :func:`restore_rng_state` put Python's, NumPy's and torch's random states into the
@@ -24,6 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -34,6 +38,28 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` follows the run: written at every checkpointing point
+    (each validation, or each epoch's end), whether or not a best checkpoint was written then."""
+
+    def _save_last_always(self, trainer: pl.Trainer, at_epoch_end: bool) -> None:
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_epoch_end
+            and self._last_global_step_saved != trainer.global_step  # not written just now with a best one
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_always(trainer, at_epoch_end=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_always(trainer, at_epoch_end=False)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -147,6 +147,16 @@ class StepRecorder(pl.Callback):
             trainer.should_stop = trainer.should_stop or self.stop
 
 
+class WeightRecorder(pl.Callback):
+    """Keeps a copy of the classifier's weights (``backbone.fc.weight``) after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.weights: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights.append(pl_module.backbone.fc.weight.detach().clone())
+
+
 def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
     """The W&B offline run under ``run_dir``, read once the W&B service has flushed it to disk.
 

@@ -32,7 +32,7 @@ def cifar(tmp_path_factory) -> Path:
 
 def _tiny_imagenet_args(root: Path, runs: Path) -> list[str]:
     return [
-        "--data.root", str(root), "--data.image_size", "32", "--data.eval_resize", "36",
+        "--data.root", str(root), "--data.image_size", "32", "--data.eval_size", "null", "--data.eval_resize", "36",
         "--data.scale_range", "[36, 44]", "--data.batch_size", "2", "--data.num_workers", "0",
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
         "--trainer.default_root_dir", str(runs), *CPU,

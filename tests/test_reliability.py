@@ -404,19 +404,28 @@ def _recorder(path: Path, sigterm_at: int = -1) -> list[str]:
             "--trainer.callbacks.sigterm_at", str(sigterm_at)]  # fmt: skip
 
 
-def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+#: torchvision's modern recipe's parts (issue 18): a policy, erasing, repeated augmentation, EMA
+MODERN = [
+    "--data.auto_augment", "trivial_wide", "--data.random_erase", "0.25", "--data.repeated_augment", "2",
+    "--trainer.callbacks+=tasks.ema.ExponentialMovingAverage", "--trainer.callbacks.every_n_steps", "3",
+    "--trainer.callbacks.decay", "0.9", "--trainer.callbacks.adjust", "false", "--trainer.callbacks.warmup_epochs", "1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", [[], MODERN], ids=["paper", "modern"])
+def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, recipe):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     root = write_imagefolder(tmp_path / "data", per_class=6, val_per_class=2, size=32)
-    whole = classify.main(_fit_args(root, tmp_path / "a", "a", _recorder(tmp_path / "a.json")))
+    whole = classify.main(_fit_args(root, tmp_path / "a", "a", [*recipe, *_recorder(tmp_path / "a.json")]))
     with pytest.raises(SystemExit):  # SIGTERM in the middle of the second epoch (7 steps per epoch)
-        classify.main(_fit_args(root, tmp_path / "b", "b", _recorder(tmp_path / "b.json", sigterm_at=10)))
+        classify.main(_fit_args(root, tmp_path / "b", "b", [*recipe, *_recorder(tmp_path / "b.json", sigterm_at=10)]))
     last = next((tmp_path / "b").rglob("last.ckpt"))
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 10 and state["epoch"] == 1
     run_id = (last.parent.parent / "wandb_id").read_text()
     resumed = classify.main(
-        _fit_args(root, tmp_path / "b", "b", ["--ckpt_path", "last", *_recorder(tmp_path / "b.json")])
+        _fit_args(root, tmp_path / "b", "b", ["--ckpt_path", "last", *recipe, *_recorder(tmp_path / "b.json")])
     )
     assert Path(resumed.trainer.default_root_dir) == last.parent.parent  # the same run directory ...
     assert (last.parent.parent / "wandb_id").read_text() == run_id  # ... and W&B run
@@ -429,6 +438,26 @@ def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_on
     optimizer_a = whole.trainer.optimizers[0].state_dict()["state"]
     optimizer_b = resumed.trainer.optimizers[0].state_dict()["state"]
     assert all(torch.equal(optimizer_a[k]["momentum_buffer"], optimizer_b[k]["momentum_buffer"]) for k in optimizer_a)
+    if recipe:  # the trained weights too (the model ends holding the EMA's), and the EMA's count
+        ends = [torch.load(next((tmp_path / r).rglob("last.ckpt")), weights_only=True) for r in "ab"]
+        raw_a, raw_b = (e["current_model_state"] for e in ends)
+        assert all(torch.equal(raw_a[k], raw_b[k]) for k in raw_a)
+        assert ends[0]["averaging_state"]["n_averaged"] == ends[1]["averaging_state"]["n_averaged"] == 7
+
+
+def test_last_ckpt_follows_the_run_when_the_metric_stops_improving(tmp_path, folder):
+    """Lightning 2.6 writes ``last.ckpt`` only with a new best; a run whose metric is flat (lr 0) must still
+    leave its latest epoch in ``last.ckpt`` (``tasks.reliability.RunCheckpoint``)."""
+    classify.main([
+        "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder), "--data.image_size", "32",
+        "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20",
+        "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.0", "--trainer.max_epochs", "3",
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
+        str(tmp_path / "runs"), "--run_name", "flat",
+    ])  # fmt: skip
+    best = torch.load(next((tmp_path / "runs").rglob("best.ckpt")), weights_only=True)
+    last = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
+    assert best["epoch"] == 0 and (last["epoch"], last["global_step"]) == (2, 9)
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path, folder):
