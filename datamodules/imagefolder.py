@@ -128,8 +128,9 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         random_erase: probability of erasing a random rectangle of a training image (0 disables; 0.1 in
             torchvision's 80.9 % ResNet-50 recipe). With ``decode_device: cuda``, a policy or erasing makes
             the loader workers finish every training image (``cpu_share`` 1), as the GPU path has neither.
-        repeated_augment: draws of each training image per epoch, spread over the processes (Hoffer et al.
-            2020; torchvision's ``--ra-sampler``, 4 in its recipe; ``datamodules.samplers``); 1 disables.
+        repeated_augment: copies of each image an epoch draws, each augmented anew and spread over the
+            processes; the epoch keeps its length, so it draws 1/N of the images (Hoffer et al. 2020;
+            torchvision's ``--ra-sampler``, 4 in its recipe; ``datamodules.samplers``); 1 disables.
         mean: per-channel mean for normalization.
         std: per-channel std for normalization.
         normalize: ``channel`` subtracts ``mean`` and divides by ``std``; ``pixel_mean`` subtracts the
