@@ -93,8 +93,8 @@ class EpochSeeded(Dataset):
 class ResumableDataLoader(DataLoader):
     """A training DataLoader whose position Lightning saves in checkpoints and restores on resume.
 
-    ``state_dict`` records the epoch and how many samples were *trained on* in it (Lightning's
-    completed batches, not what the loader prefetched); ``load_state_dict`` makes the sampler skip them.
+    ``state_dict`` records the epoch and how many samples were *trained on* in it (``trained_batches``,
+    not what the loader prefetched); ``load_state_dict`` makes the sampler skip them.
     """
 
     def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs) -> None:
@@ -111,12 +111,17 @@ class ResumableDataLoader(DataLoader):
 
 
 def trained_batches(trainer) -> Callable[[], int]:
-    """Batches the trainer completed in the current epoch (0 without a trainer)."""
+    """Batches the trainer has trained on in the current epoch (0 without a trainer).
+
+    Lightning's *processed* count: a batch is processed once its optimizer step is done, and *completed*
+    only after the ``on_train_batch_end`` hooks, so a checkpoint written in those hooks (SLURM's warning,
+    ``ModelCheckpoint(every_n_train_steps)``) must count the batch it was written after.
+    """
 
     def count() -> int:
         if trainer is None:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     return count
 

@@ -194,6 +194,31 @@ def _empty(root: Path) -> bool:
     return not root.exists() or not any(root.iterdir())
 
 
+def generate_once(root: Path, generate, **kwargs) -> None:
+    """``generate(root, **kwargs)`` unless ``root`` holds a dataset, atomically: the files are written into a
+    temporary sibling folder that is renamed to ``root`` when complete, so several jobs starting together on
+    one folder (SLURM jobs, test runs) never read a half-written tree; the first to finish wins."""
+    import os
+    import shutil
+    import uuid
+
+    if not _empty(root):
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".{root.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        generate(staging, **kwargs)
+        try:
+            if root.exists() and _empty(root):
+                root.rmdir()
+            os.rename(staging, root)
+        except OSError:
+            if _empty(root):
+                raise  # not another process's dataset: a real error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class ShapesClassificationDataModule(ImageFolderDataModule):
     """The generated shapes as an ImageFolder tree (written by ``prepare_data`` when ``root`` is empty).
 
@@ -226,8 +251,7 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         }
 
     def prepare_data(self) -> None:
-        if _empty(self.root):
-            generate_classification(self.root, **self.generation)
+        generate_once(self.root, generate_classification, **self.generation)
         super().prepare_data()
 
 
@@ -248,8 +272,7 @@ class _GeneratedCOCO:
     generation: dict
 
     def prepare_data(self) -> None:
-        if _empty(self.root):
-            generate_coco(self.root, **self.generation)
+        generate_once(self.root, generate_coco, **self.generation)
         super().prepare_data()
 
 

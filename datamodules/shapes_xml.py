@@ -18,7 +18,7 @@ import numpy as np
 from PIL import ImageDraw
 
 from .localization import ILSVRCLocalizationDataModule
-from .shapes import SHAPES, _background, _color, _polygon, render
+from .shapes import SHAPES, _background, _color, _polygon, generate_once, render
 from .voc_detection import VOCDetectionDataModule
 
 #: made-up WordNet-style ids of the shapes (CLS-LOC's folders and files are named by them)
@@ -109,10 +109,6 @@ def generate_localization(
     return root
 
 
-def _empty(root: Path) -> bool:
-    return not root.exists() or not any(root.iterdir())
-
-
 class ShapesVOCDataModule(VOCDetectionDataModule):
     """The shapes in PASCAL VOC 2007's layout, for ``tasks.detect`` (generated when ``root`` is empty).
 
@@ -139,8 +135,7 @@ class ShapesVOCDataModule(VOCDetectionDataModule):
         self.generation = {"trainval": trainval, "test": test, "size": size, "seed": seed}
 
     def prepare_data(self) -> None:
-        if _empty(self.root):
-            generate_voc(self.root, **self.generation)
+        generate_once(self.root, generate_voc, **self.generation)
         super().prepare_data()
 
 
@@ -170,6 +165,5 @@ class ShapesLocalizationDataModule(ILSVRCLocalizationDataModule):
                            "seed": seed}  # fmt: skip
 
     def prepare_data(self) -> None:
-        if _empty(self.root):
-            generate_localization(self.root, **self.generation)
+        generate_once(self.root, generate_localization, **self.generation)
         super().prepare_data()

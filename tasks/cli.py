@@ -10,8 +10,10 @@ On top of Lightning's CLI it
   after every validation;
 * logs to Weights & Biases by default, offline when no W&B credentials are configured (``wandb sync``
   uploads later), and logs the full resolved config as the run's hyperparameters; beside any logger, the
-  metrics also go to ``metrics.csv`` in the run directory (Lightning's ``CSVLogger``), a file meant to be
-  read back (``studies report`` does);
+  metrics also go to ``metrics.csv`` in the run directory (``ResumableCSVLogger``, kept across resumes), a
+  file meant to be read back (``studies report`` does);
+* under SLURM, handles the time-limit warning at a step every rank has finished and requeues the job
+  (``tasks.cluster``), and resumes a restarted job from the newest checkpoint in its run directory;
 * reads every checkpoint with ``weights_only=True``;
 * on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise;
 * sets ``--trainer.benchmark`` (cuDNN's algorithm search), unless given or ``--trainer.deterministic``
@@ -25,6 +27,8 @@ import logging
 import netrc
 import os
 import re
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
@@ -41,8 +46,15 @@ from backbones.weights import torch_load_safe
 from datamodules.images import CorruptImageError
 from zoo_common.command import run_command
 
+from . import cluster
 from .parse_errors import OneLineErrors
-from .reliability import AtomicCheckpointIO, InterruptCheckpoint, NonFiniteLossError, RunCheckpoint
+from .reliability import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    NonFiniteLossError,
+    ResumableCSVLogger,
+    RunCheckpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +117,8 @@ class TaskCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", OneLineErrors)  # a missing data.root is one line, not a namespace dump
+        if cluster.under_slurm():
+            cluster.install_warning_handler()  # before anything slow: an early time-limit warning is kept
         super().__init__(
             model_class,
             pl.LightningDataModule,
@@ -131,6 +145,8 @@ class TaskCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": 1,
                 "checkpoint.auto_insert_metric_name": False,
+                # the run directory is the run's own: a resumed run writes last.ckpt again, not last-v1.ckpt
+                "checkpoint.enable_version_counter": False,
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.WandbLogger",
                     "init_args": {"project": PROJECT},
@@ -165,6 +181,8 @@ class TaskCLI(LightningCLI):
                     raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
                 if self.config.subcommand == "fit" and Path(path).parent.name == "checkpoints":
                     self._resume_dir = Path(path).parent.parent
+                elif self.config.subcommand == "fit" and Path(path).name.startswith("hpc_ckpt_"):
+                    self._resume_dir = Path(path).parent  # a SLURM job's checkpoint, written in its run directory
             if cfg.get("ckpt_path"):
                 torch_load_safe(Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}")  # refuses pickled code, clearly
         super()._parse_ckpt_path()
@@ -229,6 +247,14 @@ class TaskCLI(LightningCLI):
         name = self._run_name(cfg)
         run_dir = self._run_dir(cfg, name)
         cfg.trainer.default_root_dir = str(run_dir)
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and cluster.restarted_job():
+            resume = cluster.resume_point(run_dir)  # a requeued job: its own run directory has checkpoints
+            if resume is not None:
+                step = torch_load_safe(resume, f"checkpoint {resume}").get("global_step")
+                cfg.ckpt_path = str(resume)
+                rank_zero_info(
+                    f"SLURM job {os.environ['SLURM_JOB_ID']} restarted: resuming from {resume} at step {step}"
+                )
         if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") is None:
             cfg.checkpoint.dirpath = str(run_dir / "checkpoints")
         if self.subcommand and cfg.get("ckpt_path"):
@@ -286,17 +312,27 @@ class TaskCLI(LightningCLI):
         if loggers not in (None, False, True):
             loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [loggers]
             if not any(isinstance(lg, CSVLogger) for lg in loggers):
-                config["logger"] = [*loggers, CSVLogger(save_dir=config["default_root_dir"], name="", version="")]
+                csv_logger = ResumableCSVLogger(save_dir=config["default_root_dir"], name="", version="")
+                config["logger"] = [*loggers, csv_logger]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, [*callbacks, InterruptCheckpoint()])
+            plugins = [*plugins, AtomicCheckpointIO()]
+        extra = [InterruptCheckpoint()]
+        if cluster.under_slurm() and not any(hasattr(p, "main_address") for p in plugins):
+            # SLURM's time-limit warning is handled at a step all ranks agree on (tasks.cluster), not in
+            # Lightning's signal handler
+            plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]
+            extra.append(cluster.SlurmRequeue())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     # -- after each subcommand, even a failed one: close the W&B run, so in-process runs start fresh ----
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+        except cluster.StoppedForRequeue:
+            pass  # saved; the job is requeued below, once the loggers are closed
         except BaseException:
             self._remove_unused_run_dir()
             raise
@@ -306,6 +342,9 @@ class TaskCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if isinstance(logger, WandbLogger) and logger._experiment is not None and self.trainer.is_global_zero:
                     logger.experiment.finish()
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, cluster.SlurmRequeue):
+                    callback.requeue(self.trainer)  # last: SLURM ends this run of the job when it is requeued
 
     def _remove_unused_run_dir(self) -> None:
         """A run that failed before writing anything (a missing dataset folder, say) leaves none of the
@@ -333,6 +372,12 @@ def entry_point(task_class: type[pl.LightningModule]) -> Callable[[ArgsType], Ta
 
 def script(main) -> None:
     """Run a task's ``main`` as a command: user errors print one clear message instead of a traceback
-    (``zoo_common.command.run_command``; unreadable images and a non-finite loss count as user errors too).
+    (``zoo_common.command.run_command``; unreadable images and a non-finite loss count as user errors too);
+    a run stopped by SIGTERM exits with 143, without a traceback.
     """
-    run_command(main, (CorruptImageError, NonFiniteLossError))
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        run_command(main, (CorruptImageError, NonFiniteLossError))
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)  # stopped by SIGTERM; InterruptCheckpoint has logged what it saved

@@ -12,11 +12,14 @@
 * :func:`rng_state` / :func:`restore_rng_state` put Python's, NumPy's and torch's random states into the
   checkpoint (as tensors and plain numbers, loadable with ``weights_only=True``), so a resumed run draws
   the same shuffles and augmentations as an uninterrupted one.
+* :class:`ResumableCSVLogger` keeps a resumed run's ``metrics.csv`` and appends to it (Lightning's
+  ``CSVLogger`` deletes the file when its folder is not empty).
 * :class:`NonFiniteLossError` is what a task raises when its loss stops being finite.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import random
@@ -28,6 +31,9 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -96,6 +102,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise WeightsError(
                 f"{err} A checkpoint from an earlier run that cannot be read cannot be resumed."
             ) from None
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Keep an earlier ``metrics.csv`` (a resumed run's) and take its columns, so new rows append to it."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger``, except that a run resumed in its own directory (``--ckpt_path last``, a
+    requeued SLURM job) appends to its ``metrics.csv`` instead of deleting it. Rows logged after the
+    checkpoint a run resumed from and before it stopped appear twice; their ``step`` tells them apart."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class InterruptCheckpoint(pl.Callback):

@@ -147,6 +147,25 @@ class StepRecorder(pl.Callback):
             trainer.should_stop = trainer.should_stop or self.stop
 
 
+class Pace(pl.Callback):
+    """Sleeps after every training step of a SLURM job's first run (restart 0), so a time limit or a
+    ``scontrol requeue`` finds it training; later runs of the job go at full speed. Only wall-clock time
+    changes, never what is computed."""
+
+    def __init__(self, seconds: float = 1.0, path: str | None = None) -> None:
+        self.seconds = seconds
+        self.path = Path(path) if path else None  # rank 0 writes the global step there after every step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import os
+        import time
+
+        if self.path is not None and trainer.is_global_zero:
+            self.path.write_text(str(trainer.global_step))
+        if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            time.sleep(self.seconds)
+
+
 class WeightRecorder(pl.Callback):
     """Keeps a copy of the classifier's weights (``backbone.fc.weight``) after every optimizer step."""
 

@@ -108,3 +108,33 @@ def test_other_demo_configs_train(module, config, tmp_path, monkeypatch):
     cli = module.main(["fit", "--config", str(CONFIGS / config), *root, *size, "--data.num_workers", "0", *runs, *CPU])
     assert Path(cli.trainer.checkpoint_callback.best_model_path).is_file()
     assert logged_run(Path(cli.trainer.default_root_dir) / "wandb")["history"]
+
+
+def _generate_into(root: str, start) -> None:
+    from pathlib import Path
+
+    from datamodules.shapes import ShapesClassificationDataModule
+
+    start.wait()  # all processes have imported everything: they reach the empty folder together
+    ShapesClassificationDataModule(root=root, size=16, train_per_class=6, val_per_class=2).prepare_data()
+    # what this process's setup would read next: the whole tree, not what another process has written so far
+    found = (len(list(Path(root, "train").rglob("*.jpg"))), len(list(Path(root, "val").rglob("*.jpg"))))
+    assert found == (6 * 5, 2 * 5), found
+
+
+def test_jobs_starting_together_on_one_empty_root_share_one_complete_dataset(tmp_path):
+    """Two processes generating into the same folder at once (SLURM jobs of one config): the folder appears
+    whole, once; neither reads a half-written tree, no staging folder is left behind."""
+    import multiprocessing
+
+    root = tmp_path / "shapes"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(3)
+    processes = [context.Process(target=_generate_into, args=(str(root), start)) for _ in range(3)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+    assert [p.exitcode for p in processes] == [0, 0, 0]
+    assert len(list((root / "train").rglob("*.jpg"))) == 6 * 5 and len(list((root / "val").rglob("*.jpg"))) == 2 * 5
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]

@@ -140,6 +140,8 @@ def test_torchrun_launch_shares_one_run_directory(tmp_path):
 def test_slurm_environment_requeue_and_resume(tmp_path, monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
+    from tasks.cluster import SlurmRequeue
+
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"  # records the requeue instead of talking to a SLURM controller
@@ -159,7 +161,8 @@ def test_slurm_environment_requeue_and_resume(tmp_path, monkeypatch):
                            "--trainer.callbacks.sigterm_at", "7", "--trainer.callbacks.signal_name", "SIGUSR1",
                            "--trainer.callbacks.stop", "true"])  # fmt: skip
     environment = first.trainer._accelerator_connector.cluster_environment
-    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue  # detected from SLURM_* variables
+    assert isinstance(environment, SLURMEnvironment)  # detected from SLURM_* variables
+    assert not environment.auto_requeue and any(isinstance(c, SlurmRequeue) for c in first.trainer.callbacks)
     run_dir = tmp_path / "runs" / "slurm" / "job_4242"
     assert Path(first.trainer.default_root_dir) == run_dir and (run_dir / "hpc_ckpt_1.ckpt").is_file()
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
@@ -169,6 +172,11 @@ def test_slurm_environment_requeue_and_resume(tmp_path, monkeypatch):
     steps = json.loads((tmp_path / "steps2.json").read_text())
     assert steps[0][0] == 8 and resumed.trainer.global_step == 15  # continued after step 7, to 3 epochs of 5 steps
     assert Path(resumed.trainer.default_root_dir) == run_dir and (run_dir / "wandb_id").read_text() == run_id
+    # ... and ends where a run that was never stopped ends: the checkpoint was written after step 7's batch
+    monkeypatch.delenv("SLURM_JOB_ID")
+    whole = classify.main([*args, "--run_name", "whole", "--trainer.callbacks.path", str(tmp_path / "steps3.json")])
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
 class _Indices:

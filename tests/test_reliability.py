@@ -429,6 +429,8 @@ def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_on
     )
     assert Path(resumed.trainer.default_root_dir) == last.parent.parent  # the same run directory ...
     assert (last.parent.parent / "wandb_id").read_text() == run_id  # ... and W&B run
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    assert torch.load(last, weights_only=True)["global_step"] == 28
     steps_a = json.loads((tmp_path / "a.json").read_text())
     steps_b = json.loads((tmp_path / "b.json").read_text())
     assert steps_a == steps_b and len(steps_a) == 28  # the same learning rate at every step
