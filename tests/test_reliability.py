@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -430,6 +431,9 @@ def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_on
     assert Path(resumed.trainer.default_root_dir) == last.parent.parent  # the same run directory ...
     assert (last.parent.parent / "wandb_id").read_text() == run_id  # ... and W&B run
     assert sorted(p.name for p in last.parent.iterdir()) == ["best.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    with open(last.parent.parent / "metrics.csv", newline="") as file:  # kept, and appended to
+        rows = list(csv.DictReader(file))
+    assert sorted(int(r["epoch"]) for r in rows if r.get("val/acc1")) == [0, 1, 2, 3]
     assert torch.load(last, weights_only=True)["global_step"] == 28
     steps_a = json.loads((tmp_path / "a.json").read_text())
     steps_b = json.loads((tmp_path / "b.json").read_text())
