@@ -25,7 +25,6 @@ import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.fabric.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +33,10 @@ _warned: list[int] = []  # the signals received, appended by the handler (nothin
 
 
 def under_slurm() -> bool:
-    """Whether this process is a task of a SLURM job that Lightning will treat as its cluster."""
-    return SLURMEnvironment.detect()
+    """Whether this process is a task of a SLURM job that Lightning will treat as its cluster: Lightning's
+    rule (``SLURMEnvironment.detect``: ``SLURM_NTASKS`` set, the job not named ``bash`` or ``interactive``),
+    without the warning ``detect`` prints wherever ``srun`` is installed but not used."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def restarted_job() -> bool:

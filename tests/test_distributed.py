@@ -218,3 +218,27 @@ def test_ranks_with_different_seeds_still_share_one_shuffle(tmp_path):
     torch.manual_seed(1000)  # the draws a single process with rank 0's seed makes for the same samples
     single = make_loader(_Indices(), batch_size=4, num_workers=0, train=True).dataset
     assert all(abs(single[(0, int(i))]["draw"].item() - d) < 1e-7 for i, d in one.items())
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "zoo"}, {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "bash"},
+     {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "interactive"}, {"SLURM_JOB_NAME": "zoo"}],
+)  # fmt: skip
+def test_slurm_detection_is_lightnings_without_its_warning(env, monkeypatch):
+    import warnings
+
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from tasks.cluster import under_slurm
+
+    for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = SLURMEnvironment.detect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "srun is available but not used" where SLURM is installed
+        assert under_slurm() == expected
