@@ -64,12 +64,13 @@ class LoadReport:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def torch_load_safe(source: str | Path | object, what: str) -> object:
+def torch_load_safe(source: str | Path | object, what: str, mmap: bool = False) -> object:
     """``torch.load`` restricted to tensors and plain containers (plus ``argparse.Namespace``): a file
-    holding other Python objects is refused with :class:`WeightsError` naming ``what``, never executed."""
+    holding other Python objects is refused with :class:`WeightsError` naming ``what``, never executed.
+    ``mmap``: map the tensors instead of reading them (to look at a checkpoint's counters cheaply)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -198,10 +201,6 @@ def generate_once(root: Path, generate, **kwargs) -> None:
     """``generate(root, **kwargs)`` unless ``root`` holds a dataset, atomically: the files are written into a
     temporary sibling folder that is renamed to ``root`` when complete, so several jobs starting together on
     one folder (SLURM jobs, test runs) never read a half-written tree; the first to finish wins."""
-    import os
-    import shutil
-    import uuid
-
     if not _empty(root):
         return
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -250,7 +250,8 @@ class TaskCLI(LightningCLI):
         if self.subcommand == "fit" and not cfg.get("ckpt_path") and cluster.restarted_job():
             resume = cluster.resume_point(run_dir)  # a requeued job: its own run directory has checkpoints
             if resume is not None:
-                step = torch_load_safe(resume, f"checkpoint {resume}").get("global_step")
+                # the step for the log line, from a mapped file: Lightning reads the checkpoint itself next
+                step = torch_load_safe(resume, f"checkpoint {resume}", mmap=True).get("global_step")
                 cfg.ckpt_path = str(resume)
                 rank_zero_info(
                     f"SLURM job {os.environ['SLURM_JOB_ID']} restarted: resuming from {resume} at step {step}"

@@ -160,6 +160,21 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def _acted_at(cluster: Cluster, name: str) -> int:
+    """The step at which the fixture's watcher acted on job ``name`` (waiting for it to act)."""
+    watcher = cluster.acted[name]
+    watcher.join(600)
+    assert "step" in watcher.done, f"the watcher of {name} never saw its job train"
+    return watcher.done["step"]
+
+
+def _resumed_from(out: str) -> tuple[str, int]:
+    """The checkpoint and step a restarted job's log says it resumed from."""
+    resumed = re.search(r"restarted: resuming from (\S+) at step (\d+)", out)
+    assert resumed, "the restarted job did not say what it resumed from"
+    return resumed.group(1), int(resumed.group(2))
+
+
 def _assert_one_wandb_run(run_dir: Path) -> None:
     run_id = (run_dir / "wandb_id").read_text().strip()
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -197,9 +212,9 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_to_the_same_weights
     assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "0:0"
     out = cluster.output(ids["limit"])
     assert "SLURM's time-limit warning: saved" in out and f"requeued SLURM job {ids['limit']}" in out
-    resumed = re.search(r"restarted: resuming from (\S+) at step (\d+)", out)
-    assert "restart 1" in out and resumed and resumed.group(1).endswith("hpc_ckpt_1.ckpt")
-    assert 0 < int(resumed.group(2)) < 21
+    checkpoint, step = _resumed_from(out)
+    assert "restart 1" in out and checkpoint.endswith("hpc_ckpt_1.ckpt")
+    assert 0 < step < 21
     run_dir = cluster.run_dir(ids["limit"])
     assert (run_dir / "hpc_ckpt_1.ckpt").is_file()
     _assert_one_wandb_run(run_dir)  # the restarted job logs into the same W&B run
@@ -211,15 +226,14 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_to_the_same_weights
 
 def test_scontrol_requeue_of_a_running_job_resumes_to_the_same_weights(jobs):
     cluster, ids = jobs
-    watcher = cluster.acted["requeue"]
-    watcher.join(600)
-    assert 3 <= watcher.done["step"] < 21  # requeued while it trained
+    acted = _acted_at(cluster, "requeue")
+    assert 3 <= acted < 21  # requeued while it trained
     info = cluster.wait(ids["requeue"], timeout=1200)
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0"
     # SIGTERM saved last.ckpt at the step it stopped, a few steps after the requeue
-    resumed = re.search(r"restarted: resuming from (\S+) at step (\d+)", cluster.output(ids["requeue"]))
-    assert resumed and resumed.group(1).endswith("checkpoints/last.ckpt")
-    assert watcher.done["step"] <= int(resumed.group(2)) < 21
+    checkpoint, step = _resumed_from(cluster.output(ids["requeue"]))
+    assert checkpoint.endswith("checkpoints/last.ckpt")
+    assert acted <= step < 21
     run_dir = cluster.run_dir(ids["requeue"])
     _assert_one_wandb_run(run_dir)
     cluster.wait(ids["plain"])
@@ -228,9 +242,7 @@ def test_scontrol_requeue_of_a_running_job_resumes_to_the_same_weights(jobs):
 
 def test_scancel_leaves_last_ckpt_and_a_later_job_resumes_it(jobs):
     cluster, ids = jobs
-    watcher = cluster.acted["cancel"]
-    watcher.join(600)
-    assert 3 <= watcher.done["step"] < 21  # cancelled while it trained
+    assert 3 <= _acted_at(cluster, "cancel") < 21  # cancelled while it trained
     cluster.wait(ids["cancel"], state="CANCELLED")
     run_dir = cluster.run_dir(ids["cancel"], "cancelled")
     deadline = time.monotonic() + 60  # the tasks save while SLURM waits KillWait for them to end
@@ -274,14 +286,12 @@ def test_a_job_killed_without_saving_resumes_from_its_last_validation(jobs):
     SLURM does for a ``--requeue`` job on a failed node), it resumes from the first validation's ``last.ckpt``
     and trains the lost steps again, to the same weights."""
     cluster, ids = jobs
-    watcher = cluster.acted["crash"]
-    watcher.join(600)
-    assert 9 <= watcher.done["step"] < 14  # killed in the second epoch
+    assert 9 <= _acted_at(cluster, "crash") < 14  # killed in the second epoch
     info = cluster.wait(ids["crash"], state="FAILED")
     subprocess.run(["scontrol", "requeue", ids["crash"]], env=_env(), check=True)
     info = cluster.wait(ids["crash"], timeout=1200)
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0"
-    resumed = re.search(r"restarted: resuming from (\S+) at step (\d+)", cluster.output(ids["crash"]))
-    assert resumed and resumed.group(1).endswith("checkpoints/last.ckpt") and resumed.group(2) == "7"
+    checkpoint, step = _resumed_from(cluster.output(ids["crash"]))
+    assert checkpoint.endswith("checkpoints/last.ckpt") and step == 7
     cluster.wait(ids["plain"])
     _assert_same_weights(cluster.run_dir(ids["plain"]), cluster.run_dir(ids["crash"], "crashed"))
