@@ -36,12 +36,34 @@ def is_image_file(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
+class MemoryImage(str):
+    """An image held in memory (a ``3 x H x W`` uint8 RGB tensor) under a name: datasets take it where they
+    take a file's path (it is that name as a string), and :func:`read_image` returns its pixels."""
+
+    pixels: torch.Tensor
+
+    def __new__(cls, name: str, pixels: torch.Tensor) -> MemoryImage:
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ValueError(
+                f"{name}: an image in memory must be a 3 x H x W uint8 RGB tensor, got {tuple(pixels.shape)} "
+                f"{pixels.dtype}"
+            )
+        named = super().__new__(cls, name)
+        named.pixels = pixels
+        return named
+
+    def __str__(self) -> str:  # ``str(image)``, as datasets do with paths, keeps the pixels
+        return self
+
+
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read ``path`` as a ``3 x H x W`` uint8 RGB tensor.
+    """Read ``path`` as a ``3 x H x W`` uint8 RGB tensor (a :class:`MemoryImage`'s pixels as they are).
 
     Raises:
         CorruptImageError: the file is missing, empty, truncated or not an image; the message names it.
     """
+    if isinstance(path, MemoryImage):
+        return path.pixels
     try:
         data = torch.from_file(str(path), shared=False, size=Path(path).stat().st_size, dtype=torch.uint8)
     except (OSError, RuntimeError) as err:

@@ -219,6 +219,12 @@ class SplitLoaders:
     def _loader(self, split: str, train: bool) -> DataLoader:
         raise NotImplementedError
 
+    def predict_on(self, images: Sequence) -> DataLoader:
+        """A ``predict`` loader over ``images`` (paths, or :class:`datamodules.images.MemoryImage`), with the
+        preprocessing ``predict`` applies to ``data.predict_root``'s files (``tasks.predictor`` uses it)."""
+        self.datasets["predict"] = self._predict_dataset(list(images))
+        return self.predict_dataloader()
+
     def prepare_data(self) -> None:
         """Check that the files the running stage reads exist, before the trainer starts its loggers.
 

@@ -196,14 +196,14 @@ class ClassificationTask(BaseTask):
         return records
 
     # -- prediction -------------------------------------------------------------------------------
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        self.count_skipped(batch)
+    def predictions(self, batch: dict, top_k: int = 5) -> list[dict]:
+        """Each image's ``top_k`` classes: ``path``, ``classes`` (names), ``indices`` and ``scores``
+        (softmax probabilities), best first. ``predict`` and ``tasks.predictor`` both use it."""
         if "image" not in batch:
             return []
-        probs = self.eval_logits(batch["image"]).softmax(1)
-        k = min(5, probs.shape[1])
-        scores, indices = probs.topk(k, dim=1)
-        rows = [
+        probs = self.eval_logits(batch["image"]).float().softmax(1)
+        scores, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [
             {
                 "path": path,
                 "classes": [self.class_name(int(i)) for i in idx],
@@ -212,6 +212,10 @@ class ClassificationTask(BaseTask):
             }
             for path, idx, score in zip(batch["path"], indices.cpu(), scores.cpu())
         ]
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        self.count_skipped(batch)
+        rows = self.predictions(batch)
         self._predictions.extend(rows)
         return rows
 

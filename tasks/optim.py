@@ -105,6 +105,7 @@ class Recipe:
     Args:
         source: whose recipe it is, for the log line.
         lr, images: the learning rate and the global batch it is for.
+        max_lr: a ceiling on the scaled rate (linear scaling below ``images``, this rate above).
         optimizer: ``sgd`` (with ``momentum``) or ``adamw`` (Loshchilov & Hutter 2019, default betas).
         momentum, weight_decay: the optimizer's.
         decay: ``steps`` (÷10 at ``milestones``, fractions of the run), ``poly`` (``(1 - t/T) ** power``)
@@ -124,9 +125,11 @@ class Recipe:
     warmup_factor: float = 0.001
     milestones: tuple[float, ...] = ()
     power: float = 0.9
+    max_lr: float | None = None
 
     def learning_rate(self, global_batch: int) -> float:
-        return self.lr * global_batch / self.images
+        lr = self.lr * global_batch / self.images
+        return lr if self.max_lr is None else min(lr, self.max_lr)
 
     def warmup(self, total_steps: int, steps_per_epoch: int) -> int:
         """Warm-up steps for a run of ``total_steps``."""
@@ -160,7 +163,8 @@ class Recipe:
             momentum = f", momentum {self.momentum}" if self.optimizer_name == "sgd" else ""
             text.append(
                 f"{'AdamW' if self.optimizer_name == 'adamw' else 'SGD'} lr {self.learning_rate(global_batch):.4g} "
-                f"({self.lr} per {self.images} images x {global_batch} images per step){momentum}, "
+                f"({self.lr} per {self.images} images x {global_batch} images per step"
+                f"{'' if self.max_lr is None else f', at most {self.max_lr}'}){momentum}, "
                 f"weight decay {self.weight_decay}"
             )
         if "scheduler" in parts:
@@ -179,6 +183,11 @@ class Recipe:
 class TaskOptimization:
     """The optimizer and schedule of a task (mixed into ``tasks.base.BaseTask``): the configured ones, or
     the task's ``recipe`` scaled to the run; the learning rate's logging and its account of itself."""
+
+    def starts_from_weights(self) -> bool:
+        """Whether the network starts from trained weights (``weights`` or ``weights_backbone``): the tasks
+        whose default recipe differs from scratch choose by it."""
+        return bool(self.hparams.get("weights") or self.hparams.get("weights_backbone"))
 
     def lr_scales(self) -> dict[nn.Module, float]:
         """Parts of the model trained at a multiple of the rate (segmentation's auxiliary head at 10x)."""

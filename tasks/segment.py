@@ -78,8 +78,7 @@ class SegmentationTask(BaseTask):
     @property
     def recipe(self) -> Recipe:
         """torchvision's FCN recipe when the network starts from trained weights, AdamW from scratch."""
-        hp = self.hparams
-        return self.finetune_recipe if (hp.get("weights") or hp.get("weights_backbone")) else self.scratch_recipe
+        return self.finetune_recipe if self.starts_from_weights() else self.scratch_recipe
 
     default_scheduler_interval = "step"
     output_options = ("predictions_dir", "overlays")
@@ -189,20 +188,30 @@ class SegmentationTask(BaseTask):
         self.log_dict(per_class, sync_dist=False)
 
     # -- prediction -------------------------------------------------------------------------------------
-    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        logits = self(batch["image"])["out"]
-        folder = self.output_path(self.predictions_dir, "masks")
-        written = []
+    def predictions(self, batch: dict) -> list[dict]:
+        """Each image's ``path`` and ``mask`` (class indexes, ``1 x H x W`` uint8 at the image's original
+        size: the logits of its un-padded part resized back to it). ``predict`` and ``tasks.predictor``
+        both use it."""
+        logits = self(batch["image"])["out"].float()
+        found = []
         for k, path in enumerate(batch["path"]):
             h, w = batch["input_size"][k].tolist()
             original = batch["original_size"][k].tolist()
             scores = F.interpolate(logits[k : k + 1, :, :h, :w], size=original, mode="bilinear", align_corners=False)
-            mask = scores.argmax(1).to(torch.uint8).cpu()
+            found.append({"path": path, "mask": scores.argmax(1).to(torch.uint8).cpu()})
+        return found
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        folder = self.output_path(self.predictions_dir, "masks")
+        written = []
+        for found in self.predictions(batch):
+            path, mask = found["path"], found["mask"]
             out = folder / f"{Path(path).stem}.png"
             write_mask(mask, out)
             written.append(str(out))
             if self.overlays:
-                write_overlay(read_image(path), mask, logits.shape[1], folder / f"{Path(path).stem}_overlay.jpg")
+                overlay = folder / f"{Path(path).stem}_overlay.jpg"
+                write_overlay(read_image(path), mask, self.hparams.num_classes, overlay)
         return written
 
     def on_predict_epoch_end(self) -> None:

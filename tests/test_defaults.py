@@ -81,14 +81,26 @@ def coco(tmp_path_factory) -> Path:
     )
 
 
-@pytest.mark.parametrize(("batch", "accumulate", "lr"), [(8, 1, 0.01), (8, 2, 0.02), (4, 1, 0.005)])
-def test_detection_recipe_is_detectron2s_scaled_to_the_run(batch, accumulate, lr, coco, tmp_path):
+@pytest.mark.parametrize(
+    ("start", "batch", "accumulate", "lr"),
+    [
+        ("pretrained", 8, 1, 0.01), ("pretrained", 8, 2, 0.02), ("pretrained", 4, 1, 0.005),
+        ("scratch", 2, 1, 0.01), ("scratch", 4, 1, 0.02), ("scratch", 8, 2, 0.02),
+    ],
+)  # fmt: skip
+def test_detection_recipe_is_detectron2s_scaled_to_the_run(start, batch, accumulate, lr, coco, tmp_path):
+    """From trained weights detectron2's 0.02 per 16 images, scaled linearly to the global batch; from
+    scratch 0.02 per 4 images, never above 0.02. The same warm-up and steps either way."""
+    weights = []
+    if start == "pretrained":  # a torchvision ResNet-18 state dict on disk, as a user's download
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+        weights = ["--model.weights_backbone", str(tmp_path / "resnet18.pth")]
     capture = Capture()
     _fit_with_capture(detect, [
         "--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--data.num_workers", "0",
         "--data.batch_size", str(batch), "--trainer.accumulate_grad_batches", str(accumulate),
         "--model.backbone", "resnet18", "--model.norm", "bn", "--model.freeze_at", "0",
-        "--trainer.max_steps", "900", "--trainer.max_epochs", "-1",
+        "--trainer.max_steps", "900", "--trainer.max_epochs", "-1", *weights,
     ], tmp_path, capture)  # fmt: skip
     optimizer, scheduler = capture.optimizer, capture.scheduler
     assert type(optimizer).__name__ == "SGD" and capture.interval == "step"
@@ -250,8 +262,8 @@ def test_flags_only_detection_from_scratch_has_no_nonfinite_loss(tmp_path):
 
     with open(Path(cli.trainer.log_dir) / "metrics.csv") as f:
         rates = [float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")]
-    # 0.02 per 16 images at 4: 0.005, reached after a warm-up of 2 steps (a tenth of the run) from 0.001x
-    assert rates[0] == pytest.approx(0.005 * 0.001, rel=0.01) and max(rates) == pytest.approx(0.005)
+    # from scratch 0.02 at 4 images, reached after a warm-up of 2 steps (a tenth of the run) from 0.001x
+    assert rates[0] == pytest.approx(0.02 * 0.001, rel=0.01) and max(rates) == pytest.approx(0.02)
 
 
 # The three runs below train for minutes on a CPU: `pytest -m slow tests/test_defaults.py`. Each threshold

@@ -1,0 +1,169 @@
+"""Whole-model export (tasks.export): ONNX Runtime's and torch.export's outputs equal eager PyTorch's for
+a classifier, C4 and FPN detectors and an FCN; the metadata names the classes and the preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import classify_checkpoint
+
+from backbones.weights import WeightsError
+from tasks.export import ExportError, export, main, read_metadata
+from tasks.trained import load_task, task_class
+
+ort = pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install -e ".[export]"')
+
+#: each task as a test builds it (random weights), with the datamodule arguments a checkpoint records
+SPECS = {
+    "classify": (
+        "classify",
+        {"backbone": "resnet18", "num_classes": 5},
+        {"_class_path": "datamodules.ImageFolderDataModule", "image_size": 64, "eval_resize": 73,
+         "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    ),
+    "fcn": (
+        "segment",
+        {"backbone": "resnet18", "num_classes": 4, "head": "dilated"},
+        {"_class_path": "datamodules.COCOSegmentationDataModule", "base_size": 64, "crop_size": 48},
+    ),
+    "fpn": (
+        "detect",
+        {"backbone": "resnet18", "num_classes": 3, "head": "fpn", "norm": "bn", "freeze_at": 0, "min_size": 96,
+         "max_size": 96, "fpn_channels": 32, "box_score_thresh": 0.0},
+        {"_class_path": "datamodules.COCODetectionDataModule"},
+    ),
+    "c4": (
+        "detect",
+        {"backbone": "resnet18", "num_classes": 3, "head": "c4", "norm": "bn", "freeze_at": 0, "min_size": 96,
+         "max_size": 96, "box_score_thresh": 0.0, "detector_args": {"rpn_post_nms_top_n_test": 100}},
+        {"_class_path": "datamodules.COCODetectionDataModule"},
+    ),
+    "localize": ("localize", {"backbone": "resnet18", "num_classes": 3}, {}),
+}  # fmt: skip
+EXPORTED = ["classify", "fcn", "fpn", "c4"]
+
+
+class Payload:
+    """An object of a class of ours: ``weights_only`` loading refuses to rebuild it."""
+
+
+def write_checkpoint(name: str, folder) -> tuple:
+    """A checkpoint as a fit writes it (state dict, hyperparameters, the datamodule's arguments and the
+    task's own records), of a task with random weights; returns it and the task."""
+    kind, hparams, data = SPECS[name]
+    torch.manual_seed(0)
+    task = task_class(kind)(**hparams).eval()
+    task.class_names = [f"{name}{k}" for k in range(hparams["num_classes"])]
+    checkpoint = {
+        "state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "datamodule_hyper_parameters": data,
+    }  # fmt: skip
+    task.on_save_checkpoint(checkpoint)
+    path = folder / f"{name}.ckpt"
+    torch.save(checkpoint, path)
+    return path, task
+
+
+def run_onnx(path, image: torch.Tensor) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": image.numpy()})
+
+
+def eager(task, kind: str, image: torch.Tensor) -> list[torch.Tensor]:
+    network = getattr(task, task.network_attr)
+    with torch.no_grad():
+        if kind == "detect":
+            found = network([image])[0]
+            return [found["boxes"], found["labels"], found["scores"]]
+        out = network(image)
+        return [out["out"] if isinstance(out, dict) else out]
+
+
+def assert_same(kind: str, got, want) -> None:
+    if kind == "detect":
+        boxes, labels, scores = (np.asarray(x) for x in got)
+        assert len(boxes) == len(want[0]) > 0  # the same number of detections
+        np.testing.assert_allclose(boxes, want[0].numpy(), atol=1e-3)
+        np.testing.assert_array_equal(labels, want[1].numpy())
+        np.testing.assert_allclose(scores, want[2].numpy(), atol=1e-3)
+    else:
+        np.testing.assert_allclose(np.asarray(got[0]), want[0].numpy(), atol=1e-4, rtol=0)
+
+
+def inputs(kind: str, size: tuple[int, int]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(sum(size))
+    return torch.rand((3, *size) if kind == "detect" else (2, 3, *size), generator=generator)
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_onnx_runtime_equals_pytorch_at_the_export_size_and_another_with_dynamic(name, tmp_path):
+    kind = SPECS[name][0]
+    ckpt, task = write_checkpoint(name, tmp_path)
+    fixed = export(ckpt, tmp_path / f"{name}.onnx", "onnx", size=(64, 64))
+    image = inputs(kind, (64, 64))
+    assert_same(kind, run_onnx(fixed, image), eager(task, kind, image))
+    dynamic = export(ckpt, tmp_path / f"{name}_dynamic.onnx", "onnx", size=(64, 64), dynamic=True)
+    other = inputs(kind, (80, 56))  # not the traced size
+    assert_same(kind, run_onnx(dynamic, other), eager(task, kind, other))
+    meta = read_metadata(dynamic)
+    assert meta["zoo.task"] == kind and meta["zoo.backbone"] == "resnet18"
+    names = [f"{name}{k}" for k in range(SPECS[name][1]["num_classes"])]
+    assert meta["zoo.class_names"] == (["background", *names] if kind == "detect" else names)
+    if kind == "detect":
+        assert meta["zoo.outputs"] == ["boxes", "labels", "scores"] and meta["zoo.preprocessing"]["in_graph"]
+    if name == "classify":  # the evaluation preprocessing the checkpoint's datamodule recorded
+        assert meta["zoo.preprocessing"] == {**{k: v for k, v in SPECS[name][2].items() if k != "_class_path"},
+                                             "datamodule": "datamodules.ImageFolderDataModule"}  # fmt: skip
+    assert not list(tmp_path.glob(".*.partial"))  # written under a staging name, then renamed
+
+
+@pytest.mark.parametrize("name", ["classify", "fcn"])
+def test_torch_export_program_equals_eager(name, tmp_path):
+    kind = SPECS[name][0]
+    ckpt, task = write_checkpoint(name, tmp_path)
+    path = export(ckpt, tmp_path / f"{name}.pt2", "torch", size=(64, 64), dynamic=True)
+    program = torch.export.load(str(path))
+    for size in [(64, 64), (96, 80)]:
+        image = inputs(kind, size)
+        with torch.no_grad():
+            got = program.module()(image)
+        torch.testing.assert_close(got, eager(task, kind, image)[0], atol=1e-5, rtol=0)
+    assert read_metadata(path)["zoo.class_names"] == [f"{name}{k}" for k in range(SPECS[name][1]["num_classes"])]
+
+
+def test_torch_export_of_a_detector_is_refused_with_the_alternative(tmp_path):
+    ckpt, _ = write_checkpoint("fpn", tmp_path)
+    with pytest.raises(ExportError, match="--format onnx"):
+        export(ckpt, tmp_path / "fpn.pt2", "torch")
+
+
+def test_a_localization_checkpoint_is_refused_naming_backbones_export(tmp_path):
+    ckpt, _ = write_checkpoint("localize", tmp_path)
+    with pytest.raises(ExportError, match="backbones.export"):
+        export(ckpt, tmp_path / "loc.onnx")
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
+    ckpt, _ = write_checkpoint("classify", tmp_path)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["extra"] = Payload()  # unpickling it would import and run this module's code
+    torch.save(checkpoint, tmp_path / "code.ckpt")
+    with pytest.raises(WeightsError, match="code.ckpt"):
+        export(tmp_path / "code.ckpt", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_command_exports_a_trained_checkpoint_with_its_data_class_names(tmp_path, capsys):
+    """A checkpoint written by ``tasks.classify fit``: the command line, the suffix choosing the format,
+    and the names of the ImageFolder's classes in the file."""
+    ckpt, _ = classify_checkpoint(tmp_path, "resnet18")
+    main([ckpt, str(tmp_path / "model.onnx")])
+    assert f"wrote {tmp_path / 'model.onnx'}" in capsys.readouterr().out
+    meta = read_metadata(tmp_path / "model.onnx")
+    assert meta["zoo.class_names"] == ["circle", "ring", "square", "star", "triangle"]
+    assert meta["zoo.preprocessing"]["image_size"] == 32 and meta["zoo.preprocessing"]["eval_resize"] == 32
+    trained = load_task(ckpt)
+    image = torch.rand(1, 3, 32, 32)
+    assert_same("classify", run_onnx(tmp_path / "model.onnx", image), eager(trained.task, "classify", image))
+    main([ckpt, str(tmp_path / "model.pt2")])
+    assert read_metadata(tmp_path / "model.pt2")["zoo.task"] == "classify"
