@@ -67,7 +67,9 @@ class DetectionTask(BaseTask):
         detector_args: any other argument of torchvision's ``FasterRCNN`` (``rpn_post_nms_top_n_train``,
             ``box_batch_size_per_image``, ...); small images train much faster with fewer sampled regions.
         evaluator: ``faster_coco_eval`` (same numbers, faster) or ``pycocotools``.
-        draw_predictions: with ``predict``, also write images with the boxes drawn next to the file.
+        draw_predictions: with ``predict``, also write images with the boxes drawn next to the file (one
+            color per class, labels that do not overlap, images under 256 px upscaled: ``tasks.drawing``).
+        draw_threshold: the lowest score drawn in those images.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
@@ -101,7 +103,7 @@ class DetectionTask(BaseTask):
 
     default_scheduler_interval = "step"
     default_channels_last = False
-    output_options = ("detections_file", "draw_predictions")
+    output_options = ("detections_file", "draw_predictions", "draw_threshold")
 
     def __init__(
         self,
@@ -118,12 +120,14 @@ class DetectionTask(BaseTask):
         detector_args: dict[str, Any] | None = None,
         evaluator: Backend = "faster_coco_eval",
         draw_predictions: bool = False,
+        draw_threshold: float = 0.5,
         detections_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.detections_file = detections_file
         self.draw_predictions = draw_predictions
+        self.draw_threshold = draw_threshold
         self._results: dict[str, list[dict]] = {}  # per split, in COCO's result format
         self._image_ids: dict[str, list[int]] = {}
 
@@ -329,7 +333,7 @@ class DetectionTask(BaseTask):
             folder = images_folder(self.output_path(self.detections_file, "detections.json"))
             names = [self.class_name(k) for k in range(self.hparams.num_classes + 1)]
             for image, out, path in zip(batch["images"], outputs, batch["paths"]):
-                draw_detections(image, out, names, folder / f"{Path(path).stem}.jpg")
+                draw_detections(image, out, names, folder / f"{Path(path).stem}.jpg", self.draw_threshold)
         return outputs
 
     def on_predict_epoch_end(self) -> None:

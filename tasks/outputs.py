@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from .media import class_palette
-
 
 def write_predictions(rows: list[dict], path: Path) -> None:
     """Top-k predictions per image as CSV (one row per image) or JSON (a list), by ``path``'s suffix."""
@@ -42,20 +40,11 @@ def images_folder(path: Path) -> Path:
 
 
 def draw_detections(image: torch.Tensor, out: dict, names: list[str], path: Path, threshold: float = 0.5) -> None:
-    """``image`` (``3 x H x W`` in [0, 1]) with the detections scoring above ``threshold`` drawn, as a JPEG."""
-    from torchvision.io import write_jpeg
-    from torchvision.utils import draw_bounding_boxes
+    """``image`` with the detections scoring at least ``threshold`` drawn (``tasks.drawing``), as a JPEG."""
+    from .drawing import draw_detections as draw
 
-    keep = out["scores"] > threshold
-    labels = [f"{names[int(lbl)]} {float(s):.2f}" for lbl, s in zip(out["labels"][keep], out["scores"][keep])]
-    canvas = (image.detach().cpu().clamp(0, 1) * 255).to(torch.uint8)
-    drawn = (
-        draw_bounding_boxes(canvas, out["boxes"][keep].cpu(), labels=labels, colors="red", width=2)
-        if keep.any()
-        else canvas
-    )
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_jpeg(drawn, str(path), quality=90)
+    draw(image, out, names, threshold).save(path, quality=90)
 
 
 def write_mask(mask: torch.Tensor, path: Path) -> None:
@@ -66,10 +55,9 @@ def write_mask(mask: torch.Tensor, path: Path) -> None:
     write_file(str(path), encode_png(mask))
 
 
-def write_overlay(image: torch.Tensor, mask: torch.Tensor, num_classes: int, path: Path) -> None:
-    """``image`` (uint8) half-blended with the mask's class colors, as a JPEG."""
-    from torchvision.io import write_jpeg
+def write_overlay(image: torch.Tensor, mask: torch.Tensor, names: list[str], path: Path) -> None:
+    """``image`` (uint8) half-blended with the mask's class colors, with a legend (``tasks.drawing``)."""
+    from .drawing import draw_overlay
 
-    colors = class_palette(num_classes)[mask[0].long()].permute(2, 0, 1)
-    blend = (0.5 * image.float() + 0.5 * colors.float()).to(torch.uint8)
-    write_jpeg(blend, str(path), quality=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw_overlay(image, mask, names).save(path, quality=90)

@@ -211,7 +211,8 @@ class SegmentationTask(BaseTask):
             written.append(str(out))
             if self.overlays:
                 overlay = folder / f"{Path(path).stem}_overlay.jpg"
-                write_overlay(read_image(path), mask, self.hparams.num_classes, overlay)
+                names = [self.class_name(k) for k in range(self.hparams.num_classes)]
+                write_overlay(read_image(path), mask, names, overlay)
         return written
 
     def on_predict_epoch_end(self) -> None:
