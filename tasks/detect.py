@@ -35,6 +35,7 @@ from .evaluation import data_split
 from .media import wandb_boxes
 from .optim import Recipe
 from .outputs import draw_detections, images_folder, write_detections
+from .tta import detect_with_tta
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class DetectionTask(BaseTask):
         draw_predictions: with ``predict``, also write images with the boxes drawn next to the file (one
             color per class, labels that do not overlap, images under 256 px upscaled: ``tasks.drawing``).
         draw_threshold: the lowest score drawn in those images.
+        tta: test-time augmentation in evaluation and ``predict`` (``tasks.tta``): the views below, merged.
+        tta_scales: the views' scales (of the evaluation size); ``[1.0]`` by default.
+        tta_flip: also each view mirrored left to right.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
@@ -103,7 +107,7 @@ class DetectionTask(BaseTask):
 
     default_scheduler_interval = "step"
     default_channels_last = False
-    output_options = ("detections_file", "draw_predictions", "draw_threshold")
+    output_options = ("detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip")
 
     def __init__(
         self,
@@ -121,6 +125,9 @@ class DetectionTask(BaseTask):
         evaluator: Backend = "faster_coco_eval",
         draw_predictions: bool = False,
         draw_threshold: float = 0.5,
+        tta: bool = False,
+        tta_scales: list[float] | None = None,
+        tta_flip: bool = True,
         detections_file: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -128,6 +135,7 @@ class DetectionTask(BaseTask):
         self.detections_file = detections_file
         self.draw_predictions = draw_predictions
         self.draw_threshold = draw_threshold
+        self.tta = (tta_scales or [1.0], tta_flip) if tta else None
         self._results: dict[str, list[dict]] = {}  # per split, in COCO's result format
         self._image_ids: dict[str, list[int]] = {}
 
@@ -195,6 +203,12 @@ class DetectionTask(BaseTask):
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         return self.detector(images, targets)
 
+    def detect(self, images: list[torch.Tensor]) -> list[dict]:
+        """Detections on ``images`` (in their pixels), merged over the test-time views when ``tta`` is on."""
+        if not images:
+            return []
+        return detect_with_tta(self.detector, images, *self.tta) if self.tta else self(images)
+
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
         self.count_skipped(batch)
@@ -217,7 +231,7 @@ class DetectionTask(BaseTask):
     def evaluate_batch(self, batch: dict, split: str) -> list[dict]:
         """Detect, and keep the detections in COCO's result format for the split's evaluation."""
         self.count_skipped(batch)
-        outputs = self(batch["images"]) if batch["images"] else []
+        outputs = self.detect(batch["images"])
         self.record_detections(batch, outputs, split)
         return outputs
 
@@ -235,7 +249,7 @@ class DetectionTask(BaseTask):
         """Each image's ``path`` and detections: ``boxes`` (``K x 4``, x1 y1 x2 y2 in the original image's
         pixels), ``labels`` (network classes, 1-based), ``classes`` (their names) and ``scores``, best
         first. ``predict`` and ``tasks.predictor`` both use it."""
-        outputs = self(batch["images"]) if batch["images"] else []
+        outputs = self.detect(batch["images"])
         return [
             {
                 "path": path,

@@ -30,6 +30,7 @@ from .media import wandb_mask
 from .optim import Recipe
 from .outputs import write_mask, write_overlay
 from .segmentation_models import DilatedFCN, SegHeadKind, SkipFCN, confusion_scores
+from .tta import segment_with_tta
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class SegmentationTask(BaseTask):
         dropout: dropout before the classifiers.
         predictions_dir: where ``predict`` writes class-index PNG masks (default ``<run dir>/masks``).
         overlays: with ``predict``, also write color overlays next to the masks.
+        tta: test-time augmentation in evaluation and ``predict`` (``tasks.tta``): the views below, merged.
+        tta_scales: the views' scales (of the evaluation size); ``[1.0]`` by default.
+        tta_flip: also each view mirrored left to right.
     """
 
     monitor = "val/mIoU"
@@ -81,7 +85,7 @@ class SegmentationTask(BaseTask):
         return self.finetune_recipe if self.starts_from_weights() else self.scratch_recipe
 
     default_scheduler_interval = "step"
-    output_options = ("predictions_dir", "overlays")
+    output_options = ("predictions_dir", "overlays", "tta", "tta_scales", "tta_flip")
 
     def __init__(
         self,
@@ -92,11 +96,15 @@ class SegmentationTask(BaseTask):
         dropout: float = 0.1,
         predictions_dir: str | None = None,
         overlays: bool = False,
+        tta: bool = False,
+        tta_scales: list[float] | None = None,
+        tta_flip: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.predictions_dir = predictions_dir
         self.overlays = overlays
+        self.tta = (tta_scales or [1.0], tta_flip) if tta else None
 
     # -- construction -----------------------------------------------------------------------------
     def build_network(self) -> nn.Module:
@@ -158,10 +166,17 @@ class SegmentationTask(BaseTask):
             return None
         outputs = self(batch["image"])
         loss, _ = self._loss(outputs, batch["mask"])
-        predictions = outputs["out"].argmax(1)
+        predictions = self.class_scores(batch["image"], outputs["out"]).argmax(1)
         self.confusion[split].update(predictions, batch["mask"])
         self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["image"]))
         return predictions
+
+    def class_scores(self, images: torch.Tensor, plain: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-pixel class scores at the images' size: the logits (``plain`` when already computed), or with
+        ``tta`` the log of the views' averaged probabilities."""
+        if self.tta:
+            return segment_with_tta(lambda x: self(x)["out"], images, *self.tta, plain=plain)
+        return plain if plain is not None else self(images)["out"]
 
     def sample_records(self, batch: dict, predictions: torch.Tensor) -> list[dict]:
         """Validation images with the predicted and true masks, for W&B."""
@@ -192,7 +207,7 @@ class SegmentationTask(BaseTask):
         """Each image's ``path`` and ``mask`` (class indexes, ``1 x H x W`` uint8 at the image's original
         size: the logits of its un-padded part resized back to it). ``predict`` and ``tasks.predictor``
         both use it."""
-        logits = self(batch["image"])["out"].float()
+        logits = self.class_scores(batch["image"]).float()
         found = []
         for k, path in enumerate(batch["path"]):
             h, w = batch["input_size"][k].tolist()

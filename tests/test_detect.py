@@ -180,3 +180,57 @@ def test_category_ids_round_trip():
     assert rows[0]["bbox"] == [1.0, 2.0, 10.0, 20.0] and rows[0]["image_id"] == 42
     with pytest.raises(ValueError, match="category id 8 is not one of the model's"):
         task._labels_for(torch.tensor([8]))
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_per_class_ap_equals_pycocotools_run_on_each_category(backend, tmp_path):
+    """``val/AP/<class>`` and ``val/AP50/<class>`` on hand-made detections for the shapes' validation
+    file: exact boxes for every circle (AP 1 by hand), boxes shifted by their width for every square (IoU
+    0: AP 0), exact boxes for half the triangles, ranked below shifted ones for the other half; each equals
+    pycocotools' COCOeval restricted to that one category (``params.catIds``)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from tasks.coco_eval import evaluate_coco
+
+    root = write_coco(tmp_path / "shapes", train_images=1, val_images=8, size=(96, 96), object_size=(16, 36))
+    annotation_file = root / "annotations" / "instances_val2017.json"
+    gt = COCO(str(annotation_file))
+    results, triangles = [], 0
+    for a in gt.loadAnns(gt.getAnnIds(iscrowd=False)):
+        x, y, w, h = a["bbox"]
+        if a["category_id"] == CATEGORY_IDS["circle"]:
+            results.append(
+                {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x, y, w, h], "score": 0.9}
+            )
+        elif a["category_id"] == CATEGORY_IDS["square"]:
+            results.append(
+                {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x + w, y, w, h], "score": 0.8}
+            )
+        elif a["category_id"] == CATEGORY_IDS["triangle"]:
+            triangles += 1
+            box = [x, y, w, h] if triangles % 2 else [x + w, y + h, w, h]
+            results.append(
+                {
+                    "image_id": a["image_id"],
+                    "category_id": a["category_id"],
+                    "bbox": box,
+                    "score": 0.5 + 0.01 * (triangles % 2 == 0),
+                }
+            )
+    image_ids = gt.getImgIds()
+    _, per_class = evaluate_coco(annotation_file, results, image_ids, backend)
+    assert per_class[CATEGORY_IDS["circle"]] == pytest.approx((1.0, 1.0))
+    assert per_class[CATEGORY_IDS["square"]] == pytest.approx((0.0, 0.0))
+    for cid in (CATEGORY_IDS["circle"], CATEGORY_IDS["square"], CATEGORY_IDS["triangle"]):
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iouType="bbox")
+            evaluator.params.imgIds, evaluator.params.catIds = sorted(image_ids), [cid]
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert per_class[cid] == pytest.approx((evaluator.stats[0], evaluator.stats[1]), abs=1e-6), cid
+    assert 0.0 < per_class[CATEGORY_IDS["triangle"]][1] < 1.0  # half found, ranked below the misses
