@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from itertools import chain, islice
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -70,7 +71,8 @@ class AspectRatioGroupedSampler(DistributedSampler):
         batches = self._batches()[: self.batches_per_rank * self.num_replicas]
         mine = batches[self.rank :: self.num_replicas]
         start, self.start = self.start, 0  # resuming mid-epoch: skip what was trained on (see ResumableSampler)
-        return iter([(self.epoch, index) for batch in mine for index in batch][start:])
+        epoch = self.epoch
+        return ((epoch, index) for index in islice(chain.from_iterable(mine), start, None))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -92,9 +94,9 @@ class ResumableSampler(DistributedSampler):
         self.start = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())
         start, self.start = self.start, 0
-        return iter([(self.epoch, i) for i in indices[start:]])
+        epoch = self.epoch  # the pairs are made as the loader asks for them, not listed up front
+        return ((epoch, i) for i in islice(super().__iter__(), start, None))
 
 
 class RepeatedAugmentationSampler(ResumableSampler):
@@ -121,7 +123,9 @@ class RepeatedAugmentationSampler(ResumableSampler):
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        repeated = [(index, r) for index in order for r in range(self.repeats)][: self.total_size]
-        mine = repeated[self.rank :: self.num_replicas]
         start, self.start = self.start, 0  # resuming mid-epoch (see ResumableSampler)
-        return iter([(self.epoch, index, r) for index, r in mine[start:]])
+        epoch, repeats = self.epoch, self.repeats
+        # position p of the repeated order is copy p % repeats of order[p // repeats]; this rank takes
+        # every num_replicas-th position, from its own, and skips the ``start`` it already trained on
+        positions = range(self.rank + start * self.num_replicas, self.total_size, self.num_replicas)
+        return ((epoch, order[p // repeats], p % repeats) for p in positions)
