@@ -75,8 +75,8 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
             records (``stride_in_1x1``, ``unit``, ...) are adopted unless ``backbone_args`` sets them.
         optimizer: injected optimizer; the configs carry the papers' recipes. ``None``: the task's default
             recipe, scaled to the run's global batch (SGD, momentum 0.9, weight decay 1e-4; lr 0.1 per 256
-            images for classification; for detection detectron2's 0.02 per 16 from trained weights, 0.02 per
-            4 but at most 0.02 from scratch; for segmentation torchvision's FCN 0.02 per 32 from trained
+            images for classification; for detection detectron2's 0.02 per 16 from trained weights, 0.01 per
+            2 but at most 0.01 from scratch; for segmentation torchvision's FCN 0.02 per 32 from trained
             weights, AdamW 0.003 per 8 from scratch), stated in the log.
         scheduler: injected learning-rate schedule. ``None``: the task's default, stepped per iteration: a
             linear warm-up (at most a tenth of the run), then cosine decay (classification), ÷10 at 2/3
