@@ -40,12 +40,17 @@ from .trained import TrainedTask, load_task
 class Predictor:
     """A trained task and its datamodule's evaluation preprocessing, called on images (see the module)."""
 
-    def __init__(self, trained: TrainedTask, device: str | torch.device = "cpu", top_k: int = 5) -> None:
+    def __init__(self, trained: TrainedTask, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
+                 tta_scales: list[float] | None = None, tta_flip: bool = True) -> None:  # fmt: skip
         if trained.kind not in ("classify", "detect", "segment"):
             raise ValueError(
                 f"{trained.path}: a tasks.{trained.kind} checkpoint; the predictor covers classify, detect and segment"
             )
         self.trained, self.kind, self.top_k = trained, trained.kind, top_k
+        if tta and self.kind == "classify":
+            raise ValueError("tta: classification's test-time views are the datamodule's eval_crops option")
+        if self.kind != "classify":
+            trained.task.tta = (tta_scales or [1.0], tta_flip) if tta else None
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -80,10 +85,13 @@ class Predictor:
         return rows
 
 
-def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", top_k: int = 5) -> Predictor:
+def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
+                   tta_scales: list[float] | None = None, tta_flip: bool = True) -> Predictor:  # fmt: skip
     """A :class:`Predictor` for ``checkpoint`` (a ``tasks.classify``, ``detect`` or ``segment`` one) on
-    ``device`` (``cpu``, ``cuda``, ``cuda:1``, or ``auto``)."""
-    return Predictor(load_task(checkpoint), device, top_k)
+    ``device`` (``cpu``, ``cuda``, ``cuda:1``, or ``auto``); ``top_k`` classes for a classifier;
+    ``tta``, ``tta_scales``, ``tta_flip``: test-time augmentation for detection and segmentation, as the
+    tasks' options of those names (``tasks.tta``)."""
+    return Predictor(load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip)
 
 
 def _datamodule(trained: TrainedTask):

@@ -107,6 +107,10 @@ def test_detector_predictor_equals_predicts_detections_file(tmp_path):
         assert found["classes"] == [predict.task.class_name(int(k)) for k in found["labels"]]
         assert float(found["boxes"][:, 2].max()) <= Image.open(path).size[0] + 1e-3
     _same_image_every_way(predict, images[0])
+    one_view = load_predictor(ckpt, tta=True, tta_flip=False)(images[0])  # merged by NMS: the same detections
+    torch.testing.assert_close(one_view["boxes"], predict(images[0])["boxes"], atol=0, rtol=0)
+    mirrored = load_predictor(ckpt, tta=True, tta_scales=[1.0, 1.25])(images[0])
+    assert 0 < len(mirrored["boxes"]) <= 100 and float(mirrored["boxes"][:, 2].max()) <= 80 + 1e-3
 
 
 def test_segmenter_predictor_equals_predicts_masks_at_the_original_size(tmp_path):
