@@ -55,8 +55,7 @@ class Predictor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.task = trained.task.to(self.device).eval()
-        if self.device.type == "cuda" and self.task.channels_last_enabled:
-            self.task.to(memory_format=torch.channels_last)
+        self.task._apply_speedups()  # channels-last on CUDA where the task uses it, as its runs do
         self.datamodule = _datamodule(trained)
 
     @property

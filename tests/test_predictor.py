@@ -140,3 +140,16 @@ def test_the_predictor_refuses_pickled_code(tmp_path):
 
 class Payload:
     """An object of a class of ours: ``weights_only`` loading refuses to rebuild it."""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_predictor_runs_channels_last_in_bf16_and_agrees_with_the_cpu(tmp_path):
+    from datasets import classify_checkpoint
+
+    ckpt, _ = classify_checkpoint(tmp_path, "resnet18")
+    images = sorted((tmp_path / "cls" / "val").rglob("*.jpg"))
+    on_cpu, on_gpu = load_predictor(ckpt), load_predictor(ckpt, device="cuda")
+    assert on_gpu.task.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(on_cpu(images), on_gpu(images)):
+        assert a["scores"] == pytest.approx(b["scores"], abs=0.05)  # bfloat16 autocast
