@@ -95,22 +95,22 @@ class RoIAlignPooler(MultiScaleRoIAlign):
         self.aligned = aligned
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        if not self.aligned:
-            return super().forward(x, boxes, image_shapes)
+        # torchvision's steps, with sizes read as ``shape[0]`` (not ``len``) so that torch.export can trace
+        # the data-dependent number of proposals
         features = [v for k, v in x.items() if k in self.featmap_names]
         if self.scales is None or self.map_levels is None:  # torchvision's own setup: same scales and levels
             self.scales, self.map_levels = _setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
             )
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        rois = torch.cat([torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)])
         if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, aligned=True)
+            return roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned)
         levels = self.map_levels(boxes)
-        out = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             index = torch.where(levels == level)[0]
-            pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, aligned=True)
-            out[index] = pooled.to(out.dtype)
+            pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, self.aligned)
+            out = out.index_put((index,), pooled.to(out.dtype))
         return out
 
 

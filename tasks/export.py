@@ -10,8 +10,7 @@ except where said; the file's metadata records it):
 - classify: ``image`` float32 ``N x 3 x H x W``, RGB scaled to [0, 1] and normalized as the metadata's
   ``preprocessing`` says (mean/std, or the per-pixel mean), resized and cropped as it says; ``logits``
   ``N x classes``.
-- detect (ONNX only: ``torch.export`` cannot trace torchvision's Faster R-CNN, whose NMS and RoI pooler
-  branch on data-dependent sizes): ``image`` float32 ``3 x H x W``, RGB in [0, 1], any size: the Faster
+- detect: ``image`` float32 ``3 x H x W``, RGB in [0, 1], any size: the Faster
   R-CNN's own resizing (``min_size``/``max_size``) and normalization are in the graph; ``boxes`` ``K x 4``
   (x1, y1, x2, y2 in the input's pixels), ``labels`` ``K`` (indexes into ``class_names``, 0 is the
   background) and ``scores`` ``K``.
@@ -25,19 +24,31 @@ arguments), ``zoo.input``, ``zoo.outputs``, ``zoo.backbone``. The batch N may va
 and W vary too, without it the graph is for ``--size`` (default: the evaluation size the checkpoint's
 datamodule used).
 
+``torch.export`` of a detector runs under :func:`traceable_detector` (batched NMS, resize and padding without
+branches on data-dependent sizes, the same boxes and pixels); the program keeps the numbers of proposals and
+detections free. With ``--dynamic`` its tracing takes minutes on a CPU.
+
 ONNX export needs the optional extra: ``pip install -e ".[export]"`` (``onnx``, ``onnxruntime``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torchvision.models.detection import transform as rcnn_transform
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import nms
 
 from .trained import TrainedTask, load_task
 
@@ -75,6 +86,62 @@ class _Detector(nn.Module):
     def forward(self, image: torch.Tensor):
         found = self.detector([image])[0]
         return found["boxes"], found["labels"], found["scores"]
+
+
+def _one_nms_for_all_classes(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float):
+    """``torchvision.ops.batched_nms`` without its two branches on the number of boxes (none left; over 4,000
+    on CPU), which ``torch.export`` cannot trace: always its own offset strategy (each class's boxes moved
+    past every other class's, then one NMS), which keeps the same boxes; a zero joins the maximum so that
+    an empty set needs no branch."""
+    top = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+    return nms(boxes + (classes.to(boxes) * (top + 1))[:, None], scores, iou)
+
+
+_resize_with_targets = rcnn_transform._resize_image_and_masks
+
+
+def _resize_by_symbolic_scale(image: torch.Tensor, min_size: float, max_size: float, target=None, fixed_size=None):
+    """``GeneralizedRCNNTransform``'s resize (shorter side to ``min_size`` unless the longer would pass
+    ``max_size``) with the smaller of the two scales taken by ``torch.sym_min``, so that an input whose height
+    and width vary is not tied to the case the example image fell in; the same numbers in eager mode."""
+    if target is not None or fixed_size is not None:
+        return _resize_with_targets(image, min_size, max_size, target, fixed_size)
+    height, width = image.shape[-2:]
+    scale = torch.sym_min(min_size / torch.sym_min(height, width), max_size / torch.sym_max(height, width))
+    if isinstance(height, int) and isinstance(width, int):  # a fixed size: interpolate's own arithmetic
+        new_h, new_w = math.floor(height * scale), math.floor(width * scale)
+    else:  # the same double-precision product as data, so the graph carries two plain symbols, not formulas
+        shape = torch.tensor([height, width], dtype=torch.float64)
+        new_h, new_w = (shape * torch.tensor(scale, dtype=torch.float64)).floor().long().tolist()
+        torch._check(new_h >= 1)
+        torch._check(new_w >= 1)
+    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear")
+    return resized[0], None
+
+
+def _pad_one_image(transform: rcnn_transform.GeneralizedRCNNTransform, images: list[torch.Tensor],
+                   size_divisible: int = 32) -> torch.Tensor:  # fmt: skip
+    """``GeneralizedRCNNTransform.batch_images`` for the one image the exported graph takes: zeros on the right
+    and bottom up to the next multiple of ``size_divisible``, computed in integers (no float ``ceil``, which
+    would fix the traced size)."""
+    (image,) = images
+    height, width = image.shape[-2:]
+    pad_h, pad_w = (-height) % size_divisible, (-width) % size_divisible
+    return F.pad(image, (0, pad_w, 0, pad_h))[None]
+
+
+@contextlib.contextmanager
+def traceable_detector() -> Iterator[None]:
+    """While exporting a Faster R-CNN with ``torch.export``: the RPN's and box head's per-class NMS (both call
+    ``torchvision.ops.boxes.batched_nms``) without data-dependent branches, and the input resize without a
+    branch on the image's shape. (The RoI pooler, ``tasks.detection_models.RoIAlignPooler``, is traceable as
+    it is.)"""
+    with (
+        mock.patch.object(box_ops, "batched_nms", _one_nms_for_all_classes),
+        mock.patch.object(rcnn_transform, "_resize_image_and_masks", _resize_by_symbolic_scale),
+        mock.patch.object(rcnn_transform.GeneralizedRCNNTransform, "batch_images", _pad_one_image),
+    ):
+        yield
 
 
 def graph(trained: TrainedTask) -> tuple[nn.Module, tuple[str, ...], bool]:
@@ -182,11 +249,6 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", size: 
             f"{checkpoint} is a tasks.localize checkpoint: whole-model export covers classify, detect and segment "
             "(its boxes are decoded outside the network); python -m backbones.export writes its backbone"
         )
-    if format == "torch" and trained.kind == "detect":
-        raise ExportError(
-            "--format torch: torch.export cannot trace torchvision's Faster R-CNN (its NMS and RoI pooler branch "
-            "on how many boxes survive, a data-dependent shape); export the detector with --format onnx"
-        )
     module, outputs, batched = graph(trained)
     example = example_input(tuple(size) if size else default_size(trained), batched)
     meta = metadata(trained, outputs)
@@ -194,7 +256,12 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", size: 
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         return export_onnx(module, example, out, outputs, batched, dynamic, meta)
-    return export_program(module, example, out, batched, dynamic, meta)
+    if trained.kind != "detect":
+        return export_program(module, example, out, batched, dynamic, meta)
+    with torch.no_grad():
+        module(example)  # the RoI pooler's level scales, fixed by the first image, stay constants
+    with traceable_detector():
+        return export_program(module, example, out, batched, dynamic, meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

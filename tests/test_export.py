@@ -117,8 +117,14 @@ def test_onnx_runtime_equals_pytorch_at_the_export_size_and_another_with_dynamic
     assert not list(tmp_path.glob(".*.partial"))  # written under a staging name, then renamed
 
 
-@pytest.mark.parametrize("name", ["classify", "fcn"])
+@pytest.mark.parametrize(
+    "name",
+    ["classify", "fcn", "c4", pytest.param("fpn", marks=pytest.mark.slow)],  # fpn: 80 s to trace here
+)
 def test_torch_export_program_equals_eager(name, tmp_path):
+    """With H and W free (``--dynamic``): a detector's graph keeps Faster R-CNN's resize (the resized size
+    computed as eager computes it), and its data-dependent numbers of proposals and detections
+    (tasks.export.traceable_detector), so another size and another image give their own boxes."""
     kind = SPECS[name][0]
     ckpt, task = write_checkpoint(name, tmp_path)
     path = export(ckpt, tmp_path / f"{name}.pt2", "torch", size=(64, 64), dynamic=True)
@@ -127,14 +133,37 @@ def test_torch_export_program_equals_eager(name, tmp_path):
         image = inputs(kind, size)
         with torch.no_grad():
             got = program.module()(image)
-        torch.testing.assert_close(got, eager(task, kind, image)[0], atol=1e-5, rtol=0)
-    assert read_metadata(path)["zoo.class_names"] == [f"{name}{k}" for k in range(SPECS[name][1]["num_classes"])]
+        want = eager(task, kind, image)
+        if kind == "detect":
+            assert_same(kind, [g.numpy() for g in got], want)
+        else:
+            torch.testing.assert_close(got, want[0], atol=1e-5, rtol=0)
+    meta = read_metadata(path)
+    names = [f"{name}{k}" for k in range(SPECS[name][1]["num_classes"])]
+    assert meta["zoo.class_names"] == (["background", *names] if kind == "detect" else names)
 
 
-def test_torch_export_of_a_detector_is_refused_with_the_alternative(tmp_path):
-    ckpt, _ = write_checkpoint("fpn", tmp_path)
-    with pytest.raises(ExportError, match="--format onnx"):
-        export(ckpt, tmp_path / "fpn.pt2", "torch")
+def test_exported_detector_follows_the_image_not_the_traced_one(tmp_path):
+    """The program is not a recording of the example's detections: a blank image, whose proposals and
+    scores differ from the example's, gives what the eager detector gives, even when that is fewer boxes."""
+    spec = SPECS["fpn"]
+    SPECS["strict"] = ("detect", {**spec[1], "box_score_thresh": 0.3}, spec[2])
+    try:
+        ckpt, task = write_checkpoint("strict", tmp_path)
+    finally:
+        del SPECS["strict"]
+    program = torch.export.load(str(export(ckpt, tmp_path / "strict.pt2", "torch", size=(64, 64))))
+    counts = set()
+    for image in [inputs("detect", (64, 64)), torch.zeros(3, 64, 64), torch.ones(3, 64, 64)]:
+        with torch.no_grad():
+            boxes, labels, scores = program.module()(image)
+        want = eager(task, "detect", image)
+        assert len(boxes) == len(want[0])
+        torch.testing.assert_close(boxes, want[0], atol=1e-3, rtol=0)
+        torch.testing.assert_close(labels, want[1])
+        torch.testing.assert_close(scores, want[2], atol=1e-3, rtol=0)
+        counts.add(len(boxes))
+    assert len(counts) > 1, counts  # the images gave different numbers of detections
 
 
 def test_a_localization_checkpoint_is_refused_naming_backbones_export(tmp_path):
@@ -167,3 +196,42 @@ def test_the_command_exports_a_trained_checkpoint_with_its_data_class_names(tmp_
     assert_same("classify", run_onnx(tmp_path / "model.onnx", image), eager(trained.task, "classify", image))
     main([ckpt, str(tmp_path / "model.pt2")])
     assert read_metadata(tmp_path / "model.pt2")["zoo.task"] == "classify"
+
+
+def test_the_traceable_nms_keeps_what_batched_nms_keeps_and_is_undone_after_export():
+    """Over 4,000 boxes (torchvision's per-class loop on CPU), a few, and none: the same boxes kept in the
+    same order; torchvision's functions are back once the export is over."""
+    from torchvision.models.detection import transform as rcnn_transform
+    from torchvision.ops import batched_nms
+    from torchvision.ops import boxes as box_ops
+
+    from tasks.export import _one_nms_for_all_classes, traceable_detector
+
+    generator = torch.Generator().manual_seed(0)
+    for count in (1500, 12, 0):  # 1500 x 4 coordinates > 4000: the vanilla branch
+        corner = torch.rand(count, 2, generator=generator) * 200
+        boxes = torch.cat([corner, corner + 5 + torch.rand(count, 2, generator=generator) * 60], dim=1)
+        scores = torch.rand(count, generator=generator)
+        classes = torch.randint(0, 5, (count,), generator=generator)
+        want = batched_nms(boxes, scores, classes, 0.5)
+        torch.testing.assert_close(_one_nms_for_all_classes(boxes, scores, classes, 0.5), want)
+    originals = (box_ops.batched_nms, rcnn_transform._resize_image_and_masks,
+                 rcnn_transform.GeneralizedRCNNTransform.batch_images)  # fmt: skip
+    with traceable_detector():
+        assert box_ops.batched_nms is _one_nms_for_all_classes
+    assert originals == (box_ops.batched_nms, rcnn_transform._resize_image_and_masks,
+                         rcnn_transform.GeneralizedRCNNTransform.batch_images)  # fmt: skip
+
+
+@pytest.mark.parametrize("height,width", [(281, 300), (300, 281), (1109, 400), (64, 64), (90, 1000)])
+def test_the_traceable_resize_gives_torchvisions_pixels(height, width):
+    """Sizes where ``floor(h * (600 / h))`` is 599, a wide and a tall image: the same resized image."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    from tasks.export import _resize_by_symbolic_scale
+
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(height))
+    got, _ = _resize_by_symbolic_scale(image, 600, 1000)
+    want, _ = _resize_image_and_masks(image, 600, 1000)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
