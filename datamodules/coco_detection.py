@@ -29,16 +29,25 @@ from .validation import DataValidationError
 log = logging.getLogger(__name__)
 
 
-def coco_records(coco, dropped: Counter | None = None) -> DetectionRecords:
-    """The images of a ``COCO`` object with their training boxes (no crowds, no boxes a pixel thin or
-    less, no unknown categories: each counted in ``dropped``), sorted by image id."""
-    known = set(coco.getCatIds())
+def annotations_by_image(dataset: dict) -> dict[int, list[dict]]:
+    """``{image id: its annotations in file order}`` of an annotation file's dict (pycocotools'
+    ``imgToAnns`` without the rest of its index)."""
+    grouped: dict[int, list[dict]] = {}
+    for ann in dataset["annotations"]:
+        grouped.setdefault(ann["image_id"], []).append(ann)
+    return grouped
+
+
+def coco_records(dataset: dict, dropped: Counter | None = None) -> DetectionRecords:
+    """The images of an annotation file's dict with their training boxes (no crowds, no boxes a pixel thin
+    or less, no unknown categories: each counted in ``dropped``), sorted by image id."""
+    known = {c["id"] for c in dataset.get("categories") or []}
     dropped = Counter() if dropped is None else dropped
+    grouped = annotations_by_image(dataset)
     ids, names, sizes, boxes, labels = [], [], [], [], []
-    for image_id in sorted(coco.getImgIds()):
-        info = coco.imgs[image_id]
+    for info in sorted(dataset["images"], key=lambda image: image["id"]):
         kept, categories = [], []
-        for ann in coco.imgToAnns.get(image_id, []):
+        for ann in grouped.get(info["id"], ()):
             if ann.get("iscrowd", 0):
                 continue  # crowd regions are for evaluation only
             if ann.get("category_id") not in known:
@@ -50,7 +59,7 @@ def coco_records(coco, dropped: Counter | None = None) -> DetectionRecords:
                 continue
             kept.append((x1, y1, x2, y2))
             categories.append(ann["category_id"])
-        ids.append(image_id)
+        ids.append(info["id"])
         names.append(info["file_name"])
         sizes.append((info["width"], info["height"]))
         boxes.append(kept)
@@ -59,13 +68,15 @@ def coco_records(coco, dropped: Counter | None = None) -> DetectionRecords:
 
 
 class COCODetectionDataset(DetectionDataset):
-    """A COCO split's :class:`~datamodules.detection.DetectionDataset`, with its ``COCO`` object and what
-    was left out of the training targets (``dropped``)."""
+    """A COCO split's :class:`~datamodules.detection.DetectionDataset` built from its annotation file's dict
+    (which it does not keep: loader workers read only flat arrays), with what was left out of the training
+    targets (``dropped``)."""
 
-    def __init__(self, images_dir: str | Path, coco, train: bool, transform=None, skip_corrupt: bool = False) -> None:
-        self.coco = coco
+    def __init__(
+        self, images_dir: str | Path, dataset: dict, train: bool, transform=None, skip_corrupt: bool = False
+    ) -> None:
         self.dropped: Counter = Counter()
-        super().__init__(images_dir, coco_records(coco, self.dropped), train, transform, skip_corrupt)
+        super().__init__(images_dir, coco_records(dataset, self.dropped), train, transform, skip_corrupt)
         if self.dropped and train:
             summary = ", ".join(f"{n} x {kind}" for kind, n in sorted(self.dropped.items()))
             log.warning("%s: dropped from the training targets: %s", images_dir, summary)
@@ -129,17 +140,17 @@ class COCODetectionDataModule(DetectionDataModule):
 
     # -- datasets -----------------------------------------------------------------------------------
     def _split(self, split: str) -> COCODetectionDataset:
-        coco = self.files.load(split, drop_invalid=self.hparams.drop_invalid)
+        dataset = self.files.read(split, drop_invalid=self.hparams.drop_invalid)
         images, annotations = self.split_files(split)
         train = split == "train"
-        unknown = unlisted_categories(coco, self.category_ids)
+        unknown = unlisted_categories(dataset, self.category_ids)
         if train and unknown:  # the model's classes are the validation file's categories
             raise DataValidationError(
                 f"{annotations} annotates categories {unknown[:10]} that {self.annotation_file('val')} does not "
                 f"list; the detector's classes come from the validation file's list. Give both files the same "
                 f"'categories' (COCO's share theirs)."
             )
-        return COCODetectionDataset(images, coco, train, self._transform(train), self.hparams.skip_corrupt)
+        return COCODetectionDataset(images, dataset, train, self._transform(train), self.hparams.skip_corrupt)
 
     def _records(self, split: str) -> DetectionRecords:
-        return coco_records(self.files.load(split, drop_invalid=self.hparams.drop_invalid))
+        return coco_records(self.files.read(split, drop_invalid=self.hparams.drop_invalid))

@@ -1,5 +1,6 @@
 """A COCO-format dataset's files: where each split's images and annotation file are, its categories, and
-the annotation file read, validated and indexed by pycocotools (shared by detection and segmentation).
+the annotation file read and validated (shared by detection and segmentation, which keep flat arrays built
+from it; COCO evaluation reads the file itself).
 """
 
 from __future__ import annotations
@@ -17,19 +18,18 @@ log = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False):
-    """A validated ``pycocotools.coco.COCO`` for the annotation file ``path``.
+def read_validated(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False) -> dict:
+    """The annotation file ``path`` as a dict, checked (``datamodules.validation.validate_coco``; image files
+    against the folder's listing when ``images_dir`` is given, without decoding them).
 
-    The file is checked (``datamodules.validation.validate_coco``; image files too when ``images_dir``
-    is given, without decoding them) before pycocotools indexes it. Errors stop here with the report --
-    before any training -- unless ``drop_invalid``, which drops the offending images and annotations and
-    logs how many. Warnings (degenerate or out-of-image boxes, handled later) are logged.
+    Errors stop here with the report -- before any training -- unless ``drop_invalid``, which drops the
+    offending images and annotations and logs how many. Warnings (degenerate or out-of-image boxes, handled
+    later) are logged.
     """
-    from pycocotools.coco import COCO
-
     path = Path(path)
     dataset = read_coco_json(path)
-    report, cleaned = validate_coco(dataset, path, Path(images_dir) if images_dir is not None else None)
+    folder = Path(images_dir) if images_dir is not None else None
+    report, cleaned = validate_coco(dataset, path, folder, sizes=False)  # empty files are named when read
     lacking = sum(isinstance(a, dict) and not ("area" in a and "iscrowd" in a) for a in dataset["annotations"])
     if lacking and drop_invalid:  # COCOeval reads them from the file itself: dropping cannot mend that
         raise DataValidationError(
@@ -48,9 +48,17 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_inval
             path, len(dataset["images"]) - len(cleaned["images"]),
             len(dataset["annotations"]) - len(cleaned["annotations"]), report.text(limit=20),
         )  # fmt: skip
-        dataset = cleaned
-    elif report.warnings:
+        return cleaned
+    if report.warnings:
         log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
+    return dataset
+
+
+def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False):
+    """A ``pycocotools.coco.COCO`` of the file :func:`read_validated` reads and checks."""
+    from pycocotools.coco import COCO
+
+    dataset = read_validated(path, images_dir, drop_invalid)
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -58,9 +66,10 @@ def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_inval
     return coco
 
 
-def unlisted_categories(coco, listed) -> list[int]:
-    """Category ids the file's annotations use that ``listed`` (the model's classes) lacks, sorted."""
-    return sorted({a["category_id"] for a in coco.dataset["annotations"]} - set(listed))
+def unlisted_categories(dataset: dict, listed) -> list[int]:
+    """Category ids the annotations of ``dataset`` (an annotation file's dict) use that ``listed`` (the
+    model's classes) lacks, sorted."""
+    return sorted({a["category_id"] for a in dataset["annotations"]} - set(listed))
 
 
 class COCOFiles:
@@ -108,11 +117,12 @@ class COCOFiles:
         if not annotations.is_file():
             raise FileNotFoundError(f"annotation file {annotations} does not exist. {LAYOUT_HELP}")
 
-    def load(self, split: str, drop_invalid: bool = False):
-        """The split's validated ``COCO`` object (:func:`load_coco`), after checking its files exist."""
+    def read(self, split: str, drop_invalid: bool = False) -> dict:
+        """The split's checked annotation file as a dict (:func:`read_validated`), after checking its files
+        exist. The datasets keep flat arrays built from it, not this dict (nor a pycocotools index)."""
         self.check_split(split)
         images, annotations = self.split_files(split)
-        return load_coco(annotations, images, drop_invalid=drop_invalid)
+        return read_validated(annotations, images, drop_invalid=drop_invalid)
 
     @property
     def categories(self) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
@@ -24,6 +25,7 @@ from .images import read_image_or_skip
 from .loading import ImageListDataset, SplitLoaders, make_loader
 from .masks import (
     IGNORE_INDEX,
+    InstanceRegions,
     MaskCache,
     MaskRules,
     cache_folder,
@@ -41,7 +43,7 @@ class COCOSegmentationDataset(Dataset):
 
     Args:
         images_dir: folder of the split's image files.
-        coco: the split's annotations.
+        regions: the split's images and instances (flat arrays, ``datamodules.masks.InstanceRegions``).
         classes: category id to class index (``category_classes``).
         train: training mode (image filtering).
         transform: ``transforms.v2`` callable on ``(tv_tensors.Image, tv_tensors.Mask)``.
@@ -55,7 +57,7 @@ class COCOSegmentationDataset(Dataset):
     def __init__(
         self,
         images_dir: str | Path,
-        coco,
+        regions: InstanceRegions,
         classes: dict[int, int],
         train: bool,
         transform,
@@ -65,40 +67,39 @@ class COCOSegmentationDataset(Dataset):
         rules: MaskRules = "default",
     ) -> None:
         self.images_dir = Path(images_dir)
-        self.coco = coco
+        self.regions = regions
         self.classes = classes
         self.transform = transform
-        self.mask = MaskCache(cache_dir, coco, classes, rules)
+        self.mask = MaskCache(cache_dir, regions, classes, rules)
         self.skip_corrupt = skip_corrupt
-        ids = sorted(coco.getImgIds())
+        rows = np.arange(len(regions))
         if train:
-
-            def annotated_area(image_id: int) -> float:
-                anns = coco.imgToAnns.get(image_id, [])
-                return sum(a.get("area", 0.0) for a in anns if a["category_id"] in classes)
-
-            kept = [i for i in ids if annotated_area(i) > min_area]
-            if len(kept) < len(ids):
+            rows = np.asarray([i for i in rows if regions.annotated_area(i, classes) > min_area], dtype=np.int64)
+            if len(rows) < len(regions):
                 log.info("%s: %d of %d images skipped for training (annotated area <= %s pixels)",
-                         self.images_dir, len(ids) - len(kept), len(ids), min_area)  # fmt: skip
-            ids = kept
-        self.ids = ids
+                         self.images_dir, len(regions) - len(rows), len(regions), min_area)  # fmt: skip
+        self.rows = rows  # the images this split serves, as indices into ``regions``
+
+    @property
+    def ids(self) -> list[int]:
+        return self.regions.ids[self.rows].tolist()
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> dict | None:
-        image_id = self.ids[index]
-        path = self.images_dir / self.coco.imgs[image_id]["file_name"]
+        row = int(self.rows[index])
+        info = self.regions.info(row)
+        path = self.images_dir / info["file_name"]
         image = read_image_or_skip(path, self.skip_corrupt)
         if image is None:
             return None
-        check_image_size(image, self.coco.imgs[image_id], path)
-        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.mask(image_id)))
+        check_image_size(image, info, path)
+        image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(self.mask(row)))
         return {
             "image": image.as_subclass(torch.Tensor),
             "mask": mask.as_subclass(torch.Tensor)[0].long(),
-            "image_id": image_id,
+            "image_id": info["id"],
             "path": str(path),
         }
 
@@ -238,11 +239,11 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         )
 
     def _split(self, split: str) -> COCOSegmentationDataset:
-        coco = self.files.load(split, drop_invalid=self.hparams.drop_invalid)
+        dataset = self.files.read(split, drop_invalid=self.hparams.drop_invalid)
         images, annotations = self.files.split_files(split)
         if self.hparams.categories == "all" and self._classes is None:
-            self._classes = category_classes(coco.dataset["categories"], "all")
-        unknown = unlisted_categories(coco, self.label_set[0])
+            self._classes = category_classes(dataset["categories"], "all")
+        unknown = unlisted_categories(dataset, self.label_set[0])
         if self.hparams.categories == "all" and unknown:  # they would become background without a word
             raise DataValidationError(
                 f"{annotations} annotates categories {unknown[:10]} that the class list (from the first annotation "
@@ -252,7 +253,7 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         hp = self.hparams
         cache = cache_folder(annotations, hp.cache_dir, hp.categories, hp.mask_rules)
         return COCOSegmentationDataset(
-            images, coco, self.label_set[0], train, self._transform(train), cache,
+            images, InstanceRegions.from_dataset(dataset), self.label_set[0], train, self._transform(train), cache,
             min_area=self.hparams.min_area, skip_corrupt=self.hparams.skip_corrupt, rules=self.hparams.mask_rules,
         )  # fmt: skip
 

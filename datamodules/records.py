@@ -14,11 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def offsets(counts: Sequence[int]) -> np.ndarray:
+    """``[0, c0, c0 + c1, ...]``: where each of a run of variable-length items starts in one flat array."""
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
+def pack(chunks: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings as one ``uint8`` buffer and their :func:`offsets` in it."""
+    return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy(), offsets([len(c) for c in chunks])
+
+
 def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    encoded = [v.encode() for v in values]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+    return pack([v.encode() for v in values])
 
 
 @dataclass
@@ -50,9 +59,8 @@ class DetectionRecords:
         difficult: Sequence[Sequence[bool]] | None = None,
     ) -> DetectionRecords:
         """From per-image lists: ``sizes`` as ``(width, height)``, ``boxes``/``labels`` one list per image."""
-        counts = np.array([len(b) for b in boxes], dtype=np.int64)
-        box_offsets = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=box_offsets[1:])
+        counts = [len(b) for b in boxes]
+        box_offsets = offsets(counts)
         flat = [tuple(b) for per_image in boxes for b in per_image]
         packed, name_offsets = _pack_strings(names)
         flags = [bool(f) for per_image in (difficult or [[False] * int(c) for c in counts]) for f in per_image]
@@ -90,9 +98,7 @@ class DetectionRecords:
         keep = np.flatnonzero(keep) if keep.dtype == bool else np.asarray(keep, dtype=np.int64)
         rows = [np.arange(self.box_offsets[i], self.box_offsets[i + 1]) for i in keep]
         rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        counts = self.box_offsets[keep + 1] - self.box_offsets[keep]
-        box_offsets = np.zeros(len(keep) + 1, dtype=np.int64)
-        np.cumsum(counts, out=box_offsets[1:])
+        box_offsets = offsets(self.box_offsets[keep + 1] - self.box_offsets[keep])
         names, name_offsets = _pack_strings([self.name(i) for i in keep])
         return DetectionRecords(
             ids=self.ids[keep], names=names, name_offsets=name_offsets, widths=self.widths[keep],

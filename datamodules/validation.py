@@ -99,7 +99,7 @@ def size_problem(image: torch.Tensor, width: int, height: int) -> str | None:
 
 # -- COCO ---------------------------------------------------------------------------------------------
 def validate_coco(
-    dataset: dict, annotation_file: Path, images_dir: Path | None = None, decode: bool = False
+    dataset: dict, annotation_file: Path, images_dir: Path | None = None, decode: bool = False, sizes: bool = True
 ) -> tuple[Report, dict]:
     """Check a COCO instances dataset; return the report and a copy with the offending entries removed.
 
@@ -110,6 +110,11 @@ def validate_coco(
     Warnings (handled by the datamodules, but worth knowing): boxes no wider or taller than one pixel
     (dropped), boxes reaching outside the image (clipped), polygons of fewer than 3 points (left out of
     masks).
+
+    Image files are looked up in the folder's listing (one ``listdir``, no call per file); without
+    ``decode``, ``sizes`` also reads each file's size to name empty ones (the ``check`` command does;
+    the datamodules' setup does not -- a stat per file on every start costs minutes on a network
+    filesystem at COCO's size -- and an empty file is named when it is read).
     """
     report = Report(str(annotation_file))
     name = annotation_file.name
@@ -141,7 +146,7 @@ def validate_coco(
                 continue
             expected = (image["width"], image["height"])
             problem = image_problem(images_dir / image["file_name"], decode, expected) if decode else None
-            if problem is None and not decode:
+            if problem is None and not decode and sizes:
                 try:
                     if (images_dir / image["file_name"]).stat().st_size == 0:
                         problem = "the file is empty (0 bytes)"

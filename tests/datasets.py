@@ -263,3 +263,35 @@ def write_ilsvrc_det(root: Path, trainval: int = 12, test: int = 4, size: int = 
         "".join(f"{wnid} {k} {shape}\n" for k, (shape, wnid) in enumerate(SHAPE_SYNSETS.items(), start=1))
     )
     return ilsvrc
+
+
+def pycocotools_semantic_mask(coco, image_id: int, classes: dict[int, int], rules: str = "default") -> np.ndarray:
+    """The class-index mask as the datamodule made it before its flat arrays: straight from a
+    ``pycocotools.coco.COCO`` index, each region by ``annToMask`` (degenerate polygons left out), the
+    same overlap and crowd rules. The reference ``datamodules.masks.semantic_mask`` must equal."""
+    from datamodules.coco_format import is_polygon
+
+    info = coco.imgs[image_id]
+    class_map = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+    ignore = np.zeros(class_map.shape, dtype=bool)
+    coverage = np.zeros(class_map.shape, dtype=np.uint16)
+    for ann in coco.imgToAnns.get(image_id, []):
+        cls = classes.get(ann["category_id"])
+        if cls is None:
+            continue
+        if isinstance(ann.get("segmentation"), list):
+            ann = {**ann, "segmentation": [p for p in ann["segmentation"] if is_polygon(p)]}
+        if ann.get("segmentation") == []:
+            region = np.zeros(class_map.shape, dtype=bool)
+        else:
+            region = coco.annToMask(ann).astype(bool)
+        if rules == "torchvision":
+            coverage += region
+            np.maximum(class_map, np.where(region, cls, 0).astype(np.uint8), out=class_map)
+        elif ann.get("iscrowd", 0):
+            ignore |= region
+        else:
+            ignore |= region & (class_map > 0) & (class_map != cls)
+            class_map[region & (class_map == 0)] = cls
+    class_map[coverage > 1 if rules == "torchvision" else ignore] = 255
+    return class_map

@@ -21,6 +21,7 @@ from backbones.export import export
 from datamodules import COCODetectionDataModule, COCOSegmentationDataModule, ImageFolderDataModule
 from datamodules.check import DataValidationError
 from datamodules.check import main as check_main
+from datamodules.coco_files import read_validated
 from datamodules.images import CorruptImageError
 from tasks import classify, detect
 from tasks.reliability import AtomicCheckpointIO, NonFiniteLossError
@@ -159,7 +160,8 @@ def test_wrong_category_id_names_the_annotation(coco, capsys):
         COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
     dm = COCODetectionDataModule(str(coco), num_workers=0, drop_invalid=True)
     dm.setup("fit")
-    assert 1 not in dm.datasets["train"].coco.anns and len(dm.datasets["train"].coco.anns) > 3
+    kept = read_validated(coco / "annotations" / "instances_train2017.json", drop_invalid=True)["annotations"]
+    assert 1 not in {a["id"] for a in kept} and len(kept) > 3
     assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--fix"]) == 1
     fixed = path.with_name("instances_train2017.fixed.json")
     assert fixed.is_file()
@@ -180,9 +182,7 @@ def test_degenerate_and_out_of_image_boxes_are_reported_and_handled(coco, capsys
     dm = COCODetectionDataModule(str(coco), num_workers=0)
     dm.setup("validate")  # warnings do not stop anything
     dataset = dm.datasets["val"]
-    image_id = dataset.coco.anns[
-        json.loads((coco / "annotations" / "instances_val2017.json").read_text())["annotations"][0]["id"]
-    ]["image_id"]
+    image_id = json.loads((coco / "annotations" / "instances_val2017.json").read_text())["annotations"][0]["image_id"]
     boxes, _ = dataset.targets[image_id]
     assert boxes[:, 2:].max() <= 96  # clipped to the image
 
@@ -284,12 +284,7 @@ def test_an_image_of_another_size_than_its_annotations_is_an_error_not_misplaced
 def test_polygons_of_fewer_than_three_points_are_left_out_of_masks_and_reported(tmp_path):
     """pycocotools reads a polygon of 4 numbers as a box, and rejects the annotation with a TypeError when it
     comes first; such polygons (exported by some annotation tools) are dropped from the mask and warned of."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-
-    from datamodules.masks import semantic_mask
+    from datamodules.masks import InstanceRegions, semantic_mask
     from datamodules.validation import validate_coco
 
     triangle = [10, 10, 50, 10, 50, 50]
@@ -304,11 +299,7 @@ def test_polygons_of_fewer_than_three_points_are_left_out_of_masks_and_reported(
         return {"images": [image], "annotations": anns, "categories": [{"id": 7, "name": "x"}]}
 
     def mask(data):
-        coco = COCO()
-        coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-        return semantic_mask(coco, 1, {7: 1})
+        return semantic_mask(InstanceRegions.from_dataset(data), 0, {7: 1})
 
     clean = mask(dataset([triangle]))
     assert (clean == 1).sum() > 700

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, write_coco
+from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, pycocotools_semantic_mask, write_coco
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassConfusionMatrix
 from wandb_offline import metric_series
 
 from datamodules import COCOSegmentationDataModule
-from datamodules.coco_files import load_coco
-from datamodules.masks import VOC_CATEGORY_IDS, category_classes, semantic_mask
+from datamodules.coco_files import load_coco, read_validated
+from datamodules.masks import VOC_CATEGORY_IDS, InstanceRegions, category_classes, semantic_mask
 from tasks import segment
 from tasks.segment import SegmentationTask
 from tasks.segmentation_models import confusion_scores
@@ -87,10 +87,11 @@ def _tiny_coco(root: Path) -> Path:
 
 
 def test_masks_rasterize_polygons_rle_crowds_and_overlaps(tmp_path):
-    coco = load_coco(_tiny_coco(tmp_path))
+    dataset = read_validated(_tiny_coco(tmp_path))
+    regions = InstanceRegions.from_dataset(dataset)
     voc, voc_names = category_classes([], "voc")
     assert len(voc_names) == 21 and voc[1] == VOC_CATEGORY_IDS.index(1) + 1 == 15 and voc[18] == 12
-    mask = semantic_mask(coco, 1, voc)
+    mask = semantic_mask(regions, 0, voc)
     person, dog = 15, 12
     assert (mask[4:10, 4:10] == person).all()  # polygon interior
     assert (mask[12:18, 2:8] == dog).all() and (mask[12:18, 8:12] == 0).all()  # RLE, exactly
@@ -98,9 +99,9 @@ def test_masks_rasterize_polygons_rle_crowds_and_overlaps(tmp_path):
     assert (mask[6:9, 10:12] == 255).all()  # person/dog overlap ignored
     assert (mask[6:9, 12:14] == dog).all()  # the dog outside the overlap
     assert (mask[14:17, 25:28] == 0).all()  # a category outside the label set is background
-    everything, names = category_classes(coco.dataset["categories"], "all")
+    everything, names = category_classes(dataset["categories"], "all")
     assert names == ["background", "person", "stop sign", "dog"] and everything == {1: 1, 13: 2, 18: 3}
-    full = semantic_mask(coco, 1, everything)
+    full = semantic_mask(regions, 0, everything)
     assert (full[14:17, 25:28] == 2).all() and (full[12:18, 2:8] == 3).all() and (full[4:6, 4:10] == 1).all()
 
 
@@ -158,11 +159,10 @@ def test_datamodule_caches_masks_and_pads_with_ignore(coco, tmp_path):
     cached = list((tmp_path / "cache").rglob("*.png"))
     assert cached  # rasterized once, then read back
     dataset = dm.datasets["val"]
-    first = dataset.ids[0]
-    expected = semantic_mask(dataset.coco, first, dataset.classes)
-    assert np.array_equal(dataset.mask(first)[0].numpy(), expected)
-    labels = {c["name"]: c["id"] for c in dataset.coco.dataset["categories"]}
-    assert labels == CATEGORY_IDS
+    coco = load_coco(coco / "annotations" / "instances_val2017.json")
+    expected = pycocotools_semantic_mask(coco, dataset.ids[0], dataset.classes)
+    assert np.array_equal(dataset.mask(0)[0].numpy(), expected)
+    assert {name: cid for cid, name in zip(dm.label_set[0], dm.class_names[1:])} == CATEGORY_IDS
 
 
 def test_short_training_beats_the_all_background_baseline(tmp_path):
@@ -177,7 +177,7 @@ def test_short_training_beats_the_all_background_baseline(tmp_path):
     ])  # fmt: skip
     # the all-background prediction's mIoU: background IoU = its share of the labeled pixels, others 0
     dm = cli.datamodule
-    masks = torch.cat([dm.datasets["val"].mask(i).flatten() for i in dm.datasets["val"].ids])
+    masks = torch.cat([dm.datasets["val"].mask(i).flatten() for i in range(len(dm.datasets["val"]))])
     labeled = masks[masks != 255]
     present = labeled.unique().numel()
     baseline = (labeled == 0).float().mean().item() / present

@@ -1,0 +1,286 @@
+"""Setup time and memory of the datasets at a fraction of COCO train2017 / ImageNet's size, beside the
+reference loaders on the same files.
+
+    python -m benchmarks.dataset_scale --fraction 0.125            # 1/8 of train2017 and of ImageNet
+    python -m benchmarks.dataset_scale --fraction 0.01 --skip imagefolder
+
+Written under ``--root`` (a temporary folder by default): a COCO-format annotation file with train2017's
+images and annotations per image (118,287 images, 860,001 annotations at fraction 1; 20-point polygons,
+COCO's 80 non-contiguous category ids, 1 % crowds as RLE) with one small real JPEG per image, a 2-image
+validation file; and an ImageFolder tree of 1000 classes with ImageNet's 1,281,167 files at fraction 1.
+
+Each measurement runs in a fresh process (``fork``), one JSON line each:
+
+- ``coco_setup``: ``COCODetectionDataModule.setup("fit")`` (read, validate, build the flat records) against
+  ``pycocotools.coco.COCO`` loading the same two files: seconds, the ratio, and the memory added at the
+  peak over the process's size before (modules imported first; peak RSS by ``getrusage``, a lower bound
+  of the added memory when the process was larger before it forked).
+- ``worker_memory`` (detection and segmentation): a loader worker's private memory (``/proc/self/smaps_rollup``
+  ``Private_*``) grows while it reads every sample of the training set once; the same for a reference
+  dataset holding only a numpy array of the file paths and reading the same images. ``allowed`` is the
+  reference's growth plus 10 % of what the dataset added to the parent process.
+- ``imagefolder_setup``: ``ImageFolderDataModule.setup("fit")`` against ``torchvision.datasets.ImageFolder``
+  on the same tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TRAIN2017 = {"images": 118_287, "annotations": 860_001}
+IMAGENET_FILES = 1_281_167
+#: COCO's 80 category ids
+CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+SIZE = (64, 48)  # width, height of every image file
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8)).save(
+        buffer, format="JPEG", quality=85
+    )
+    return buffer.getvalue()
+
+
+def write_coco(root: Path, fraction: float, seed: int = 0) -> Path:
+    """train2017-sized (times ``fraction``) annotation file, its image files, and a 2-image val split."""
+    rng = np.random.default_rng(seed)
+    jpeg = _jpeg()
+    width, height = SIZE
+    for split, count in (("train2017", round(TRAIN2017["images"] * fraction)), ("val2017", 2)):
+        folder = root / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        per_image = TRAIN2017["annotations"] / TRAIN2017["images"]
+        for k in range(count):
+            image_id = 9 + 7 * k  # sparse ids, as COCO's
+            name = f"{image_id:012d}.jpg"
+            (folder / name).write_bytes(jpeg)
+            images.append({"id": image_id, "file_name": name, "width": width, "height": height})
+            for _ in range(rng.poisson(per_image)):
+                cx, cy = rng.uniform(8, width - 8), rng.uniform(8, height - 8)
+                angles = np.sort(rng.uniform(0, 2 * np.pi, 10))
+                radius = rng.uniform(3, 8, 10)
+                polygon = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], 1)
+                polygon = np.clip(polygon, 0, [width, height]).round(2)
+                x1, y1 = polygon.min(0)
+                x2, y2 = polygon.max(0)
+                crowd = rng.random() < 0.01
+                if crowd:
+                    mask = np.zeros((height, width), dtype=np.uint8)
+                    mask[int(y1) : int(y2) + 1, int(x1) : int(x2) + 1] = 1
+                    flat = mask.flatten(order="F")
+                    counts = np.diff(np.r_[0, np.flatnonzero(np.diff(flat)) + 1, flat.size]).tolist()
+                    segmentation = {"size": [height, width], "counts": [0, *counts] if flat[0] else counts}
+                else:
+                    segmentation = [polygon.flatten().tolist()]
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice(CATEGORY_IDS)),
+                    "iscrowd": int(crowd), "area": float((x2 - x1) * (y2 - y1)),
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "segmentation": segmentation,
+                })  # fmt: skip
+        (root / "annotations").mkdir(exist_ok=True)
+        data = {"images": images, "annotations": annotations,
+                "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}  # fmt: skip
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    return root
+
+
+def write_imagefolder(root: Path, fraction: float, classes: int = 1000) -> Path:
+    """ImageNet's number of training files (times ``fraction``) in ``classes`` folders; tiny files (the
+    setup reads names, not pixels)."""
+    per_class = max(1, round(IMAGENET_FILES * fraction / classes))
+    for split, count in (("train", per_class), ("val", 1)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                with open(folder / f"n{c:08d}_{k}.JPEG", "wb") as f:
+                    f.write(b"\xff\xd8")
+    return root
+
+
+def _private_kib() -> int:
+    total = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean", "Private_Dirty")):
+                total += int(line.split()[1])
+    return total
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _measured(step) -> dict:
+    """Seconds of ``step()`` and the memory it added at its peak (modules are imported before)."""
+    before = _rss_mib()
+    start = time.perf_counter()
+    step()
+    return {"s": time.perf_counter() - start, "peak_added_mib": _peak_mib() - before}
+
+
+def _in_child(function, *args) -> dict:
+    """``function(*args)`` in a fresh forked process (its own peak RSS); its dict comes back."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    process = ctx.Process(target=lambda: queue.put(function(*args)))
+    process.start()
+    out = queue.get()
+    process.join()
+    return out
+
+
+def _setup_ours(root: str) -> dict:
+    from datamodules import COCODetectionDataModule
+
+    return _measured(lambda: COCODetectionDataModule(root, num_workers=0).setup("fit"))
+
+
+def _setup_pycocotools(root: str) -> dict:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    def load() -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            for split in ("train2017", "val2017"):
+                COCO(str(Path(root) / "annotations" / f"instances_{split}.json"))
+
+    return _measured(load)
+
+
+class PathsDataset:
+    """The reference: file paths in one numpy array, images read and decoded as ours are."""
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = np.array(sorted(str(p) for p in folder.iterdir()))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from datamodules.images import read_image
+
+        return read_image(str(self.paths[index]))
+
+
+class _Probe:
+    """Wraps a dataset: the worker's private memory before its first sample and after its last."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        before = _private_kib() if index == 0 else None
+        self.dataset[index]
+        return before if index == 0 else (_private_kib() if index == len(self) - 1 else None)
+
+
+def _worker_growth(build) -> dict:
+    """Build a dataset (its cost to the parent), then one fork worker reads every sample once."""
+    import torch
+
+    import datamodules  # noqa: F401  (imports are not the dataset's memory)
+    from datamodules.images import read_image  # noqa: F401
+
+    parent = _private_kib()
+    dataset = build()
+    added = _private_kib() - parent
+    dataset[0]  # lazy imports of the reading path happen here, not in the measured worker
+    loader = torch.utils.data.DataLoader(_Probe(dataset), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork")  # fmt: skip
+    marks = [m for m in loader if m is not None]
+    return {"worker_growth_mib": (marks[-1] - marks[0]) / 1024, "dataset_mib": added / 1024, "samples": len(dataset)}
+
+
+def _dataset(root: str, kind: str, cache: str):
+    from datamodules import COCODetectionDataModule, COCOSegmentationDataModule
+
+    if kind == "detection":
+        dm = COCODetectionDataModule(root, num_workers=0)
+    else:
+        dm = COCOSegmentationDataModule(root, categories="all", num_workers=0, min_area=0, cache_dir=cache,
+                                        base_size=48, crop_size=48)  # fmt: skip
+    dm.setup("fit")
+    return dm.datasets["train"]
+
+
+def _setup_imagefolder(root: str, ours: bool) -> dict:
+    if ours:
+        from datamodules import ImageFolderDataModule
+
+        return _measured(lambda: ImageFolderDataModule(root, num_workers=0).setup("fit"))
+    from torchvision.datasets import ImageFolder
+
+    return _measured(lambda: [ImageFolder(str(Path(root) / split)) for split in ("train", "val")])
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root or tmp)
+        if "coco" not in args.skip:
+            coco = str(write_coco(root / "coco", args.fraction))
+            ours, reference = _in_child(_setup_ours, coco), _in_child(_setup_pycocotools, coco)
+            rows.append({"benchmark": "dataset_scale", "measure": "coco_setup", "fraction": args.fraction,
+                         "ours_s": ours["s"], "pycocotools_s": reference["s"], "ratio": ours["s"] / reference["s"],
+                         "ours_added_mib": ours["peak_added_mib"],
+                         "pycocotools_added_mib": reference["peak_added_mib"]})  # fmt: skip
+            paths = _in_child(_worker_growth, lambda: PathsDataset(Path(coco) / "train2017"))
+            for kind in ("detection", "segmentation"):
+                got = _in_child(_worker_growth, lambda kind=kind: _dataset(coco, kind, str(root / "masks")))
+                allowed = paths["worker_growth_mib"] + 0.1 * got["dataset_mib"]
+                rows.append({"benchmark": "dataset_scale", "measure": "worker_memory", "dataset": kind,
+                             "fraction": args.fraction, "samples": got["samples"],
+                             "ours_worker_growth_mib": got["worker_growth_mib"],
+                             "paths_worker_growth_mib": paths["worker_growth_mib"],
+                             "dataset_mib": got["dataset_mib"], "allowed_mib": allowed,
+                             "within": got["worker_growth_mib"] <= allowed})  # fmt: skip
+        if "imagefolder" not in args.skip:
+            folder = str(write_imagefolder(root / "imagefolder", args.fraction, args.classes))
+            ours = _in_child(_setup_imagefolder, folder, True)
+            reference = _in_child(_setup_imagefolder, folder, False)
+            rows.append({"benchmark": "dataset_scale", "measure": "imagefolder_setup", "fraction": args.fraction,
+                         "ours_s": ours["s"], "torchvision_s": reference["s"], "ratio": ours["s"] / reference["s"],
+                         "ours_added_mib": ours["peak_added_mib"],
+                         "torchvision_added_mib": reference["peak_added_mib"]})  # fmt: skip
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fraction", type=float, default=0.125, help="of train2017 and ImageNet (1 = full)")
+    parser.add_argument("--root", default=None, help="where to write the data (default: a temporary folder)")
+    parser.add_argument("--classes", type=int, default=1000, help="ImageFolder classes")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["coco", "imagefolder"])
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
