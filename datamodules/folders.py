@@ -25,24 +25,24 @@ def find_classes(directory: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def scan_folder(directory: Path) -> tuple[list[Path], Counter]:
-    """One walk below ``directory``: its image files (sorted), and how many other files it holds by suffix
-    (hidden files aside)."""
-    found: list[Path] = []
+def scan_folder(directory: Path | str) -> tuple[list[str], Counter]:
+    """One walk below ``directory`` (directory listings only: no call per file): its image files as path
+    strings (sorted), and how many other files it holds by suffix (hidden files aside)."""
+    found: list[str] = []
     others: Counter = Counter()
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if is_image_file(name):
-                found.append(Path(dirpath) / name)
+                found.append(os.path.join(dirpath, name))
             elif not name.startswith("."):
-                others[Path(name).suffix.lower() or name] += 1
+                others[os.path.splitext(name)[1].lower() or name] += 1
     return found, others
 
 
 def list_images(directory: Path) -> list[Path]:
     """Every image file below ``directory``, sorted."""
-    return scan_folder(directory)[0]
+    return [Path(p) for p in scan_folder(directory)[0]]
 
 
 def no_images_problem(folder: Path, others: Counter | None = None) -> str:
@@ -63,7 +63,7 @@ def list_samples(directory: Path, classes: list[str]) -> list[tuple[str, int]]:
     samples: list[tuple[str, int]] = []
     for index, name in enumerate(classes):
         if (directory / name).is_dir():
-            samples.extend((str(path), index) for path in list_images(directory / name))
+            samples.extend((path, index) for path in scan_folder(directory / name)[0])
     return samples
 
 

@@ -9,12 +9,12 @@ with ``decode_device: cuda``, decoded and augmented on the GPU (``datamodules.gp
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -22,6 +22,7 @@ from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, lo
 from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, encoded_item, is_packed, on_cpu
 from .images import read_image_or_skip
 from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping, make_loader
+from .records import pack, unpack
 from .statistics import cached_pixel_mean
 from .transforms import (
     IMAGENET_MEAN,
@@ -37,7 +38,7 @@ from .transforms import (
     resolve_augment,
     train_transform,
 )
-from .validation import DataValidationError, validate_imagefolder
+from .validation import DataValidationError, validate_imagefolder, without_reported
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ class ImageFolderDataset(Dataset):
         draw: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
         cpu_share: float = 0.0,
     ) -> None:
-        self.samples = list(samples)
+        # flat arrays, not a list of tuples: loader workers do not copy them (see datamodules.records)
+        self.paths, self.path_offsets = pack([str(path).encode() for path, _ in samples])
+        self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.raw = raw
@@ -69,10 +72,19 @@ class ImageFolderDataset(Dataset):
         self.cpu_share = cpu_share
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
+
+    def sample(self, index: int) -> tuple[str, int]:
+        """``(path, label)`` of sample ``index``."""
+        return unpack(self.paths, self.path_offsets, index), int(self.labels[index])
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """Every ``(path, label)`` (built on demand: not for a loader worker's inner loop)."""
+        return [self.sample(i) for i in range(len(self))]
 
     def __getitem__(self, index: int) -> dict | None:
-        path, label = self.samples[index]
+        path, label = self.sample(index)
         if self.raw:
             return self._raw_item(path, label, index)
         image = read_image_or_skip(path, self.skip_corrupt)
@@ -369,27 +381,21 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
     def _split(self, split: str) -> ImageFolderDataset:
         """One split's samples, after the cheap checks of ``validate_imagefolder`` (no decoding).
 
-        Class folders without images (training split) and empty files are errors that stop the run here,
-        before training, with a report naming them -- or, with ``drop_invalid``, are left out and counted.
+        Class folders without images (training split) are errors that stop the run here, before training,
+        with a report naming them -- or, with ``drop_invalid``, are left out and counted. Files are not
+        opened (nor stat'ed) here: an empty or corrupt one is named when it is read, or skipped with
+        ``skip_corrupt``; ``python -m datamodules.check`` finds them all beforehand.
         """
         path = self.split_path(split)
         train, drop = split == "train", self.hparams.drop_invalid
-        report, samples = validate_imagefolder(path, self.classes, train=train, strict=not drop)
+        report, samples = validate_imagefolder(path, self.classes, train=train, strict=not drop, sizes=False)
         if report.errors and not drop:
             raise DataValidationError(
                 f"{path} has errors that would break training:\n{report.text()}\nRemove or replace these "
                 f"files and folders, or set data.drop_invalid: true to leave them out."
             )
         if report.errors:
-            bad = {p.where for p in report.errors}
-            samples = [(f, label) for f, label in samples if f not in bad]
-            counts = Counter(label for _, label in samples)
-            empty = [c for i, c in enumerate(self.classes) if not counts[i]] if train else []
-            if empty:  # a class without training images leaves the label set
-                keep = [c for c in self.classes if c not in empty]
-                remap = {self.classes.index(c): k for k, c in enumerate(keep)}
-                samples = [(f, remap[label]) for f, label in samples if label in remap]
-                self._classes = keep
+            samples, self._classes = without_reported(samples, report, self.classes, train)
             log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))
         elif report.warnings:
             log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .coco_format import is_polygon
-from .records import offsets, pack
+from .records import offsets, pack, unpack
 from .validation import DataValidationError
 
 #: COCO category ids of the 20 PASCAL VOC classes, in VOC's class order (class 0 is the background):
@@ -151,7 +151,7 @@ class InstanceRegions:
         return len(self.ids)
 
     def name(self, index: int) -> str:
-        return self.names[self.name_offsets[index] : self.name_offsets[index + 1]].tobytes().decode()
+        return unpack(self.names, self.name_offsets, index)
 
     def info(self, index: int) -> dict:
         """Image ``index``'s ``id``, ``file_name``, ``width`` and ``height`` (as the file's ``images`` entry)."""

@@ -26,6 +26,11 @@ def pack(chunks: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(chunks), dtype=np.uint8).copy(), offsets([len(c) for c in chunks])
 
 
+def unpack(buffer: np.ndarray, offsets: np.ndarray, index: int) -> str:
+    """String ``index`` of a :func:`pack`-ed buffer."""
+    return buffer[offsets[index] : offsets[index + 1]].tobytes().decode()
+
+
 def _pack_strings(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return pack([v.encode() for v in values])
 
@@ -81,8 +86,7 @@ class DetectionRecords:
         return len(self.ids)
 
     def name(self, index: int) -> str:
-        start, end = self.name_offsets[index], self.name_offsets[index + 1]
-        return self.names[start:end].tobytes().decode()
+        return unpack(self.names, self.name_offsets, index)
 
     def objects(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image ``index``'s ``(boxes, labels, difficult)``."""

@@ -226,13 +226,15 @@ def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:
 
 # -- ImageFolder ----------------------------------------------------------------------------------------
 def validate_imagefolder(
-    split_dir: Path, classes: list[str], *, train: bool, decode: bool = False, strict: bool = True
+    split_dir: Path, classes: list[str], *, train: bool, decode: bool = False, strict: bool = True, sizes: bool = True
 ) -> tuple[Report, list[tuple[str, int]]]:
     """Check ``split_dir/<class>/<images>``; return the report and the ``(path, class index)`` samples.
 
     Errors: class folders the training split lacks (with ``strict``), a training class without images it
-    can read (what the folder holds instead is named), empty files (and, with ``decode``, files that do
-    not decode). Warnings: files in formats that are not read, an evaluation class without images.
+    can read (what the folder holds instead is named), empty files (read by ``sizes``, a stat per file:
+    the ``check`` command's; the datamodules' setup lists folders only and names an empty file when it
+    reads it) and, with ``decode``, files that do not decode. Warnings: files in formats that are not
+    read, an evaluation class without images.
     """
     report = Report(str(split_dir))
     index = {name: i for i, name in enumerate(classes)}
@@ -252,13 +254,31 @@ def validate_imagefolder(
             (report.error if train else report.warning)(str(folder), no_images_problem(folder, others))
         elif others:
             report.warning(str(folder), f"{sum(others.values())} files not in a readable image format are ignored")
-        for path in images:
-            report.checked["images"] += 1
-            problem = image_problem(path, decode)
-            if problem:
-                report.error(str(path), problem)
-            samples.append((str(path), index[name]))
+        report.checked["images"] += len(images)
+        if decode or sizes:
+            for path in images:
+                problem = image_problem(Path(path), decode)
+                if problem:
+                    report.error(path, problem)
+        label = index[name]
+        samples.extend((path, label) for path in images)
     return report, samples
+
+
+def without_reported(
+    samples: list[tuple[str, int]], report: Report, classes: list[str], train: bool
+) -> tuple[list[tuple[str, int]], list[str]]:
+    """``data.drop_invalid`` on an ImageFolder split: the samples without the files ``report`` names, and the
+    classes left (a class left without training images leaves the label set; the labels are renumbered)."""
+    bad = {p.where for p in report.errors}
+    samples = [(f, label) for f, label in samples if f not in bad]
+    counts = Counter(label for _, label in samples)
+    empty = [c for i, c in enumerate(classes) if not counts[i]] if train else []
+    if not empty:
+        return samples, classes
+    keep = [c for c in classes if c not in empty]
+    remap = {classes.index(c): k for k, c in enumerate(keep)}
+    return [(f, remap[label]) for f, label in samples if label in remap], keep
 
 
 # -- PASCAL VOC / ILSVRC XML -----------------------------------------------------------------------------
