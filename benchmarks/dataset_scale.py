@@ -12,7 +12,8 @@ validation file; and an ImageFolder tree of 1000 classes with ImageNet's 1,281,1
 Each measurement runs in a fresh process (``fork``), one JSON line each:
 
 - ``coco_setup``: ``COCODetectionDataModule.setup("fit")`` (read, validate, build the flat records) against
-  ``pycocotools.coco.COCO`` loading the same two files: seconds, the ratio, and the memory added at the
+  ``pycocotools.coco.COCO`` loading the same two files: seconds, the ratio (``ratio_again``: a second setup,
+  as a requeued job's, which finds the files checked before), and the memory added at the
   peak over the process's size before (modules imported first; peak RSS by ``getrusage``, a lower bound
   of the added memory when the process was larger before it forked).
 - ``worker_memory`` (detection and segmentation): a loader worker's private memory (``/proc/self/smaps_rollup``
@@ -245,9 +246,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         root = Path(args.root or tmp)
         if "coco" not in args.skip:
             coco = str(write_coco(root / "coco", args.fraction))
+            os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # cold: no validation mark yet
             ours, reference = _in_child(_setup_ours, coco), _in_child(_setup_pycocotools, coco)
+            again = _in_child(_setup_ours, coco)  # a requeued job: the files were checked before
             rows.append({"benchmark": "dataset_scale", "measure": "coco_setup", "fraction": args.fraction,
-                         "ours_s": ours["s"], "pycocotools_s": reference["s"], "ratio": ours["s"] / reference["s"],
+                         "ours_s": ours["s"], "ours_again_s": again["s"], "pycocotools_s": reference["s"],
+                         "ratio": ours["s"] / reference["s"], "ratio_again": again["s"] / reference["s"],
                          "ours_added_mib": ours["peak_added_mib"],
                          "pycocotools_added_mib": reference["peak_added_mib"]})  # fmt: skip
             paths = _in_child(_worker_growth, lambda: PathsDataset(Path(coco) / "train2017"))

@@ -20,51 +20,47 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .coco_files import COCOFiles, unlisted_categories
-from .coco_format import LAYOUT_HELP, xywh_to_xyxy_clipped
+from .coco_format import LAYOUT_HELP
 from .detection import DetectionDataModule, DetectionDataset
-from .records import DetectionRecords
+from .records import DetectionRecords, offsets, pack
 from .validation import DataValidationError
 
 log = logging.getLogger(__name__)
 
 
-def annotations_by_image(dataset: dict) -> dict[int, list[dict]]:
-    """``{image id: its annotations in file order}`` of an annotation file's dict (pycocotools'
-    ``imgToAnns`` without the rest of its index)."""
-    grouped: dict[int, list[dict]] = {}
-    for ann in dataset["annotations"]:
-        grouped.setdefault(ann["image_id"], []).append(ann)
-    return grouped
-
-
 def coco_records(dataset: dict, dropped: Counter | None = None) -> DetectionRecords:
     """The images of an annotation file's dict with their training boxes (no crowds, no boxes a pixel thin
-    or less, no unknown categories: each counted in ``dropped``), sorted by image id."""
-    known = {c["id"] for c in dataset.get("categories") or []}
+    or less, no unknown categories: each counted in ``dropped``), sorted by image id, each image's boxes in
+    file order. Built with whole-array operations: one pass over the annotations collects their fields."""
     dropped = Counter() if dropped is None else dropped
-    grouped = annotations_by_image(dataset)
-    ids, names, sizes, boxes, labels = [], [], [], [], []
-    for info in sorted(dataset["images"], key=lambda image: image["id"]):
-        kept, categories = [], []
-        for ann in grouped.get(info["id"], ()):
-            if ann.get("iscrowd", 0):
-                continue  # crowd regions are for evaluation only
-            if ann.get("category_id") not in known:
-                dropped["unknown category"] += 1
-                continue
-            x1, y1, x2, y2 = xywh_to_xyxy_clipped(ann["bbox"], info["width"], info["height"])
-            if x2 - x1 <= 1 or y2 - y1 <= 1:
-                dropped["degenerate box"] += 1
-                continue
-            kept.append((x1, y1, x2, y2))
-            categories.append(ann["category_id"])
-        ids.append(info["id"])
-        names.append(info["file_name"])
-        sizes.append((info["width"], info["height"]))
-        boxes.append(kept)
-        labels.append(categories)
-    return DetectionRecords.build(ids, names, sizes, boxes, labels)
+    images = sorted(dataset["images"], key=lambda image: image["id"])
+    ids = np.asarray([image["id"] for image in images], dtype=np.int64)
+    sizes = np.asarray([(image["width"], image["height"]) for image in images], dtype=np.float64).reshape(-1, 2)
+    anns = dataset["annotations"]
+    rows = np.searchsorted(ids, np.fromiter((a["image_id"] for a in anns), dtype=np.int64, count=len(anns)))
+    categories = np.fromiter((a.get("category_id", -1) for a in anns), dtype=np.int64, count=len(anns))
+    crowd = np.fromiter((bool(a.get("iscrowd", 0)) for a in anns), dtype=bool, count=len(anns))
+    xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+    width, height = sizes[rows, 0], sizes[rows, 1]  # boxes clipped to the image, as xywh_to_xyxy_clipped
+    x1, y1 = np.clip(xywh[:, 0], 0, width), np.clip(xywh[:, 1], 0, height)
+    x2, y2 = np.clip(xywh[:, 0] + xywh[:, 2], 0, width), np.clip(xywh[:, 1] + xywh[:, 3], 0, height)
+    known = np.isin(categories, [c["id"] for c in dataset.get("categories") or []]) & ~crowd  # crowds: eval only
+    thick = (x2 - x1 > 1) & (y2 - y1 > 1)
+    for kind, count in (("unknown category", (~crowd & ~known).sum()), ("degenerate box", (known & ~thick).sum())):
+        if count:
+            dropped[kind] += int(count)
+    keep = np.flatnonzero(known & thick)
+    keep = keep[np.argsort(rows[keep], kind="stable")]  # by image, file order within one
+    names, name_offsets = pack([image["file_name"].encode() for image in images])
+    return DetectionRecords(
+        ids=ids, names=names, name_offsets=name_offsets, widths=sizes[:, 0].astype(np.int32),
+        heights=sizes[:, 1].astype(np.int32), box_offsets=offsets(np.bincount(rows[keep], minlength=len(ids))),
+        boxes=np.stack([x1, y1, x2, y2], axis=1)[keep].astype(np.float32), labels=categories[keep],
+        difficult=np.zeros(len(keep), dtype=bool),
+    )  # fmt: skip
 
 
 class COCODetectionDataset(DetectionDataset):

@@ -6,9 +6,14 @@ from it; COCO evaluation reads the file itself).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
+import os
 from pathlib import Path
+
+from zoo_common.cache import user_cache
+from zoo_common.distributed import broadcast_object, rank
 
 from .coco_format import LAYOUT_HELP, read_coco_json
 from .validation import DataValidationError, validate_coco
@@ -18,18 +23,57 @@ log = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
+#: part of every validation mark: a new version of the checks invalidates the old marks
+CHECKS_VERSION = "1"
+
+
+def validation_mark(path: Path, images_dir: Path | None) -> Path:
+    """The file that says ``path`` passed the checks: keyed by its path, size and modification time and the
+    image folder's (a file added to or removed from the folder changes its modification time)."""
+    parts = [CHECKS_VERSION, str(path.resolve()), str(path.stat().st_size), str(path.stat().st_mtime_ns)]
+    if images_dir is not None and images_dir.is_dir():
+        parts += [str(images_dir.resolve()), str(images_dir.stat().st_mtime_ns)]
+    return user_cache("validated") / f"{hashlib.sha1('|'.join(parts).encode()).hexdigest()}.ok"
+
+
+def passes_checks(dataset: dict, path: Path, images_dir: Path | None) -> bool:
+    """Whether the file has no error: from its validation mark, or by running the checks (warnings logged)
+    and marking it when clean. Errors are not cached: the caller runs the checks again to report them."""
+    mark = validation_mark(path, images_dir)
+    if mark.is_file():
+        log.info("%s: checked before (%s), not again", path, mark)
+        return True
+    report, _ = validate_coco(dataset, path, images_dir, sizes=False)  # empty files are named when read
+    if report.errors:
+        return False
+    if report.warnings:
+        log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
+    try:  # a mark is an optimization: a read-only cache only means checking again next time
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        partial = mark.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(f"{path}\n")
+        os.replace(partial, mark)
+    except OSError:
+        pass
+    return True
+
+
 def read_validated(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False) -> dict:
     """The annotation file ``path`` as a dict, checked (``datamodules.validation.validate_coco``; image files
-    against the folder's listing when ``images_dir`` is given, without decoding them).
+    against the folder's listing when ``images_dir`` is given, without decoding or a stat per file).
 
-    Errors stop here with the report -- before any training -- unless ``drop_invalid``, which drops the
-    offending images and annotations and logs how many. Warnings (degenerate or out-of-image boxes, handled
-    later) are logged.
+    The checks run once per job: on rank 0 only under DDP (the other ranks wait for its verdict), and not at
+    all when the same file and folder passed them before (:func:`validation_mark`, so a requeued job starts
+    at once). Errors stop here with the report -- before any training -- unless ``drop_invalid``, which
+    drops the offending images and annotations and logs how many. Warnings (degenerate or out-of-image
+    boxes, handled later) are logged.
     """
     path = Path(path)
-    dataset = read_coco_json(path)
     folder = Path(images_dir) if images_dir is not None else None
-    report, cleaned = validate_coco(dataset, path, folder, sizes=False)  # empty files are named when read
+    dataset = read_coco_json(path)
+    if broadcast_object(passes_checks(dataset, path, folder) if rank() == 0 else None):
+        return dataset
+    report, cleaned = validate_coco(dataset, path, folder, sizes=False)  # every rank: the same report
     lacking = sum(isinstance(a, dict) and not ("area" in a and "iscrowd" in a) for a in dataset["annotations"])
     if lacking and drop_invalid:  # COCOeval reads them from the file itself: dropping cannot mend that
         raise DataValidationError(
@@ -37,21 +81,17 @@ def read_validated(path: str | Path, images_dir: str | Path | None = None, drop_
             f"(data.drop_invalid cannot mend the file). python -m datamodules.check --config <config> --fix "
             f"writes a copy with them filled in; point data.*_annotations at it."
         )
-    if report.errors:
-        if not drop_invalid:
-            raise DataValidationError(
-                f"{path} has errors that would break training:\n{report.text()}\nFix the file (python -m "
-                f"datamodules.check --config <config> --fix writes a cleaned copy) or set data.drop_invalid: true."
-            )
-        log.warning(
-            "%s: dropped %d images and %d annotations with errors (data.drop_invalid):\n%s",
-            path, len(dataset["images"]) - len(cleaned["images"]),
-            len(dataset["annotations"]) - len(cleaned["annotations"]), report.text(limit=20),
-        )  # fmt: skip
-        return cleaned
-    if report.warnings:
-        log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
-    return dataset
+    if not drop_invalid:
+        raise DataValidationError(
+            f"{path} has errors that would break training:\n{report.text()}\nFix the file (python -m "
+            f"datamodules.check --config <config> --fix writes a cleaned copy) or set data.drop_invalid: true."
+        )
+    log.warning(
+        "%s: dropped %d images and %d annotations with errors (data.drop_invalid):\n%s",
+        path, len(dataset["images"]) - len(cleaned["images"]),
+        len(dataset["annotations"]) - len(cleaned["annotations"]), report.text(limit=20),
+    )  # fmt: skip
+    return cleaned
 
 
 def load_coco(path: str | Path, images_dir: str | Path | None = None, drop_invalid: bool = False):

@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from zoo_common.cache import user_cache
+
 from .coco_format import is_polygon
 from .records import offsets, pack, unpack
 from .validation import DataValidationError
@@ -266,7 +268,7 @@ def cache_folder(annotations: Path, base: str | None, *key: str) -> Path:
     if base:
         root = Path(base).expanduser()
     else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "residual-zoo" / "coco_masks"
+        root = user_cache("coco_masks")
     stat = annotations.stat()
     text = "|".join([str(annotations.resolve()), str(stat.st_size), str(stat.st_mtime_ns), *key])
     return root / f"{annotations.stem}-{hashlib.sha1(text.encode()).hexdigest()[:12]}"

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+from zoo_common.cache import user_cache
+
 from .images import read_image
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def pixel_mean(paths: Sequence[str], size: int, limit: int = 10000) -> torch.Ten
 
 def cache_path(paths: Sequence[str], size: int, limit: int) -> Path:
     """Where the mean of these files at this size is cached (``~/.cache/residual-zoo/pixel_means``)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "residual-zoo" / "pixel_means"
+    base = user_cache("pixel_means")
     key = hashlib.sha1("\n".join([str(size), str(limit), str(len(paths)), *paths]).encode()).hexdigest()[:16]
     return base / f"{key}.pt"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,56 @@ def test_setup_reads_the_image_folders_listing_not_each_file(tmp_path, monkeypat
     (root / "train2017" / dataset["images"][1]["file_name"]).unlink()
     with pytest.raises(ValueError, match=f"{dataset['images'][1]['file_name']}: image id .*: the file does not exist"):
         COCODetectionDataModule(str(root), num_workers=0).setup("fit")
+
+
+def test_the_checks_run_once_per_file_and_folder(tmp_path, monkeypatch):
+    """A second setup (a requeued job) does not check the same file again; an edited file, or a file gone
+    from the folder, is checked again; a file with errors is never marked."""
+    from datamodules import coco_files
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = []
+    real = coco_files.validate_coco
+    monkeypatch.setattr(coco_files, "validate_coco", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    root = write_coco(tmp_path / "coco", train_images=4, val_images=2)
+    path = root / "annotations" / "instances_train2017.json"
+    for _ in range(2):
+        read_validated(path, root / "train2017")
+    assert calls == [path]
+    data = json.loads(path.read_text())
+    data["info"] = {"edited": True}
+    path.write_text(json.dumps(data))
+    read_validated(path, root / "train2017")
+    (root / "train2017" / data["images"][-1]["file_name"]).unlink()
+    with pytest.raises(ValueError, match="the file does not exist"):
+        read_validated(path, root / "train2017")
+    with pytest.raises(ValueError, match="the file does not exist"):  # errors are reported every time
+        read_validated(path, root / "train2017")
+    assert calls == [path] * 6  # edited: 1; missing file: 2 (verdict, report) per try
+
+
+def _rank_reads(rank: int, init: str, root: str) -> None:
+    import torch.distributed as dist
+
+    from datamodules import coco_files
+
+    os.environ["XDG_CACHE_HOME"] = str(Path(root) / f"cache{rank}")  # no shared mark: only the verdict
+    calls = []
+    real = coco_files.validate_coco
+    coco_files.validate_coco = lambda *a, **k: calls.append(1) or real(*a, **k)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        path = Path(root) / "coco" / "annotations" / "instances_train2017.json"
+        dataset = read_validated(path, Path(root) / "coco" / "train2017")
+        Path(root, f"{rank}.json").write_text(json.dumps({"calls": len(calls), "images": len(dataset["images"])}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_only_rank_0_runs_the_checks(tmp_path):
+    import torch.multiprocessing as mp
+
+    write_coco(tmp_path / "coco", train_images=4, val_images=2)
+    mp.spawn(_rank_reads, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert [r["calls"] for r in ranks] == [1, 0] and ranks[0]["images"] == ranks[1]["images"] == 5
