@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, loose_images, synset_names
 from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, encoded_item, is_packed, on_cpu
-from .images import read_image_or_skip
+from .images import MemoryImage, read_image_or_skip
 from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping, make_loader
 from .records import pack, unpack
 from .statistics import cached_pixel_mean
@@ -65,6 +65,8 @@ class ImageFolderDataset(Dataset):
         # flat arrays, not a list of tuples: loader workers do not copy them (see datamodules.records)
         self.paths, self.path_offsets = pack([str(path).encode() for path, _ in samples])
         self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
+        memory = [path for path, _ in samples if isinstance(path, MemoryImage)]  # pixels: kept as objects
+        self.memory = [path for path, _ in samples] if memory else None
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.raw = raw
@@ -75,12 +77,11 @@ class ImageFolderDataset(Dataset):
         return len(self.labels)
 
     def sample(self, index: int) -> tuple[str, int]:
-        """``(path, label)`` of sample ``index``."""
-        return unpack(self.paths, self.path_offsets, index), int(self.labels[index])
+        path = self.memory[index] if self.memory else unpack(self.paths, self.path_offsets, index)
+        return path, int(self.labels[index])
 
     @property
-    def samples(self) -> list[tuple[str, int]]:
-        """Every ``(path, label)`` (built on demand: not for a loader worker's inner loop)."""
+    def samples(self) -> list[tuple[str, int]]:  # every (path, label), built on demand
         return [self.sample(i) for i in range(len(self))]
 
     def __getitem__(self, index: int) -> dict | None:
