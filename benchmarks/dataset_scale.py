@@ -20,6 +20,10 @@ Each measurement runs in a fresh process (``fork``), one JSON line each:
   ``Private_*``) grows while it reads every sample of the training set once; the same for a reference
   dataset holding only a numpy array of the file paths and reading the same images. ``allowed`` is the
   reference's growth plus 10 % of what the dataset added to the parent process.
+- ``check``: ``python -m datamodules.check`` on the COCO tree with a process per core against one process
+  (``speedup``), writing to a pipe as in a batch job: seconds to its first line, to the check's start (the
+  imports done, the annotation file being read), from there to its first count, and in all; and with
+  ``--no_decode``.
 - ``imagefolder_setup``: ``ImageFolderDataModule.setup("fit")`` against ``torchvision.datasets.ImageFolder``
   on the same tree.
 """
@@ -240,6 +244,26 @@ def _setup_imagefolder(root: str, ours: bool) -> dict:
     return _measured(lambda: [ImageFolder(str(Path(root) / split)) for split in ("train", "val")])
 
 
+def _check_run(root: str, workers: int, *extra: str) -> dict:
+    """``python -m datamodules.check`` on the COCO tree as a user runs it (output to a pipe, not a terminal):
+    when its first line, the check's start (after the imports: reading the annotation file) and its first
+    count came, and when it ended."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "datamodules.check", "--data", "COCODetectionDataModule", "--data.root", root,
+               "--workers", str(workers), *extra]  # fmt: skip
+    start = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    lines = [(time.monotonic() - start, line.rstrip("\n")) for line in process.stdout]
+    process.wait()
+    started = next(t for t, line in lines if line.startswith("reading "))
+    counted = next(t for t, line in lines if t >= started and (" to check" in line or "/s," in line))
+    return {"first_line_s": lines[0][0], "check_started_s": started, "progress_after_start_s": counted - started,
+            "total_s": lines[-1][0], "exit": process.returncode}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,6 +288,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                              "paths_worker_growth_mib": paths["worker_growth_mib"],
                              "dataset_mib": got["dataset_mib"], "allowed_mib": allowed,
                              "within": got["worker_growth_mib"] <= allowed})  # fmt: skip
+        if "check" not in args.skip:
+            coco = str(root / "coco") if (root / "coco").is_dir() else str(write_coco(root / "coco", args.fraction))
+            cores = len(os.sched_getaffinity(0))
+            one, pool = _check_run(coco, 1), _check_run(coco, cores)
+            fast = _check_run(coco, cores, "--no_decode")
+            rows.append({"benchmark": "dataset_scale", "measure": "check", "fraction": args.fraction,
+                         "workers": cores, "first_line_s": pool["first_line_s"],
+                         "check_started_s": pool["check_started_s"],
+                         "progress_after_start_s": pool["progress_after_start_s"],
+                         "total_s": pool["total_s"], "one_process_total_s": one["total_s"],
+                         "speedup": one["total_s"] / pool["total_s"], "no_decode_total_s": fast["total_s"],
+                         "exit": pool["exit"]})  # fmt: skip
         if "imagefolder" not in args.skip:
             folder = str(write_imagefolder(root / "imagefolder", args.fraction, args.classes))
             ours = _in_child(_setup_imagefolder, folder, True)
@@ -282,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fraction", type=float, default=0.125, help="of train2017 and ImageNet (1 = full)")
     parser.add_argument("--root", default=None, help="where to write the data (default: a temporary folder)")
     parser.add_argument("--classes", type=int, default=1000, help="ImageFolder classes")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["coco", "imagefolder"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["coco", "check", "imagefolder"])
     return run(parser.parse_args(argv))
 
 

@@ -4,7 +4,8 @@ Floors, from the ground up (each module imports only from the floors below it):
 
 1. formats and images -- ``images`` (decoding files), ``folders`` (the ImageFolder layout),
    ``coco_format`` (COCO's JSON), ``voc_format`` (PASCAL VOC's and ILSVRC's XML), ``records`` (flat
-   per-image detection records), ``transforms``, ``samplers``, ``statistics`` (the per-pixel mean);
+   per-image detection records), ``transforms``, ``samplers``, ``statistics`` (the per-pixel mean),
+   ``image_checks`` (reading every image file for the checks: a process pool, progress);
 2. validation -- ``validation`` (reports of what would break a run, one function per format);
 3. dataset files and masks -- ``coco_files`` (a COCO dataset's splits and categories), ``masks``
    (semantic masks from instances, and their cache);
@@ -15,26 +16,40 @@ Floors, from the ground up (each module imports only from the floors below it):
 5. the command -- ``check`` (``python -m datamodules.check``).
 """
 
-from .cifar import CIFARDataModule
-from .coco_detection import COCODetectionDataModule
-from .coco_segmentation import COCOSegmentationDataModule
-from .imagefolder import ImageFolderDataModule
-from .localization import ILSVRCLocalizationDataModule
-from .shapes import ShapesClassificationDataModule, ShapesDetectionDataModule, ShapesSegmentationDataModule
-from .shapes_xml import ShapesLocalizationDataModule, ShapesVOCDataModule
-from .voc_detection import ILSVRCDetectionDataModule, VOCDetectionDataModule
+import importlib
 
-__all__ = [
-    "CIFARDataModule",
-    "COCODetectionDataModule",
-    "COCOSegmentationDataModule",
-    "ILSVRCDetectionDataModule",
-    "ILSVRCLocalizationDataModule",
-    "ImageFolderDataModule",
-    "ShapesClassificationDataModule",
-    "ShapesDetectionDataModule",
-    "ShapesLocalizationDataModule",
-    "ShapesSegmentationDataModule",
-    "ShapesVOCDataModule",
-    "VOCDetectionDataModule",
-]
+#: where each datamodule lives: imported when first asked for (``python -m datamodules.check`` says it has
+#: started before PyTorch and Lightning are loaded)
+_HOMES = {
+    "CIFARDataModule": "cifar",
+    "COCODetectionDataModule": "coco_detection",
+    "COCOSegmentationDataModule": "coco_segmentation",
+    "ILSVRCDetectionDataModule": "voc_detection",
+    "ILSVRCLocalizationDataModule": "localization",
+    "ImageFolderDataModule": "imagefolder",
+    "ShapesClassificationDataModule": "shapes",
+    "ShapesDetectionDataModule": "shapes",
+    "ShapesLocalizationDataModule": "shapes_xml",
+    "ShapesSegmentationDataModule": "shapes",
+    "ShapesVOCDataModule": "shapes_xml",
+    "VOCDetectionDataModule": "voc_detection",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def load_all() -> list[type]:
+    """Every datamodule class, imported: what a command that names them by their short names
+    (``--data COCODetectionDataModule``) calls first, so that ``LightningCLI`` finds them."""
+    return [getattr(importlib.import_module(f".{home}", __name__), name) for name, home in _HOMES.items()]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])
+
+
+__all__ = [*sorted(_HOMES), "load_all"]

@@ -20,58 +20,147 @@ skips unreadable images as they are met, and an image of the wrong size stops th
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # at once: loading PyTorch and Lightning takes seconds, the check may take hours
+    print("python -m datamodules.check: starting (loading PyTorch and Lightning)", file=sys.stderr, flush=True)
+
 import argparse
 import json
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 from zoo_common.command import run_command
 
 from .coco_files import COCOFiles
 from .coco_format import read_coco_json
+from .image_checks import image_pass, report_progress
 from .imagefolder import ImageFolderDataModule
 from .images import CorruptImageError
 from .validation import DataValidationError, Report, validate_coco, validate_imagefolder
 
-__all__ = ["DataValidationError", "check_datamodule", "main"]
+__all__ = ["DataValidationError", "Progress", "check_datamodule", "main"]
 
 
 # -- the command ----------------------------------------------------------------------------------------
-def check_datamodule(datamodule, decode: bool = True, fix: bool = False) -> list[Report]:
-    """Every split of a configured datamodule: ImageFolder and COCO kinds here; any other datamodule with a
-    ``check(decode)`` method returning its reports (the VOC, ILSVRC DET and CLS-LOC kinds)."""
+def check_datamodule(datamodule, decode: bool = True, fix: bool = False) -> Iterator[Report]:
+    """Every split's report of a configured datamodule, each as soon as it is done: ImageFolder and COCO kinds
+    here; any other datamodule with a ``check(decode)`` method returning or yielding its reports (the VOC,
+    ILSVRC DET and CLS-LOC kinds). Images are read in the current ``validation.image_pass``'s processes."""
     if callable(getattr(datamodule, "check", None)):
-        return datamodule.check(decode=decode)
-    reports = []
+        yield from datamodule.check(decode=decode)
+        return
     if isinstance(datamodule, ImageFolderDataModule):
+        report_progress("listing the training classes")
         classes = datamodule.classes  # the training split's class folders (an error names a missing one)
         for split in ("train", "val"):
             path = datamodule.split_path(split)
-            report, _ = validate_imagefolder(path, classes, train=split == "train", decode=decode)
             if split == "train" or path != datamodule.split_path("train"):
-                reports.append(report)
-        return reports
+                yield validate_imagefolder(path, classes, train=split == "train", decode=decode)[0]
+        return
     files = getattr(datamodule, "files", None)
-    if isinstance(files, COCOFiles):
-        for split in ("train", "val"):
-            images, annotations = files.split_files(split)
-            try:
-                dataset = read_coco_json(annotations)
-            except (ValueError, FileNotFoundError) as err:
-                report = Report(str(annotations))
-                report.error(str(annotations), str(err))
-                reports.append(report)
-                continue
-            report, cleaned = validate_coco(dataset, annotations, images, decode)
-            reports.append(report)
-            if fix and report.problems:
-                target = annotations.with_name(annotations.stem + ".fixed.json")
-                target.write_text(json.dumps(cleaned))
-                dropped_images = len(dataset["images"]) - len(cleaned["images"])
-                dropped_anns = len(dataset["annotations"]) - len(cleaned["annotations"])
-                print(f"wrote {target}: {dropped_images} images and {dropped_anns} annotations dropped; point "
-                      f"data.{split}_annotations at it")  # fmt: skip
-        return reports
-    raise ValueError(f"no checks for {type(datamodule).__name__}")
+    if not isinstance(files, COCOFiles):
+        raise ValueError(f"no checks for {type(datamodule).__name__}")
+    for split in ("train", "val"):
+        images, annotations = files.split_files(split)
+        report_progress(f"reading {annotations.name}")
+        try:
+            dataset = read_coco_json(annotations)
+        except (ValueError, FileNotFoundError) as err:
+            report = Report(str(annotations))
+            report.error(str(annotations), str(err))
+            yield report
+            continue
+        report, cleaned = validate_coco(dataset, annotations, images, decode)
+        if fix and report.problems:
+            target = annotations.with_name(annotations.stem + ".fixed.json")
+            target.write_text(json.dumps(cleaned))
+            dropped_images = len(dataset["images"]) - len(cleaned["images"])
+            dropped_anns = len(dataset["annotations"]) - len(cleaned["annotations"])
+            print(f"wrote {target}: {dropped_images} images and {dropped_anns} annotations dropped; point "
+                  f"data.{split}_annotations at it")  # fmt: skip
+        yield report
+
+
+class Progress:
+    """The check's progress on stderr, step by step (``what``: reading a file, listing folders, reading the
+    images): on a terminal a Rich bar with the count, rate and time left; elsewhere (a SLURM log, a pipe) a
+    line when a step starts and every ``every`` seconds, with the same figures."""
+
+    def __init__(self, console: Console | None = None, every: float = 10.0) -> None:
+        self.console = console or Console(stderr=True)
+        self.every = every
+        self.bar: RichProgress | None = None
+        self.task: TaskID | None = None
+        self.what: str | None = None
+        self.started = self.printed = 0.0
+        self.last = -1
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        new = what != self.what
+        if new:
+            self.what, self.started, self.printed, self.last = what, now, 0.0, -1
+        if self.console.is_terminal:
+            self._bar(what, done, total, new)
+        elif new or (done != self.last and (now - self.printed >= self.every or done == total)):
+            self.printed, self.last = now, done
+            self.console.print(self._line(what, done, total, now - self.started), highlight=False, soft_wrap=True)
+
+    def _bar(self, what: str, done: int, total: int | None, new: bool) -> None:
+        if self.bar is None:
+            self.bar = RichProgress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=self.console,
+            )  # fmt: skip
+            self.bar.start()
+        if new:
+            if self.task is not None:
+                self.bar.stop_task(self.task)
+            self.task = self.bar.add_task(what, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    @staticmethod
+    def _line(what: str, done: int, total: int | None, elapsed: float) -> str:
+        if total is None:
+            return f"{what} ..."
+        if done == 0:
+            return f"{what}: {total:,} to check"
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = f", {_clock((total - done) / rate)} left" if rate > 0 and done < total else ""
+        return f"{what}: {done:,}/{total:,} ({rate:,.0f}/s, {_clock(elapsed)} elapsed{left})"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f}/s" if speed else "")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
+    from . import load_all
+
+    load_all()  # --data by its short name
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config")
     known, rest = pre.parse_known_args(argv)
@@ -86,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", help="a task config: its data section is checked")
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     parser.add_argument("--fix", action="store_true", help="write cleaned COCO annotation files (*.fixed.json)")
-    parser.add_argument("--no_decode", action="store_true", help="skip decoding every image (fast)")
+    parser.add_argument(
+        "--no_decode",
+        action="store_true",
+        help="a fast pass: existence and size of every file, annotations, classes; no image decoded",
+    )
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes reading the images (default: the cores this process may use)")  # fmt: skip
     if known.config:
         section = (yaml.safe_load(Path(known.config).read_text()) or {}).get("data")
         if section is None:
@@ -96,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     datamodule = parser.instantiate(args).data
     if hasattr(datamodule, "prepare_data"):
         datamodule.prepare_data()
-    reports = check_datamodule(datamodule, decode=not args.no_decode, fix=args.fix)
-    for report in reports:
-        print(report.text(limit=200))
-    errors = sum(len(r.errors) for r in reports)
-    print(f"total: {errors} errors, {sum(len(r.warnings) for r in reports)} warnings")
+    progress = Progress()
+    errors = warnings = 0
+    try:
+        with image_pass(args.workers, progress):
+            for report in check_datamodule(datamodule, decode=not args.no_decode, fix=args.fix):
+                print(report.text(limit=200), flush=True)
+                errors, warnings = errors + len(report.errors), warnings + len(report.warnings)
+    finally:
+        progress.close()
+    print(f"total: {errors} errors, {warnings} warnings")
     return 1 if errors else 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,10 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import to_dtype
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec's, once per process: in every loader
+# worker and check process. They are what this module reads with, on purpose (the formats, the speed);
+# moving to TorchCodec is this module's change to make, not something a user of a training run can act on.
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 #: File name endings read as images (the formats ``decode_image`` supports), compared case-insensitively.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -30,10 +31,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .folders import find_classes, list_images
+from .image_checks import image_statuses, report_progress, status_problem
 from .images import read_image_or_skip
 from .loading import SplitLoaders, make_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_crop_scale, default_eval_resize
-from .validation import DataValidationError, Report, image_problem
+from .validation import DataValidationError, Report
 from .voc_format import AnnotationError, read_xml
 
 log = logging.getLogger(__name__)
@@ -227,7 +229,11 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
         table = read_solution(solution) if solution is not None else {}
         report = Report(f"CLS-LOC {subset}")
         samples, seen = [], set()
-        for path in list_images(data):
+        paths = list_images(data)
+        statuses = image_statuses(paths, True, f"CLS-LOC {subset}: images") if decode else []
+        for number, path in enumerate(paths):
+            if number % 4096 == 0:
+                report_progress(f"CLS-LOC {subset}: annotation files", number, len(paths))
             image = path.stem
             seen.add(image)
             report.checked["images"] += 1
@@ -251,7 +257,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
                 report.error(str(path), f"class {wnid if wnid not in index else sorted(unknown)[0]} is not in "
                                         "LOC_synset_mapping.txt")  # fmt: skip
                 continue
-            if decode and (problem := image_problem(path, True, size)):
+            if decode and (problem := status_problem(statuses[number], size)):
                 report.error(str(path), problem)
                 continue
             boxes = []
@@ -280,9 +286,10 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
             )
         return samples
 
-    def check(self, decode: bool = True) -> list[Report]:
-        """The data check's reports (``python -m datamodules.check``): both splits, every image."""
-        return [self.read_split(split, decode)[1] for split in ("train", "val")]
+    def check(self, decode: bool = True) -> Iterator[Report]:
+        """The data check's reports (``python -m datamodules.check``): both splits, every image, each as it is done."""
+        for split in ("train", "val"):
+            yield self.read_split(split, decode)[1]
 
     def _transform(self, train: bool):
         hp = self.hparams

@@ -16,7 +16,7 @@ import torch
 
 from .coco_format import annotation_area, is_number, is_polygon
 from .folders import find_classes, no_images_problem, scan_folder
-from .images import CorruptImageError, read_image
+from .image_checks import ImageStatus, image_statuses, report_progress, size_problem, status_problem
 from .records import DetectionRecords
 
 
@@ -67,36 +67,6 @@ class Report:
         return "\n".join(lines)
 
 
-def image_problem(path: Path, decode: bool, expected: tuple[int, int] | None = None) -> str | None:
-    """Why ``path`` cannot be used as an image (decoded: also when it is not ``expected``, width x height),
-    or ``None``."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return "the file does not exist"
-    if size == 0:
-        return "the file is empty (0 bytes)"
-    if decode:
-        try:
-            image = read_image(path)
-        except CorruptImageError as err:
-            return str(err).split(": ", 1)[-1]
-        if expected is not None:
-            return size_problem(image, *expected)
-    return None
-
-
-def size_problem(image: torch.Tensor, width: int, height: int) -> str | None:
-    """Why a decoded image cannot carry annotations made for a ``width`` x ``height`` image, or ``None``."""
-    found_height, found_width = image.shape[-2:]
-    if (found_width, found_height) == (width, height):
-        return None
-    return (
-        f"the image is {found_width}x{found_height} but the annotation file says {width}x{height}, so its boxes "
-        f"and masks would be misplaced"
-    )
-
-
 # -- COCO ---------------------------------------------------------------------------------------------
 def validate_coco(
     dataset: dict, annotation_file: Path, images_dir: Path | None = None, decode: bool = False, sizes: bool = True
@@ -125,7 +95,17 @@ def validate_coco(
         on_disk = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
         if not images_dir.is_dir():
             report.error(str(images_dir), "the image folder does not exist")
-    for i, image in enumerate(dataset.get("images") or []):
+    images = dataset.get("images") or []
+    status: dict[str, ImageStatus] = {}
+    if on_disk is not None and images_dir.is_dir() and (decode or sizes):
+        named = (image.get("file_name") for image in images if isinstance(image, dict))
+        files = [f for f in dict.fromkeys(named) if isinstance(f, str) and (f in on_disk or (images_dir / f).exists())]
+        status = dict(zip(files, image_statuses([images_dir / f for f in files], decode, f"{name}: images")))
+    annotations = dataset.get("annotations") or []
+    entries = len(images) + len(annotations) if isinstance(images, list) and isinstance(annotations, list) else None
+    for i, image in enumerate(images):
+        if i % 65536 == 0:
+            report_progress(f"{name}: entries", i, entries)
         report.checked["images"] += 1
         where = f"{name} images[{i}]"
         if not isinstance(image, dict) or not isinstance(image.get("id"), int) or not image.get("file_name"):
@@ -144,14 +124,7 @@ def validate_coco(
             if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
                 continue
-            expected = (image["width"], image["height"])
-            problem = image_problem(images_dir / image["file_name"], decode, expected) if decode else None
-            if problem is None and not decode and sizes:
-                try:
-                    if (images_dir / image["file_name"]).stat().st_size == 0:
-                        problem = "the file is empty (0 bytes)"
-                except OSError as err:
-                    problem = str(err)
+            problem = status_problem(status.get(image["file_name"]), (image["width"], image["height"]))
             if problem:
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: {problem}")
                 continue
@@ -159,7 +132,9 @@ def validate_coco(
         images_ok[image["id"]] = image
     categories = {c.get("id") for c in dataset.get("categories") or [] if isinstance(c, dict)}
     annotations_ok = []
-    for i, ann in enumerate(dataset.get("annotations") or []):
+    for i, ann in enumerate(annotations):
+        if i % 65536 == 0:
+            report_progress(f"{name}: entries", len(images) + i, entries)
         report.checked["annotations"] += 1
         where = f"{name} annotations[{i}]"
         if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
@@ -216,7 +191,7 @@ def validate_coco(
 def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:
     """Annotations are in the pixel coordinates of the image they were made on: a resized or different file
     would misplace every box and mask silently, so the decoded size must be the one the file records."""
-    problem = size_problem(image, info["width"], info["height"])
+    problem = size_problem((image.shape[-1], image.shape[-2]), (info["width"], info["height"]))
     if problem:
         raise DataValidationError(
             f"{path}: {problem} (image id {info['id']}). Use the images the annotations were made for, or rescale "
@@ -245,19 +220,25 @@ def validate_imagefolder(
             f"class folders {extra[:5]} do not exist in the training split; every evaluation class must be one "
             f"of the {len(classes)} training classes",
         )
+    listed = {}
+    for k, name in enumerate(classes):
+        if k % 50 == 0:
+            report_progress(f"{split_dir.name}: listing class folders", k, len(classes))
+        folder = split_dir / name
+        listed[name] = scan_folder(folder) if folder.is_dir() else ([], Counter())
+    every = [path for images, _ in listed.values() for path in images] if decode or sizes else []
+    problems = iter(status_problem(s) for s in image_statuses(every, decode, f"{split_dir.name}: images"))
     samples: list[tuple[str, int]] = []
-    for name in classes:
+    for name, (images, others) in listed.items():
         folder = split_dir / name
         report.checked["classes"] += 1
-        images, others = scan_folder(folder) if folder.is_dir() else ([], Counter())
         if not images and (train or folder.is_dir()):
             (report.error if train else report.warning)(str(folder), no_images_problem(folder, others))
         elif others:
             report.warning(str(folder), f"{sum(others.values())} files not in a readable image format are ignored")
         report.checked["images"] += len(images)
         if decode or sizes:
-            for path in images:
-                problem = image_problem(Path(path), decode)
+            for path, problem in zip(images, problems):
                 if problem:
                     report.error(path, problem)
         label = index[name]
@@ -313,7 +294,10 @@ def read_xml_split(
 
     report = Report(subject)
     ids, names, sizes, boxes, labels, difficult = [], [], [], [], [], []
+    statuses = image_statuses([jpeg for _, jpeg, _ in entries], True, f"{subject}: images") if decode else []
     for number, (image, jpeg, xml) in enumerate(entries, start=1):
+        if number % 4096 == 1:
+            report_progress(f"{subject}: annotation files", number - 1, len(entries))
         report.checked["images"] += 1
         if not jpeg.is_file():
             report.error(str(jpeg), f"image {image}: the file does not exist (the split file lists it)")
@@ -354,7 +338,7 @@ def read_xml_split(
             if bad:
                 continue
         if decode:
-            problem = image_problem(jpeg, True, size if size != (0, 0) else None)
+            problem = status_problem(statuses[number - 1], size if size != (0, 0) else None)
             if problem:
                 report.error(str(jpeg), f"image {image}: {problem}")
                 continue

@@ -26,6 +26,7 @@ not score, and leave the training targets.
 from __future__ import annotations
 
 import glob
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,22 +90,19 @@ class _XMLDetectionDataModule(DetectionDataModule):
     def _records(self, split: str) -> DetectionRecords:
         return self.xml_split(split).records
 
-    def check(self, decode: bool = True) -> list[Report]:
-        """The data check's reports (``python -m datamodules.check``): each split's every file, all problems
-        listed (nothing stops at the first)."""
-        reports = []
+    def check(self, decode: bool = True) -> Iterator[Report]:
+        """The data check's reports (``python -m datamodules.check``), each split's as soon as it is done: its
+        every file, all problems listed (nothing stops at the first)."""
         for split in ("train", "val"):
             try:
                 entries = [entry for spec in self.sets[split] for entry in self._entries(spec)]
             except (FileNotFoundError, ValueError) as err:
                 report = Report(split)
                 report.error(str(self.root), str(err))
-                reports.append(report)
+                yield report
                 continue
-            read = read_xml_split(entries, self.root, self.base, self._class_of, split, drop_invalid=True,
-                                  decode=decode)  # fmt: skip
-            reports.append(read.report)
-        return reports
+            yield read_xml_split(entries, self.root, self.base, self._class_of, split, drop_invalid=True,
+                                 decode=decode).report  # fmt: skip
 
 
 class VOCDetectionDataModule(_XMLDetectionDataModule):

@@ -42,6 +42,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
+import datamodules
 from backbones.weights import torch_load_safe
 from datamodules.images import CorruptImageError
 from zoo_common.command import run_command
@@ -119,6 +120,7 @@ class TaskCLI(LightningCLI):
         kwargs.setdefault("parser_class", OneLineErrors)  # a missing data.root is one line, not a namespace dump
         if cluster.under_slurm():
             cluster.install_warning_handler()  # before anything slow: an early time-limit warning is kept
+        datamodules.load_all()  # --data by its short name: every datamodule class known to the parser
         super().__init__(
             model_class,
             pl.LightningDataModule,

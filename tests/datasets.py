@@ -295,3 +295,32 @@ def pycocotools_semantic_mask(coco, image_id: int, classes: dict[int, int], rule
             class_map[region & (class_map == 0)] = cls
     class_map[coverage > 1 if rules == "torchvision" else ignore] = 255
     return class_map
+
+
+# -- PASCAL VOC XML ------------------------------------------------------------------------------------
+def voc_xml(objects: str, width: int = 100, height: int = 80) -> str:
+    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
+            f"<depth>3</depth></size>{objects}</annotation>")  # fmt: skip
+
+
+def voc_object(name: str, box: tuple | None, difficult: int = 0, truncated: int = 0) -> str:
+    bnd = "" if box is None else "<bndbox>" + "".join(
+        f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)
+    ) + "</bndbox>"  # fmt: skip
+    return (
+        f"<object><name>{name}</name><difficult>{difficult}</difficult><truncated>{truncated}</truncated>{bnd}</object>"
+    )
+
+
+def write_voc_tree(root: Path, annotations: dict[str, str], split: str = "trainval") -> Path:
+    from PIL import Image
+
+    folder = root / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for name, text in annotations.items():
+        Image.new("RGB", (100, 80)).save(folder / "JPEGImages" / f"{name}.jpg")
+        if text is not None:
+            (folder / "Annotations" / f"{name}.xml").write_text(text)
+    (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(annotations) + "\n")
+    return root

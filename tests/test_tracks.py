@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from datasets import CPU
+from datasets import CPU, voc_object, voc_xml, write_voc_tree
 
 from datamodules import ILSVRCDetectionDataModule, VOCDetectionDataModule
 from datamodules.validation import DataValidationError
@@ -21,25 +21,12 @@ from tasks.localization_metrics import gt_known_error, top5_error
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _xml(objects: str, width: int = 100, height: int = 80) -> str:
-    return (f"<annotation><filename>x.jpg</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{objects}</annotation>")  # fmt: skip
-
-
-def _obj(name: str, box: tuple | None, difficult: int = 0, truncated: int = 0) -> str:
-    bnd = "" if box is None else "<bndbox>" + "".join(
-        f"<{k}>{v}</{k}>" for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)
-    ) + "</bndbox>"  # fmt: skip
-    return (
-        f"<object><name>{name}</name><difficult>{difficult}</difficult><truncated>{truncated}</truncated>{bnd}</object>"
-    )
-
-
 # -- reading the XML files ------------------------------------------------------------------------------
 def test_voc_and_ilsvrc_xml_read_exactly(tmp_path):
     path = tmp_path / "a.xml"
-    path.write_text(_xml(_obj("dog", (1, 1, 100, 80), difficult=1) + _obj("cat", (10.5, 20, 30.25, 40), truncated=1)
-                         + _obj("n01440764", None)))  # fmt: skip
+    objects = [voc_object("dog", (1, 1, 100, 80), difficult=1), voc_object("cat", (10.5, 20, 30.25, 40), truncated=1),
+               voc_object("n01440764", None)]  # fmt: skip
+    path.write_text(voc_xml("".join(objects)))
     voc = read_xml(path, base=1)
     assert (voc.width, voc.height) == (100, 80)
     dog, cat, label = voc.objects
@@ -51,7 +38,7 @@ def test_voc_and_ilsvrc_xml_read_exactly(tmp_path):
     path.write_text("<annotation><size><width>10")
     with pytest.raises(AnnotationError, match=f"{path}: not well-formed XML"):
         read_xml(path, 1)
-    path.write_text(_xml(_obj("dog", (30, 5, 10, 20))))
+    path.write_text(voc_xml(voc_object("dog", (30, 5, 10, 20))))
     with pytest.raises(AnnotationError, match=r"<object> 0 \(dog\): inverted box"):
         read_xml(path, 1)
     path.write_text("<annotation><object><name>dog</name></object></annotation>")
@@ -59,26 +46,12 @@ def test_voc_and_ilsvrc_xml_read_exactly(tmp_path):
         read_xml(path, 1)
 
 
-def _voc_tree(root: Path, annotations: dict[str, str], split: str = "trainval") -> Path:
-    from PIL import Image
-
-    folder = root / "VOC2007"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for name, text in annotations.items():
-        Image.new("RGB", (100, 80)).save(folder / "JPEGImages" / f"{name}.jpg")
-        if text is not None:
-            (folder / "Annotations" / f"{name}.xml").write_text(text)
-    (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(annotations) + "\n")
-    return root
-
-
 def test_voc_split_errors_name_the_file_or_are_dropped(tmp_path):
-    root = _voc_tree(tmp_path / "VOCdevkit", {
-        "000001": _xml(_obj("dog", (1, 1, 50, 40)) + _obj("cat", (40, 30, 60, 79), difficult=1)),
-        "000002": _xml(_obj("unicorn", (1, 1, 50, 40))),
+    root = write_voc_tree(tmp_path / "VOCdevkit", {
+        "000001": voc_xml(voc_object("dog", (1, 1, 50, 40)) + voc_object("cat", (40, 30, 60, 79), difficult=1)),
+        "000002": voc_xml(voc_object("unicorn", (1, 1, 50, 40))),
         "000003": None,  # listed, but no annotation file
-        "000004": _xml(_obj("dog", (10, 10, 10, 60)) + _obj("dog", (90, 70, 140, 90))),
+        "000004": voc_xml(voc_object("dog", (10, 10, 10, 60)) + voc_object("dog", (90, 70, 140, 90))),
     })  # fmt: skip
     dm = VOCDetectionDataModule(str(root), train_sets=["2007:trainval"], val_sets=["2007:trainval"], num_workers=0)
     with pytest.raises(DataValidationError) as err:
@@ -109,11 +82,11 @@ def test_ilsvrc_det_splits_negatives_and_synsets(tmp_path):
         (root / "Data" / "DET" / subset).mkdir(parents=True)
         (root / "Annotations" / "DET" / subset).mkdir(parents=True)
     (root / "ImageSets" / "DET").mkdir(parents=True)
-    for subset, image, objects in (("train", "a", _obj("n0002", (0, 0, 49, 39))), ("train", "neg", None),
-                                   ("val", "v1", _obj("n0001", (10, 10, 20, 20)))):  # fmt: skip
+    for subset, image, objects in (("train", "a", voc_object("n0002", (0, 0, 49, 39))), ("train", "neg", None),
+                                   ("val", "v1", voc_object("n0001", (10, 10, 20, 20)))):  # fmt: skip
         Image.new("RGB", (100, 80)).save(root / "Data" / "DET" / subset / f"{image}.JPEG")
         if objects:
-            (root / "Annotations" / "DET" / subset / f"{image}.xml").write_text(_xml(objects))
+            (root / "Annotations" / "DET" / subset / f"{image}.xml").write_text(voc_xml(objects))
     (root / "ImageSets" / "DET" / "train_1.txt").write_text("a 1\nneg -1\n")
     (root / "ImageSets" / "DET" / "train_2.txt").write_text("a -1\n")
     (root / "ImageSets" / "DET" / "val.txt").write_text("v1 1\n")
@@ -133,13 +106,13 @@ def test_the_data_check_reads_the_xml_formats(tmp_path, capsys):
     from datamodules import check
     from datamodules.shapes_xml import generate_localization
 
-    root = _voc_tree(tmp_path / "VOCdevkit", {
-        "000001": _xml(_obj("dog", (1, 1, 50, 40))),
-        "000002": _xml(_obj("unicorn", (1, 1, 50, 40))),  # not a VOC class
+    root = write_voc_tree(tmp_path / "VOCdevkit", {
+        "000001": voc_xml(voc_object("dog", (1, 1, 50, 40))),
+        "000002": voc_xml(voc_object("unicorn", (1, 1, 50, 40))),  # not a VOC class
         "000003": None,  # listed, but no annotation file
-        "000004": _xml(_obj("dog", (30, 5, 10, 20))),  # inverted
+        "000004": voc_xml(voc_object("dog", (30, 5, 10, 20))),  # inverted
         "000005": "<annotation><size><width>10",  # malformed
-        "000006": _xml(_obj("dog", (50, 40, 140, 79))),  # reaches outside: warned and clipped
+        "000006": voc_xml(voc_object("dog", (50, 40, 140, 79))),  # reaches outside: warned and clipped
     })  # fmt: skip
     (root / "VOC2007" / "JPEGImages" / "000001.jpg").write_bytes(b"not a jpeg")  # decoded by the check only
     (root / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000002\n000003\n000004\n"
