@@ -45,7 +45,7 @@ TRAIN2017 = {"images": 118_287, "annotations": 860_001}
 IMAGENET_FILES = 1_281_167
 #: COCO's 80 category ids
 CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-SIZE = (64, 48)  # width, height of every image file
+SIZE = (64, 48)  # width, height of every image file (--image_size)
 
 
 def _jpeg() -> bytes:
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             one, pool = _check_run(coco, 1), _check_run(coco, cores)
             fast = _check_run(coco, cores, "--no_decode")
             rows.append({"benchmark": "dataset_scale", "measure": "check", "fraction": args.fraction,
-                         "workers": cores, "first_line_s": pool["first_line_s"],
+                         "image_size": list(SIZE), "workers": cores, "first_line_s": pool["first_line_s"],
                          "check_started_s": pool["check_started_s"],
                          "progress_after_start_s": pool["progress_after_start_s"],
                          "total_s": pool["total_s"], "one_process_total_s": one["total_s"],
@@ -314,12 +314,23 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    global SIZE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fraction", type=float, default=0.125, help="of train2017 and ImageNet (1 = full)")
     parser.add_argument("--root", default=None, help="where to write the data (default: a temporary folder)")
     parser.add_argument("--classes", type=int, default=1000, help="ImageFolder classes")
     parser.add_argument("--skip", nargs="*", default=[], choices=["coco", "check", "imagefolder"])
-    return run(parser.parse_args(argv))
+    parser.add_argument(
+        "--image_size",
+        nargs=2,
+        type=int,
+        default=list(SIZE),
+        metavar=("W", "H"),
+        help="of the COCO image files (64 48: setup and memory; COCO's 640 480: the check's decoding)",
+    )
+    args = parser.parse_args(argv)
+    SIZE = tuple(args.image_size)
+    return run(args)
 
 
 if __name__ == "__main__":
