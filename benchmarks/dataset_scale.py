@@ -207,17 +207,19 @@ class _Probe:
 
 def _worker_growth(build) -> dict:
     """Build a dataset (its cost to the parent), then one fork worker reads every sample once."""
-    import torch
 
-    import datamodules  # noqa: F401  (imports are not the dataset's memory)
+    import datamodules
+
+    datamodules.load_all()  # imports are not the dataset's memory
     from datamodules.images import read_image  # noqa: F401
 
     parent = _private_kib()
     dataset = build()
     added = _private_kib() - parent
     dataset[0]  # lazy imports of the reading path happen here, not in the measured worker
-    loader = torch.utils.data.DataLoader(_Probe(dataset), batch_size=None, num_workers=1,
-                                         multiprocessing_context="fork")  # fmt: skip
+    from datamodules.loading import SharedHeapLoader  # the training loaders' class, for both datasets
+
+    loader = SharedHeapLoader(_Probe(dataset), batch_size=None, num_workers=1, multiprocessing_context="fork")
     marks = [m for m in loader if m is not None]
     return {"worker_growth_mib": (marks[-1] - marks[0]) / 1024, "dataset_mib": added / 1024, "samples": len(dataset)}
 

@@ -162,17 +162,20 @@ class COCOFiles:
         exist. The datasets keep flat arrays built from it, not this dict (nor a pycocotools index)."""
         self.check_split(split)
         images, annotations = self.split_files(split)
-        return read_validated(annotations, images, drop_invalid=drop_invalid)
+        dataset = read_validated(annotations, images, drop_invalid=drop_invalid)
+        if self._categories is None and annotations == self._categories_file():
+            self._categories = sorted(dataset["categories"], key=lambda c: c["id"])  # not parsed again for them
+        return dataset
+
+    def _categories_file(self) -> Path | None:
+        return next((p for p in map(self.annotation_file, ("val", "train")) if p.is_file()), None)
 
     @property
     def categories(self) -> list[dict]:
         """COCO categories (``id``, ``name``) sorted by id, from the validation (else training) file."""
         if self._categories is None:
-            for split in ("val", "train"):
-                path = self.annotation_file(split)
-                if path.is_file():
-                    self._categories = sorted(read_coco_json(path)["categories"], key=lambda c: c["id"])
-                    break
-            else:
+            path = self._categories_file()
+            if path is None:
                 raise FileNotFoundError(f"no annotation file under {self.root}. {LAYOUT_HELP}")
+            self._categories = sorted(read_coco_json(path)["categories"], key=lambda c: c["id"])
         return self._categories

@@ -4,6 +4,7 @@ the format's own definitions (polygons, boxes, areas) -- nothing here knows abou
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -18,10 +19,16 @@ def read_coco_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist. {LAYOUT_HELP}")
+    text = path.read_text()
+    collecting = gc.isenabled()
+    gc.disable()  # the parse makes millions of objects and no cycle: collections during it only cost time
     try:
-        dataset = json.loads(path.read_text())
+        dataset = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err}); re-download or regenerate the annotation file") from None
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(dataset, dict):
         raise ValueError(f"{path}: a COCO annotation file is a JSON object, not a {type(dataset).__name__}")
     missing = [key for key in ("images", "annotations", "categories") if key not in dataset]

@@ -4,6 +4,7 @@ order, corrupt-sample skipping, and the split/stage logic of the datamodules' ho
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -90,7 +91,28 @@ class EpochSeeded(Dataset):
             return self.dataset[index]
 
 
-class ResumableDataLoader(DataLoader):
+class SharedHeapLoader(DataLoader):
+    """A DataLoader whose forked workers leave the training process's objects shared.
+
+    A worker forked from the training process shares its memory until it writes to a page. Reading the
+    flat records writes nothing, but a full garbage collection in the worker writes to every tracked object
+    it visits -- all of the parent's (PyTorch's, Lightning's, the model's): each worker would copy them
+    over an epoch. The workers are started with those objects frozen (``gc.freeze``: never collected), as
+    Python's documentation of ``gc.freeze`` advises before a fork; the training process unfreezes them once
+    the workers are started, so nothing is kept from its own collections.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        gc.freeze()
+        try:
+            return super().__iter__()
+        finally:
+            gc.unfreeze()
+
+
+class ResumableDataLoader(SharedHeapLoader):
     """A training DataLoader whose position Lightning saves in checkpoints and restores on resume.
 
     ``state_dict`` records the epoch and how many samples were *trained on* in it (``trained_batches``,
@@ -180,7 +202,7 @@ def make_loader(
             progress=trained_batches(trainer),
         )
     sampler = eval_sampler(dataset)
-    return DataLoader(
+    return SharedHeapLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,

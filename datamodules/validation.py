@@ -67,6 +67,9 @@ class Report:
         return "\n".join(lines)
 
 
+_ANNOTATION_KEYS = frozenset(("image_id", "category_id", "bbox"))
+
+
 # -- COCO ---------------------------------------------------------------------------------------------
 def validate_coco(
     dataset: dict, annotation_file: Path, images_dir: Path | None = None, decode: bool = False, sizes: bool = True
@@ -103,24 +106,25 @@ def validate_coco(
         status = dict(zip(files, image_statuses([images_dir / f for f in files], decode, f"{name}: images")))
     annotations = dataset.get("annotations") or []
     entries = len(images) + len(annotations) if isinstance(images, list) and isinstance(annotations, list) else None
+    report.checked["images"] = len(images)  # (counted first: the per-entry loops below are the setup's cost)
+    report.checked["annotations"] = len(annotations)
+    folder = on_disk is not None and images_dir.is_dir()
     for i, image in enumerate(images):
         if i % 65536 == 0:
             report_progress(f"{name}: entries", i, entries)
-        report.checked["images"] += 1
-        where = f"{name} images[{i}]"
         if not isinstance(image, dict) or not isinstance(image.get("id"), int) or not image.get("file_name"):
-            report.error(where, "an image needs an integer 'id' and a 'file_name'")
+            report.error(f"{name} images[{i}]", "an image needs an integer 'id' and a 'file_name'")
             continue
         if not (is_number(image.get("width")) and is_number(image.get("height"))):
-            report.error(where, f"image id {image['id']} lacks 'width'/'height'")
+            report.error(f"{name} images[{i}]", f"image id {image['id']} lacks 'width'/'height'")
             continue
         if image["id"] in images_ok:
-            report.error(where, f"image id {image['id']} is listed twice")
+            report.error(f"{name} images[{i}]", f"image id {image['id']} is listed twice")
             continue
         if image["file_name"] in seen_files:
-            report.error(where, f"file {image['file_name']} is listed twice (image id {image['id']})")
+            report.error(f"{name} images[{i}]", f"file {image['file_name']} is listed twice (image id {image['id']})")
             continue
-        if on_disk is not None and images_dir.is_dir():
+        if folder:
             if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
                 continue
@@ -135,50 +139,50 @@ def validate_coco(
     for i, ann in enumerate(annotations):
         if i % 65536 == 0:
             report_progress(f"{name}: entries", len(images) + i, entries)
-        report.checked["annotations"] += 1
-        where = f"{name} annotations[{i}]"
-        if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "category_id", "bbox")):
-            report.error(where, "an annotation needs 'image_id', 'category_id' and 'bbox'")
+        if not isinstance(ann, dict) or not ann.keys() >= _ANNOTATION_KEYS:
+            report.error(f"{name} annotations[{i}]", "an annotation needs 'image_id', 'category_id' and 'bbox'")
             continue
-        ident = f"annotation id {ann.get('id', '?')}"
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
-            report.error(where, f"{ident}: 'bbox' must be four numbers [x, y, width, height], got {bbox!r}")
+        if not (type(bbox) is list and len(bbox) == 4 and is_number(bbox[0]) and is_number(bbox[1])
+                and is_number(bbox[2]) and is_number(bbox[3])):  # fmt: skip
+            report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: 'bbox' must be four "
+                         f"numbers [x, y, width, height], got {bbox!r}")  # fmt: skip
             continue
         if ann["category_id"] not in categories:
-            report.error(
-                where, f"{ident}: category_id {ann['category_id']} is not in 'categories' {sorted(categories)}"
-            )
+            report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: category_id "
+                         f"{ann['category_id']} is not in 'categories' {sorted(categories)}")  # fmt: skip
             continue
         image = images_ok.get(ann["image_id"])
         if image is None:
-            report.error(where, f"{ident}: image_id {ann['image_id']} is not a usable image of this file")
+            report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: image_id "
+                         f"{ann['image_id']} is not a usable image of this file")  # fmt: skip
             continue
         segmentation = ann.get("segmentation")
-        if isinstance(segmentation, list):
+        if type(segmentation) is list and not all(map(is_polygon, segmentation)):
             short = [len(p) if isinstance(p, list) else 0 for p in segmentation if not is_polygon(p)]
-            if short:
-                report.warning(
-                    where,
-                    f"{ident} (image {image['file_name']}): polygons of {', '.join(map(str, short))} coordinates "
-                    f"are not polygons (3 points or more: 6 numbers, x and y) and are left out of its mask",
-                )
-        missing = [key for key in ("area", "iscrowd") if key not in ann]
-        if missing:
+            report.warning(
+                f"{name} annotations[{i}]",
+                f"annotation id {ann.get('id', '?')} (image {image['file_name']}): polygons of "
+                f"{', '.join(map(str, short))} coordinates are not polygons (3 points or more: 6 numbers, x and y) "
+                "and are left out of its mask",
+            )
+        if "area" not in ann or "iscrowd" not in ann:
+            missing = [key for key in ("area", "iscrowd") if key not in ann]
             report.error(
-                where,
-                f"{ident}: lacks {' and '.join(repr(k) for k in missing)}; COCOeval sorts objects into small, "
-                f"medium and large by 'area' and ignores 'iscrowd' regions, so APs/APm/APl would be wrong. "
-                f"--fix writes them (the area of the polygons, mask or box; iscrowd 0)",
+                f"{name} annotations[{i}]",
+                f"annotation id {ann.get('id', '?')}: lacks {' and '.join(repr(k) for k in missing)}; COCOeval sorts "
+                f"objects into small, medium and large by 'area' and ignores 'iscrowd' regions, so APs/APm/APl would "
+                f"be wrong. --fix writes them (the area of the polygons, mask or box; iscrowd 0)",
             )
             ann = {**ann, "area": ann.get("area", annotation_area(ann, image)), "iscrowd": ann.get("iscrowd", 0)}
         x, y, w, h = bbox
         if w <= 1 or h <= 1:
-            report.warning(where, f"{ident} (image {image['file_name']}): degenerate box {bbox} (dropped for training)")
+            report.warning(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image "
+                           f"{image['file_name']}): degenerate box {bbox} (dropped for training)")  # fmt: skip
         elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
             report.warning(
-                where,
-                f"{ident} (image {image['file_name']}): box {bbox} reaches outside the "
+                f"{name} annotations[{i}]",
+                f"annotation id {ann.get('id', '?')} (image {image['file_name']}): box {bbox} reaches outside the "
                 f"{image['width']}x{image['height']} image (clipped)",
             )
         annotations_ok.append(ann)
