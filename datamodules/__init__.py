@@ -5,7 +5,7 @@ Floors, from the ground up (each module imports only from the floors below it):
 1. formats and images -- ``images`` (decoding files), ``folders`` (the ImageFolder layout),
    ``coco_format`` (COCO's JSON), ``voc_format`` (PASCAL VOC's and ILSVRC's XML), ``records`` (flat
    per-image detection records), ``transforms``, ``samplers``, ``statistics`` (the per-pixel mean),
-   ``image_checks`` (reading every image file for the checks: a process pool, progress);
+   ``image_checks`` (reading every image file for the checks: a thread pool, progress);
 2. validation -- ``validation`` (reports of what would break a run, one function per format);
 3. dataset files and masks -- ``coco_files`` (a COCO dataset's splits and categories), ``masks``
    (semantic masks from instances, and their cache);

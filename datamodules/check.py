@@ -62,7 +62,7 @@ __all__ = ["DataValidationError", "Progress", "check_datamodule", "main"]
 def check_datamodule(datamodule, decode: bool = True, fix: bool = False) -> Iterator[Report]:
     """Every split's report of a configured datamodule, each as soon as it is done: ImageFolder and COCO kinds
     here; any other datamodule with a ``check(decode)`` method returning or yielding its reports (the VOC,
-    ILSVRC DET and CLS-LOC kinds). Images are read in the current ``validation.image_pass``'s processes."""
+    ILSVRC DET and CLS-LOC kinds). Images are read in the current ``image_checks.image_pass``'s threads."""
     if callable(getattr(datamodule, "check", None)):
         yield from datamodule.check(decode=decode)
         return
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a fast pass: existence and size of every file, annotations, classes; no image decoded",
     )
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                        help="processes reading the images (default: the cores this process may use)")  # fmt: skip
+                        help="threads reading the images (default: the cores this process may use)")  # fmt: skip
     if known.config:
         section = (yaml.safe_load(Path(known.config).read_text()) or {}).get("data")
         if section is None:

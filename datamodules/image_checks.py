@@ -1,24 +1,22 @@
-"""Reading image files for the checks: a stat, or a full decode, of every file, in a process pool, with
-progress -- the long part of ``python -m datamodules.check`` (decoding ImageNet's 1.28M files takes hours in
-one process).
+"""Reading image files for the checks: a stat, or a full decode, of every file, in a pool of threads, with
+progress -- the long part of ``python -m datamodules.check`` (decoding ImageNet's 1.28M files takes hours on
+one core).
 
 :func:`image_statuses` reads a list of files; what it finds (:data:`ImageStatus`) is a problem or the decoded
 size, which :func:`status_problem` compares with what an annotation file records. :func:`image_pass` sets,
-for a block, how many processes read and what is told of the progress (:func:`report_progress`); outside
-one everything runs in this process and reports nothing (the datamodules' setup decodes nothing).
+for a block, how many threads read and what is told of the progress (:func:`report_progress`); outside
+one everything runs in the calling thread and reports nothing (the datamodules' setup decodes nothing).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .images import CorruptImageError, read_image
 
@@ -39,7 +37,7 @@ def size_problem(found: tuple[int, int], expected: tuple[int, int]) -> str | Non
     )
 
 
-# -- reading every image: the check's long part, in a process pool, with progress --------------------------
+# -- reading every image: the check's long part, in a pool of threads, with progress -----------------------
 #: What reading one image file found: a problem, the decoded ``(width, height)``, or ``None`` (the file is
 #: there and not empty; not decoded).
 ImageStatus = str | tuple[int, int] | None
@@ -47,7 +45,7 @@ ImageStatus = str | tuple[int, int] | None
 
 @dataclass(frozen=True)
 class ImagePass:
-    """How the checks read image files: ``workers`` processes (1: this one), and ``progress(what, done,
+    """How the checks read image files: ``workers`` threads (1: the calling one), and ``progress(what, done,
     total)`` told how far they are (``total`` ``None``: a step without a count, such as reading a file)."""
 
     workers: int = 1
@@ -59,7 +57,7 @@ _IMAGE_PASS: ContextVar[ImagePass | None] = ContextVar("image_pass", default=Non
 
 @contextmanager
 def image_pass(workers: int = 1, progress: Callable[[str, int, int | None], None] | None = None):
-    """Within this block, the checks read images in ``workers`` processes and report to ``progress``
+    """Within this block, the checks read images in ``workers`` threads and report to ``progress``
     (``python -m datamodules.check``; the datamodules' setup reads no image and reports nothing)."""
     token = _IMAGE_PASS.set(ImagePass(max(1, workers), progress))
     try:
@@ -94,13 +92,11 @@ def _image_status(job: tuple[str, bool]) -> ImageStatus:
     return int(image.shape[-1]), int(image.shape[-2])
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # the pool's processes share the cores: one thread each
-
-
 def image_statuses(paths: Sequence[str | Path], decode: bool, what: str = "images") -> list[ImageStatus]:
     """Each file's :data:`ImageStatus`, in order: a stat (no decoding) or a full decode, in the current
-    :func:`image_pass`'s processes (forked: the decoders need nothing from this process but the paths)."""
+    :func:`image_pass`'s threads. Threads, not processes: PyTorch's decoders and file reads release the GIL
+    (two threads decode twice as fast as one, measured), and nothing is forked from a process whose other
+    threads may hold locks (a forked worker of a multi-threaded process can hang for ever on one)."""
     settings = _IMAGE_PASS.get() or ImagePass()
     jobs = [(str(path), decode) for path in paths]
     total = len(jobs)
@@ -111,8 +107,9 @@ def image_statuses(paths: Sequence[str | Path], decode: bool, what: str = "image
         done = map(_image_status, jobs)
         pool = None
     else:
-        pool = mp.get_context("fork").Pool(settings.workers, initializer=_one_thread)
-        done = pool.imap(_image_status, jobs, chunksize=max(1, min(64, total // (8 * settings.workers))))
+        pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="image-check")
+        chunks = (jobs[start : start + 4096] for start in range(0, total, 4096))  # not a future per file at once
+        done = (status for chunk in chunks for status in pool.map(_image_status, chunk))
     try:
         for status in done:
             statuses.append(status)
@@ -120,7 +117,7 @@ def image_statuses(paths: Sequence[str | Path], decode: bool, what: str = "image
                 report_progress(what, len(statuses), total)
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(cancel_futures=True)
     report_progress(what, total, total)
     return statuses
 
