@@ -4,9 +4,10 @@ the format's own definitions (polygons, boxes, areas) -- nothing here knows abou
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
+
+from .records import collection_paused
 
 LAYOUT_HELP = (
     "Expected COCO's layout: <root>/train2017/*.jpg, <root>/val2017/*.jpg and "
@@ -20,15 +21,11 @@ def read_coco_json(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} does not exist. {LAYOUT_HELP}")
     text = path.read_text()
-    collecting = gc.isenabled()
-    gc.disable()  # the parse makes millions of objects and no cycle: collections during it only cost time
     try:
-        dataset = json.loads(text)
+        with collection_paused():  # the parse makes millions of objects and no cycle
+            dataset = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err}); re-download or regenerate the annotation file") from None
-    finally:
-        if collecting:
-            gc.enable()
     if not isinstance(dataset, dict):
         raise ValueError(f"{path}: a COCO annotation file is a JSON object, not a {type(dataset).__name__}")
     missing = [key for key in ("images", "annotations", "categories") if key not in dataset]

@@ -19,6 +19,7 @@ from zoo_common.distributed import broadcast_object, distributed
 
 from .folders import list_images
 from .images import read_image
+from .records import collection_paused
 from .samplers import RepeatedAugmentationSampler, ResumableSampler
 
 log = logging.getLogger(__name__)
@@ -274,8 +275,10 @@ class SplitLoaders:
         return paths
 
     def setup(self, stage: str) -> None:
-        for split in STAGE_SPLITS.get(stage, ()):
-            self.datasets[split] = self._split(split)
+        # the validation split first: its file lists the classes (COCO's categories), then read once, not twice
+        for split in sorted(STAGE_SPLITS.get(stage, ()), key=lambda split: split != "val"):
+            with collection_paused():  # a split's file is read into flat arrays and freed by reference counts
+                self.datasets[split] = self._split(split)
         if stage == "predict":
             self.datasets["predict"] = self._predict_dataset(self._predict_paths())
 

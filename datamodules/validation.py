@@ -7,11 +7,14 @@ leave the bad items out), and ``python -m datamodules.check`` prints them (decod
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .coco_format import annotation_area, is_number, is_polygon
@@ -135,61 +138,119 @@ def validate_coco(
         seen_files.add(image["file_name"])
         images_ok[image["id"]] = image
     categories = {c.get("id") for c in dataset.get("categories") or [] if isinstance(c, dict)}
-    annotations_ok = []
-    for i, ann in enumerate(annotations):
-        if i % 65536 == 0:
-            report_progress(f"{name}: entries", len(images) + i, entries)
-        if not isinstance(ann, dict) or not ann.keys() >= _ANNOTATION_KEYS:
-            report.error(f"{name} annotations[{i}]", "an annotation needs 'image_id', 'category_id' and 'bbox'")
-            continue
-        bbox = ann["bbox"]
-        if not (type(bbox) is list and len(bbox) == 4 and is_number(bbox[0]) and is_number(bbox[1])
-                and is_number(bbox[2]) and is_number(bbox[3])):  # fmt: skip
-            report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: 'bbox' must be four "
-                         f"numbers [x, y, width, height], got {bbox!r}")  # fmt: skip
-            continue
-        if ann["category_id"] not in categories:
-            report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: category_id "
-                         f"{ann['category_id']} is not in 'categories' {sorted(categories)}")  # fmt: skip
-            continue
-        image = images_ok.get(ann["image_id"])
-        if image is None:
-            report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: image_id "
-                         f"{ann['image_id']} is not a usable image of this file")  # fmt: skip
-            continue
-        segmentation = ann.get("segmentation")
-        if type(segmentation) is list and not all(map(is_polygon, segmentation)):
-            short = [len(p) if isinstance(p, list) else 0 for p in segmentation if not is_polygon(p)]
-            report.warning(
-                f"{name} annotations[{i}]",
-                f"annotation id {ann.get('id', '?')} (image {image['file_name']}): polygons of "
-                f"{', '.join(map(str, short))} coordinates are not polygons (3 points or more: 6 numbers, x and y) "
-                "and are left out of its mask",
-            )
-        if "area" not in ann or "iscrowd" not in ann:
-            missing = [key for key in ("area", "iscrowd") if key not in ann]
-            report.error(
-                f"{name} annotations[{i}]",
-                f"annotation id {ann.get('id', '?')}: lacks {' and '.join(repr(k) for k in missing)}; COCOeval sorts "
-                f"objects into small, medium and large by 'area' and ignores 'iscrowd' regions, so APs/APm/APl would "
-                f"be wrong. --fix writes them (the area of the polygons, mask or box; iscrowd 0)",
-            )
-            ann = {**ann, "area": ann.get("area", annotation_area(ann, image)), "iscrowd": ann.get("iscrowd", 0)}
-        x, y, w, h = bbox
-        if w <= 1 or h <= 1:
-            report.warning(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image "
-                           f"{image['file_name']}): degenerate box {bbox} (dropped for training)")  # fmt: skip
-        elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
-            report.warning(
-                f"{name} annotations[{i}]",
-                f"annotation id {ann.get('id', '?')} (image {image['file_name']}): box {bbox} reaches outside the "
-                f"{image['width']}x{image['height']} image (clipped)",
-            )
-        annotations_ok.append(ann)
+    report_progress(f"{name}: entries", len(images), entries)
+    suspects = annotation_suspects(annotations, images_ok, categories)
+    annotations_ok = list(annotations)
+    for i in suspects.tolist():  # in file order: the report is the one a check of every entry would give
+        annotations_ok[i] = _check_annotation(report, name, i, annotations[i], categories, images_ok)
+    annotations_ok = [ann for ann in annotations_ok if ann is not None]
+    report_progress(f"{name}: entries", entries, entries)
     cleaned = dict(dataset)
     cleaned["images"] = list(images_ok.values())
     cleaned["annotations"] = [a for a in annotations_ok if a["bbox"][2] > 1 and a["bbox"][3] > 1]
     return report, cleaned
+
+
+def annotation_suspects(annotations: list, images_ok: dict, categories: set) -> np.ndarray:
+    """Indices of the annotations :func:`_check_annotation` could report (an error or a warning), found with
+    whole-list operations. Any other annotation passes that check without a word, so checking only these,
+    in file order, gives the report a check of every entry gives -- in a fraction of the time (at COCO's
+    size the per-entry loop was most of a setup). Anything unusual in the file's structure (an entry that
+    is not a dict or lacks a field, a box that is not four numbers) makes every annotation a suspect."""
+    n = len(annotations)
+    every = np.arange(n)
+    try:
+        if n == 0 or set(map(type, annotations)) != {dict}:
+            return every
+        for key in (*_ANNOTATION_KEYS, "area", "iscrowd"):
+            if not all(map(operator.contains, annotations, repeat(key))):
+                return every
+        bboxes = list(map(operator.itemgetter("bbox"), annotations))
+        if set(map(type, bboxes)) != {list} or set(map(len, bboxes)) != {4}:
+            return every
+        if not set(map(type, chain.from_iterable(bboxes))) <= {int, float}:  # no bool, str, None
+            return every
+        x, y, w, h = np.asarray(bboxes, dtype=np.float64).T
+        known = np.fromiter(map(categories.__contains__, map(operator.itemgetter("category_id"), annotations)), bool, n)
+        row_of = {image_id: k for k, image_id in enumerate(images_ok)}
+        image_ids = map(operator.itemgetter("image_id"), annotations)
+        rows = np.fromiter(map(row_of.get, image_ids, repeat(-1)), np.int64, n)
+    except TypeError:  # an unhashable id
+        return every
+    sizes = np.asarray([(image["width"], image["height"]) for image in images_ok.values()] + [(0, 0)], np.float64)
+    width, height = sizes[rows, 0], sizes[rows, 1]
+    suspect = ~known | (rows < 0) | (w <= 1) | (h <= 1) | (x < -1) | (y < -1) | (x + w > width + 1)
+    suspect |= y + h > height + 1
+    segmentations = list(map(dict.get, annotations, repeat("segmentation")))
+    listed = np.flatnonzero(np.fromiter(map(operator.is_, map(type, segmentations), repeat(list)), bool, n))
+    polygons = list(chain.from_iterable(map(segmentations.__getitem__, listed.tolist())))
+    owners = np.repeat(listed, [len(segmentations[k]) for k in listed.tolist()])
+    if set(map(type, polygons)) <= {list}:
+        lengths = np.fromiter(map(len, polygons), np.int64, len(polygons))
+        suspect[owners[(lengths < 6) | (lengths % 2 == 1)]] = True
+    else:
+        suspect[listed] = True
+    return np.flatnonzero(suspect)
+
+
+def _listed(key, listed) -> bool:
+    """``key in listed``, false for an unhashable key (a list where an id belongs)."""
+    try:
+        return key in listed
+    except TypeError:
+        return False
+
+
+def _check_annotation(report: Report, name: str, i: int, ann, categories: set, images_ok: dict) -> dict | None:
+    """Annotation ``i`` checked one by one: its problems reported; ``None`` for an error, else the entry
+    (with ``area``/``iscrowd`` filled in when missing)."""
+    if not isinstance(ann, dict) or not ann.keys() >= _ANNOTATION_KEYS:
+        report.error(f"{name} annotations[{i}]", "an annotation needs 'image_id', 'category_id' and 'bbox'")
+        return None
+    bbox = ann["bbox"]
+    if not (type(bbox) is list and len(bbox) == 4 and is_number(bbox[0]) and is_number(bbox[1])
+            and is_number(bbox[2]) and is_number(bbox[3])):  # fmt: skip
+        report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: 'bbox' must be four "
+                     f"numbers [x, y, width, height], got {bbox!r}")  # fmt: skip
+        return None
+    if not _listed(ann["category_id"], categories):
+        report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: category_id "
+                     f"{ann['category_id']} is not in 'categories' {sorted(categories)}")  # fmt: skip
+        return None
+    image = images_ok.get(ann["image_id"]) if _listed(ann["image_id"], images_ok) else None
+    if image is None:
+        report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: image_id "
+                     f"{ann['image_id']} is not a usable image of this file")  # fmt: skip
+        return None
+    segmentation = ann.get("segmentation")
+    if type(segmentation) is list and not all(map(is_polygon, segmentation)):
+        short = [len(p) if isinstance(p, list) else 0 for p in segmentation if not is_polygon(p)]
+        report.warning(
+            f"{name} annotations[{i}]",
+            f"annotation id {ann.get('id', '?')} (image {image['file_name']}): polygons of "
+            f"{', '.join(map(str, short))} coordinates are not polygons (3 points or more: 6 numbers, x and y) "
+            "and are left out of its mask",
+        )
+    if "area" not in ann or "iscrowd" not in ann:
+        missing = [key for key in ("area", "iscrowd") if key not in ann]
+        report.error(
+            f"{name} annotations[{i}]",
+            f"annotation id {ann.get('id', '?')}: lacks {' and '.join(repr(k) for k in missing)}; COCOeval sorts "
+            f"objects into small, medium and large by 'area' and ignores 'iscrowd' regions, so APs/APm/APl would "
+            f"be wrong. --fix writes them (the area of the polygons, mask or box; iscrowd 0)",
+        )
+        ann = {**ann, "area": ann.get("area", annotation_area(ann, image)), "iscrowd": ann.get("iscrowd", 0)}
+    x, y, w, h = bbox
+    if w <= 1 or h <= 1:
+        report.warning(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image "
+                       f"{image['file_name']}): degenerate box {bbox} (dropped for training)")  # fmt: skip
+    elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+        report.warning(
+            f"{name} annotations[{i}]",
+            f"annotation id {ann.get('id', '?')} (image {image['file_name']}): box {bbox} reaches outside the "
+            f"{image['width']}x{image['height']} image (clipped)",
+        )
+    return ann
 
 
 def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:

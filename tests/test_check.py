@@ -163,3 +163,94 @@ def test_progress_on_a_terminal_and_in_a_log(monkeypatch):
         "images: 600/1,000 (20/s, 0:00:30 elapsed, 0:00:20 left)",
         "images: 1,000/1,000 (25/s, 0:00:40 elapsed)",
     ]
+
+
+def _messy_annotations() -> dict:
+    """Annotations with every kind of problem the per-entry check reports, between clean ones."""
+    images = [{"id": i, "file_name": f"{i}.jpg", "width": 40, "height": 30} for i in (3, 7, 11)]
+    triangle = [1.0, 1.0, 20.0, 1.0, 10.0, 15.0]
+    rle = {"size": [30, 40], "counts": [5, 10, 1185]}
+    kinds = [
+        {"bbox": [1, 2, 10, 12], "segmentation": [triangle]},  # clean, integer box
+        {"bbox": [1.5, 2.5, 10.0, 12.0], "segmentation": rle, "iscrowd": 1},  # clean crowd
+        {"bbox": [1.0, 2.0, 10.0, 12.0]},  # clean, no segmentation
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "segmentation": []},  # clean, no polygon
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "category_id": 99},  # unknown category
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "image_id": 5},  # no such image
+        {"bbox": [1.0, 2.0, 0.5, 12.0]},  # degenerate
+        {"bbox": [1.0, 2.0, 10.0, 1.0]},  # degenerate (exactly one pixel)
+        {"bbox": [-2.0, 2.0, 10.0, 12.0]},  # outside, left
+        {"bbox": [35.0, 2.0, 10.0, 12.0]},  # outside, right
+        {"bbox": [1.0, 25.0, 10.0, 12.0]},  # outside, bottom
+        {"bbox": [1.0, 2.0, float("inf"), 12.0]},  # outside: infinite
+        {"bbox": [float("nan"), 2.0, 10.0, 12.0]},  # NaN: no comparison holds, as one by one
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "segmentation": [triangle, [1.0, 2.0, 3.0, 4.0]]},  # short polygon
+        {"bbox": [1.0, 2.0, 10.0, 12.0], "segmentation": [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]]},  # odd
+    ]
+    annotations = []
+    for k, extra in enumerate(kinds * 3):
+        ann = {"id": k + 1, "image_id": images[k % 3]["id"], "category_id": 1, "area": 50.0, "iscrowd": 0}
+        annotations.append({**ann, **extra})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "a"}]}
+
+
+def _structural(data: dict, change) -> dict:
+    data = json.loads(json.dumps(data))  # (NaN and inf survive Python's json)
+    change(data["annotations"])
+    return data
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda anns: None,
+        lambda anns: anns[4].pop("area"),  # lacks a field COCOeval reads
+        lambda anns: anns[5].pop("bbox"),
+        lambda anns: anns[6]["bbox"].__setitem__(0, True),  # a bool is not a number
+        lambda anns: anns[7]["bbox"].__setitem__(1, "2"),
+        lambda anns: anns[8]["bbox"].append(3.0),
+        lambda anns: anns[9].__setitem__("category_id", [1]),  # unhashable
+        lambda anns: anns[10]["segmentation"].append(7) if isinstance(anns[10].get("segmentation"), list) else None,
+        lambda anns: anns[13]["segmentation"].append(None),
+        lambda anns: anns.insert(2, "not an annotation"),
+    ],
+    ids=[
+        "as is",
+        "no area",
+        "no bbox",
+        "bool",
+        "str",
+        "five",
+        "unhashable",
+        "number polygon",
+        "None polygon",
+        "not a dict",
+    ],  # fmt: skip
+)
+def test_screened_annotations_give_the_report_of_checking_every_one(change, monkeypatch):
+    """``validate_coco`` checks one by one only the annotations the whole-list screen flags: the report and
+    the cleaned copy equal those of checking every annotation, on each kind of problem and structure."""
+    from datamodules import validation
+
+    data = _structural(_messy_annotations(), change)
+    screened = validation.validate_coco(data, Path("instances.json"))
+    monkeypatch.setattr(validation, "annotation_suspects", lambda anns, *_: __import__("numpy").arange(len(anns)))
+    every = validation.validate_coco(data, Path("instances.json"))
+    assert screened[0].text(limit=1000) == every[0].text(limit=1000)
+    assert screened[0].problems, "the messy file has problems"
+    assert json.dumps(screened[1]) == json.dumps(every[1])
+
+
+def test_the_screen_leaves_clean_annotations_out():
+    """On clean annotations (the four clean kinds above) the screen flags none: nothing is checked one by one;
+    on the others it flags all but the NaN box (which no comparison flags, one by one either)."""
+    from datamodules.validation import annotation_suspects
+
+    data = _messy_annotations()
+    clean = [ann for ann in data["annotations"] if ann["id"] % 15 in (1, 2, 3, 4)]
+    images = {image["id"]: image for image in data["images"]}
+    assert len(clean) == 12
+    assert annotation_suspects(clean, images, {1}).tolist() == []
+    assert annotation_suspects(data["annotations"], images, {1}).tolist() == [
+        k for k, ann in enumerate(data["annotations"]) if ann["id"] % 15 not in (1, 2, 3, 4, 13)
+    ]

@@ -162,6 +162,46 @@ def test_setup_reads_the_image_folders_listing_not_each_file(tmp_path, monkeypat
         COCODetectionDataModule(str(root), num_workers=0).setup("fit")
 
 
+@pytest.mark.parametrize("task", ["detection", "segmentation"])
+def test_setup_parses_each_annotation_file_once_with_the_collector_paused(task, tmp_path, monkeypatch):
+    """``setup("fit")`` parses the validation file (which lists the classes) and the training file once each,
+    and the cyclic garbage collector is paused while they are parsed, checked and turned into records (a
+    collection would visit every object of a parsed file: at COCO's size most of a setup's time)."""
+    import gc
+
+    from datamodules import coco_detection, coco_files
+
+    root = write_coco(tmp_path / "coco", train_images=4, val_images=2)
+    parsed, collecting = [], []
+
+    def spy(module, name, record):
+        real = getattr(module, name)
+
+        def spied(*args, **kwargs):
+            record(args)
+            collecting.append(gc.isenabled())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spied)
+
+    spy(coco_files, "read_coco_json", lambda a: parsed.append(Path(a[0]).name))
+    spy(coco_files, "validate_coco", lambda a: None)
+    if task == "detection":
+        spy(coco_detection, "coco_records", lambda a: None)
+        COCODetectionDataModule(str(root), num_workers=0).setup("fit")
+    else:
+        real = InstanceRegions.from_dataset
+        monkeypatch.setattr(
+            InstanceRegions, "from_dataset", staticmethod(lambda d: collecting.append(gc.isenabled()) or real(d))
+        )
+        COCOSegmentationDataModule(str(root), categories="all", num_workers=0, cache_dir=str(tmp_path / "masks")).setup(
+            "fit"
+        )
+    assert parsed == ["instances_val2017.json", "instances_train2017.json"]
+    assert len(collecting) == 6 and not any(collecting)
+    assert gc.isenabled()
+
+
 def test_the_checks_run_once_per_file_and_folder(tmp_path, monkeypatch):
     """A second setup (a requeued job) does not check the same file again; an edited file, or a file gone
     from the folder, is checked again; a file with errors is never marked."""
