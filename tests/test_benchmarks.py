@@ -289,3 +289,21 @@ def test_prefetcher_keeps_order_reraises_and_stops():
     while any(t.name == "cuda-prefetch" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "cuda-prefetch" for t in threading.enumerate())
+
+
+def test_dataset_scale_benchmark_runs_every_measure_beside_its_reference(tmp_path, monkeypatch, capsys):
+    """At a tiny fraction: each COCO and ImageFolder measure beside its reference, in the JSON it prints."""
+    from benchmarks import dataset_scale
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rows = dataset_scale.main(["--fraction", "0.0002", "--classes", "8", "--passes", "2", "--skip", "check",
+                               "--root", str(tmp_path)])  # fmt: skip
+    setup, detection, segmentation, folder = rows
+    assert setup["measure"] == "coco_setup" and setup["ours_s"] > 0 and setup["pycocotools_s"] > 0
+    assert detection["samples"] == segmentation["samples"] == 24  # every training image has instances here
+    for row in (detection, segmentation):
+        assert len(row["ours_passes_mib"]) == len(row["paths_passes_mib"]) == 2
+        assert row["allowed_mib"] == row["paths_worker_growth_mib"] + 0.1 * row["dataset_mib"]
+    assert len(segmentation["same_work_passes_mib"]) == 2 and "same_work_worker_growth_mib" not in detection
+    assert folder["measure"] == "imagefolder_setup" and folder["ratio"] > 0
+    assert capsys.readouterr().out.count('"benchmark": "dataset_scale"') == 4
