@@ -96,6 +96,8 @@ class COCODetectionDataModule(DetectionDataModule):
     #: what ``data.root`` must hold (named by command-line errors)
     layout = LAYOUT_HELP
     protocol = "coco"
+    #: the validation file lists the classes: read first, it is parsed once, not twice
+    first_split = "val"
 
     def __init__(
         self,

@@ -30,7 +30,8 @@ CHECKS_VERSION = "1"
 def validation_mark(path: Path, images_dir: Path | None) -> Path:
     """The file that says ``path`` passed the checks: keyed by its path, size and modification time and the
     image folder's (a file added to or removed from the folder changes its modification time)."""
-    parts = [CHECKS_VERSION, str(path.resolve()), str(path.stat().st_size), str(path.stat().st_mtime_ns)]
+    stat = path.stat()
+    parts = [CHECKS_VERSION, str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
     if images_dir is not None and images_dir.is_dir():
         parts += [str(images_dir.resolve()), str(images_dir.stat().st_mtime_ns)]
     return user_cache("validated") / f"{hashlib.sha1('|'.join(parts).encode()).hexdigest()}.ok"

@@ -51,6 +51,16 @@ def xywh_to_xyxy_clipped(bbox, width: int, height: int) -> tuple[float, float, f
     return x1, y1, x2, y2
 
 
+def compressed_rle(rle: dict, height: int, width: int) -> dict:
+    """A COCO RLE with compressed ``counts`` (crowds carry uncompressed lists of counts), as pycocotools'
+    mask functions take it; its ``size`` defaults to the image's."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(rle["counts"], list):
+        return mask_utils.frPyObjects(rle, *rle.get("size", (height, width)))
+    return rle
+
+
 def annotation_area(ann: dict, image: dict) -> float:
     """An annotation's area as COCO defines it: of its mask (polygons, RLE), else of its box."""
     from pycocotools import mask as mask_utils
@@ -62,8 +72,5 @@ def annotation_area(ann: dict, image: dict) -> float:
             rles = mask_utils.frPyObjects(polygons, image["height"], image["width"])
             return float(mask_utils.area(mask_utils.merge(rles)))
     elif isinstance(segmentation, dict) and "counts" in segmentation:
-        rle = segmentation
-        if isinstance(rle["counts"], list):
-            rle = mask_utils.frPyObjects(rle, *rle["size"])
-        return float(mask_utils.area(rle))
+        return float(mask_utils.area(compressed_rle(segmentation, image["height"], image["width"])))
     return float(ann["bbox"][2] * ann["bbox"][3])

@@ -74,7 +74,7 @@ class COCOSegmentationDataset(Dataset):
         self.skip_corrupt = skip_corrupt
         rows = np.arange(len(regions))
         if train:
-            rows = np.asarray([i for i in rows if regions.annotated_area(i, classes) > min_area], dtype=np.int64)
+            rows = np.flatnonzero(regions.annotated_areas(classes) > min_area)
             if len(rows) < len(regions):
                 log.info("%s: %d of %d images skipped for training (annotated area <= %s pixels)",
                          self.images_dir, len(regions) - len(rows), len(regions), min_area)  # fmt: skip
@@ -241,8 +241,10 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     def _split(self, split: str) -> COCOSegmentationDataset:
         dataset = self.files.read(split, drop_invalid=self.hparams.drop_invalid)
         images, annotations = self.files.split_files(split)
-        if self.hparams.categories == "all" and self._classes is None:
-            self._classes = category_classes(dataset["categories"], "all")
+        if self._classes is None:  # the class list from the first file read (not the validation file parsed again)
+            if self.hparams.categories == "voc":
+                check_voc_categories(dataset["categories"], str(annotations))
+            self._classes = category_classes(dataset["categories"], self.hparams.categories)
         unknown = unlisted_categories(dataset, self.label_set[0])
         if self.hparams.categories == "all" and unknown:  # they would become background without a word
             raise DataValidationError(

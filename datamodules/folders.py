@@ -32,11 +32,14 @@ def scan_folder(directory: Path | str) -> tuple[list[str], Counter]:
     others: Counter = Counter()
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if is_image_file(name):
-                found.append(os.path.join(dirpath, name))
-            elif not name.startswith("."):
-                others[os.path.splitext(name)[1].lower() or name] += 1
+        names = sorted(filenames)
+        images = [name for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]  # is_image_file, inlined
+        prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join's, per folder
+        found.extend(map(prefix.__add__, images))
+        if len(images) < len(names):
+            for name in names:
+                if not is_image_file(name) and not name.startswith("."):
+                    others[os.path.splitext(name)[1].lower() or name] += 1
     return found, others
 
 

@@ -229,6 +229,8 @@ class SplitLoaders:
     """
 
     datasets: dict[str, Dataset]
+    #: the split ``setup`` builds first (the training split: ImageFolder's classes come from it)
+    first_split: str = "train"
 
     def _check_split(self, split: str) -> None:
         """Raise, naming the path and the fix, when a file or folder ``split`` reads is missing (no parsing)."""
@@ -275,8 +277,7 @@ class SplitLoaders:
         return paths
 
     def setup(self, stage: str) -> None:
-        # the validation split first: its file lists the classes (COCO's categories), then read once, not twice
-        for split in sorted(STAGE_SPLITS.get(stage, ()), key=lambda split: split != "val"):
+        for split in sorted(STAGE_SPLITS.get(stage, ()), key=lambda split: split != self.first_split):
             with collection_paused():  # a split's file is read into flat arrays and freed by reference counts
                 self.datasets[split] = self._split(split)
         if stage == "predict":

@@ -17,7 +17,7 @@ import torch
 
 from zoo_common.cache import user_cache
 
-from .coco_format import is_polygon
+from .coco_format import compressed_rle, is_polygon
 from .records import offsets, pack, unpack
 from .validation import DataValidationError
 
@@ -71,11 +71,7 @@ MaskRules = Literal["default", "torchvision"]
 
 def _rle_of(segmentation: dict, height: int, width: int) -> bytes:
     """A COCO RLE (compressed, or uncompressed ``counts`` lists as crowds carry them) as compressed bytes."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation["counts"], list):
-        segmentation = mask_utils.frPyObjects(segmentation, *segmentation.get("size", (height, width)))
-    counts = segmentation["counts"]
+    counts = compressed_rle(segmentation, height, width)["counts"]
     return counts if isinstance(counts, bytes) else counts.encode()
 
 
@@ -181,10 +177,12 @@ class InstanceRegions:
             return np.zeros((height, width), dtype=bool)
         return mask_utils.decode(rle).astype(bool)
 
-    def annotated_area(self, index: int, classes: dict[int, int]) -> float:
-        """The summed ``area`` of image ``index``'s annotations of the label set."""
-        rows = self.annotations(index)
-        return float(sum(self.areas[j] for j in rows if int(self.categories[j]) in classes))
+    def annotated_areas(self, classes: dict[int, int]) -> np.ndarray:
+        """Each image's summed ``area`` of its annotations of the label set (float64 [n], file order within an
+        image, as a loop would add them)."""
+        listed = np.isin(self.categories, list(classes))
+        image = np.repeat(np.arange(len(self)), np.diff(self.ann_offsets))
+        return np.bincount(image[listed], weights=self.areas[listed], minlength=len(self))
 
 
 def semantic_mask(regions: InstanceRegions, index: int, classes: dict[int, int], rules: MaskRules = "default"):

@@ -1,6 +1,7 @@
-"""``python -m datamodules.check`` at scale: a process pool, progress as it goes, each split's report as soon as
-it is done -- and, on one tree per format with one of each kind of bad input, the same reports as the
-single-process check that came before (``tests/check_reports.txt``, written by the check of commit 45c4ac0)."""
+"""``python -m datamodules.check`` at scale: a thread pool reading the images, progress as it goes, each split's
+report as soon as it is done -- and, on one tree per format with one of each kind of bad input, the same reports
+as the single-process check that came before (``tests/check_reports.txt``, written by the check of commit
+45c4ac0); the whole-list screen of COCO annotations gives the report of checking every one."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def reports(root: Path, extra: list[str], capsys) -> str:
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_reports_equal_the_single_process_check_before_it(workers, tmp_path, capsys):
-    """The pool reads the files in other processes and the reports still come out exactly as before, in
+    """The pool reads the files in other threads and the reports still come out exactly as before, in
     order, for every format and every kind of bad input (decoded and with ``--no_decode``)."""
     assert reports(tmp_path, ["--workers", str(workers)], capsys) == GOLDEN.read_text()
 

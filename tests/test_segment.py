@@ -145,6 +145,8 @@ def test_voc_refuses_a_file_whose_ids_are_not_cocos(coco, tmp_path):
     dm = COCOSegmentationDataModule(str(coco), categories="voc", num_workers=0, cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match=r"names id 3 'circle' \(COCO's is 'car'\).*data.categories: all"):
         dm.setup("validate")
+    with pytest.raises(ValueError, match=r"instances_train2017.json names id 3 'circle' \(COCO's is 'car'\)"):
+        COCOSegmentationDataModule(str(coco), categories="voc", num_workers=0).setup("fit")  # checked as read
     assert COCOSegmentationDataModule(str(coco), categories="all", num_workers=0).num_classes == 6
 
 
