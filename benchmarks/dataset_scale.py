@@ -17,14 +17,16 @@ Each measurement runs in a fresh process (``fork``), one JSON line each:
   peak over the process's size before (modules imported first; peak RSS by ``getrusage``, a lower bound
   of the added memory when the process was larger before it forked).
 - ``worker_memory`` (detection and segmentation): a loader worker's private memory (``/proc/self/smaps_rollup``
-  ``Private_*``) grows while it reads every sample of the training set once -- in ``--passes`` passes, each
-  a new worker (the first one, segmentation's, rasterizes and caches the masks): the median and each pass;
-  the same for a reference dataset holding only a numpy array of the file paths and reading the same
-  images. ``allowed`` is the reference's growth plus 10 % of what the dataset added to the parent process.
-  Segmentation also beside a reference doing its per-sample work from paths alone
-  (``same_work_*``: image and cached mask paths in numpy arrays, the same transforms), which tells the
-  records' cost from the work's (resizing, cropping, PNG decoding warm up the worker's allocator).
-- ``check``: ``python -m datamodules.check`` on the COCO tree with a process per core against one process
+  ``Private_*``) grows while it reads every sample of the training set once; the same for a reference
+  dataset holding only a numpy array of the file paths and reading the same images. ``allowed`` is the
+  reference's growth plus 10 % of what the dataset added to the parent process. Each is measured in
+  ``--passes`` fresh processes (one builds the dataset and forks the worker): the median and each value --
+  the growth varies by a few MiB from one process to the next (where the parent's freed memory lies) and
+  hardly within one. The first segmentation pass rasterizes and caches the masks, the others read them.
+  Segmentation also beside a reference doing its per-sample work from paths alone (``same_work_*``: image
+  and cached mask paths in numpy arrays, the same transforms), which tells the records' cost from the
+  work's (resizing, cropping and PNG decoding warm up the worker's allocator).
+- ``check``: ``python -m datamodules.check`` on the COCO tree with a thread per core (``--workers``) against one thread
   (``speedup``), writing to a pipe as in a batch job: seconds to its first line, to the check's start (the
   imports done, the annotation file being read), from there to its first count, and in all; and with
   ``--no_decode``.
@@ -234,9 +236,8 @@ class SameWorkDataset:
         return self.transform(tv_tensors.Image(read_image(str(self.paths[index]))), tv_tensors.Mask(mask))
 
 
-def _worker_growth(build, passes: int = 1) -> dict:
-    """Build a dataset (its cost to the parent), then a fork worker reads every sample once, ``passes``
-    times (a new worker each)."""
+def _worker_growth(build) -> dict:
+    """Build a dataset (its cost to the parent), then a fork worker reads every sample once."""
 
     import datamodules
 
@@ -250,12 +251,16 @@ def _worker_growth(build, passes: int = 1) -> dict:
     from datamodules.loading import SharedHeapLoader  # the training loaders' class, for both datasets
 
     loader = SharedHeapLoader(_Probe(dataset), batch_size=None, num_workers=1, multiprocessing_context="fork")
-    growth = []
-    for _ in range(passes):
-        marks = [m for m in loader if m is not None]
-        growth.append((marks[-1] - marks[0]) / 1024)
-    return {"worker_growth_mib": float(np.median(growth)), "passes_mib": growth, "dataset_mib": added / 1024,
-            "samples": len(dataset)}  # fmt: skip
+    marks = [m for m in loader if m is not None]
+    return {"worker_growth_mib": (marks[-1] - marks[0]) / 1024, "dataset_mib": added / 1024, "samples": len(dataset)}
+
+
+def _median_growth(build, passes: int) -> dict:
+    """:func:`_worker_growth` in ``passes`` fresh processes: the median growth, each one, the dataset's size."""
+    runs = [_in_child(_worker_growth, build) for _ in range(passes)]
+    growth = [run["worker_growth_mib"] for run in runs]
+    return {**runs[0], "worker_growth_mib": float(np.median(growth)), "passes_mib": growth,
+            "dataset_mib": float(np.median([run["dataset_mib"] for run in runs]))}  # fmt: skip
 
 
 def _dataset(root: str, kind: str, cache: str):
@@ -314,10 +319,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                          "ratio": ours["s"] / reference["s"], "ratio_again": again["s"] / reference["s"],
                          "ours_added_mib": ours["peak_added_mib"],
                          "pycocotools_added_mib": reference["peak_added_mib"]})  # fmt: skip
-            paths = _in_child(_worker_growth, lambda: PathsDataset(Path(coco) / "train2017"), args.passes)
+            paths = _median_growth(lambda: PathsDataset(Path(coco) / "train2017"), args.passes)
             masks = str(root / "masks")
             for kind in ("detection", "segmentation"):
-                got = _in_child(_worker_growth, lambda kind=kind: _dataset(coco, kind, masks), args.passes)
+                got = _median_growth(lambda kind=kind: _dataset(coco, kind, masks), args.passes)
                 allowed = paths["worker_growth_mib"] + 0.1 * got["dataset_mib"]
                 row = {"benchmark": "dataset_scale", "measure": "worker_memory", "dataset": kind,
                        "fraction": args.fraction, "samples": got["samples"], "passes": args.passes,
@@ -326,7 +331,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                        "dataset_mib": got["dataset_mib"], "allowed_mib": allowed,
                        "within": got["worker_growth_mib"] <= allowed}  # fmt: skip
                 if kind == "segmentation":
-                    work = _in_child(_worker_growth, lambda: SameWorkDataset(_dataset(coco, "seg", masks)), args.passes)
+                    work = _median_growth(lambda: SameWorkDataset(_dataset(coco, "seg", masks)), args.passes)
                     bound = work["worker_growth_mib"] + 0.1 * got["dataset_mib"]
                     row.update({"same_work_worker_growth_mib": work["worker_growth_mib"],
                                 "same_work_passes_mib": work["passes_mib"], "same_work_allowed_mib": bound,
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fraction", type=float, default=0.125, help="of train2017 and ImageNet (1 = full)")
     parser.add_argument("--root", default=None, help="where to write the data (default: a temporary folder)")
     parser.add_argument("--classes", type=int, default=1000, help="ImageFolder classes")
-    parser.add_argument("--passes", type=int, default=3, help="worker_memory: passes over the training set")
+    parser.add_argument("--passes", type=int, default=3, help="worker_memory: processes measured (median)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["coco", "check", "imagefolder"])
     parser.add_argument(
         "--image_size",
