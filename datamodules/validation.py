@@ -101,14 +101,13 @@ def validate_coco(
         on_disk = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
         if not images_dir.is_dir():
             report.error(str(images_dir), "the image folder does not exist")
-    images = dataset.get("images") or []
+    images, annotations = (_entries(dataset, key, report, name) for key in ("images", "annotations"))
     status: dict[str, ImageStatus] = {}
     if on_disk is not None and images_dir.is_dir() and (decode or sizes):
         named = (image.get("file_name") for image in images if isinstance(image, dict))
         files = [f for f in dict.fromkeys(named) if isinstance(f, str) and (f in on_disk or (images_dir / f).exists())]
         status = dict(zip(files, image_statuses([images_dir / f for f in files], decode, f"{name}: images")))
-    annotations = dataset.get("annotations") or []
-    entries = len(images) + len(annotations) if isinstance(images, list) and isinstance(annotations, list) else None
+    entries = len(images) + len(annotations)
     report.checked["images"] = len(images)  # (counted first: the per-entry loops below are the setup's cost)
     report.checked["annotations"] = len(annotations)
     folder = on_disk is not None and images_dir.is_dir()
@@ -149,6 +148,15 @@ def validate_coco(
     cleaned["images"] = list(images_ok.values())
     cleaned["annotations"] = [a for a in annotations_ok if a["bbox"][2] > 1 and a["bbox"][3] > 1]
     return report, cleaned
+
+
+def _entries(dataset: dict, key: str, report: Report, name: str) -> list:
+    """The file's ``images`` or ``annotations`` list; anything else is an error, and no entries."""
+    value = dataset.get(key) or []
+    if isinstance(value, list):
+        return value
+    report.error(f"{name} {key}", f"'{key}' must be a list of objects, got a {type(value).__name__}")
+    return []
 
 
 def annotation_suspects(annotations: list, images_ok: dict, categories: set) -> np.ndarray:

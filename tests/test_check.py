@@ -242,6 +242,18 @@ def test_screened_annotations_give_the_report_of_checking_every_one(change, monk
     assert json.dumps(screened[1]) == json.dumps(every[1])
 
 
+@pytest.mark.parametrize("value", [{"1": {}}, "annotations", 5])
+def test_annotations_that_are_not_a_list_are_one_error(value):
+    from datamodules.validation import validate_coco
+
+    data = {**_messy_annotations(), "annotations": value}
+    report, cleaned = validate_coco(data, Path("instances.json"))
+    assert [str(p) for p in report.errors] == [
+        f"ERROR   instances.json annotations: 'annotations' must be a list of objects, got a {type(value).__name__}"
+    ]
+    assert cleaned["annotations"] == [] and len(cleaned["images"]) == 3
+
+
 def test_the_screen_leaves_clean_annotations_out():
     """On clean annotations (the four clean kinds above) the screen flags none: nothing is checked one by one;
     on the others it flags all but the NaN box (which no comparison flags, one by one either)."""
