@@ -15,23 +15,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zoo_common.checkpoints import WeightsError, backbone_state, read_task_checkpoint
+
 from . import build_backbone
-from .weights import WeightsError, apply_weights, backbone_subset, save_weights, torch_load_safe
+from .weights import apply_weights, save_weights
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    raw = torch_load_safe(Path(checkpoint), f"checkpoint {checkpoint}")
-    hparams = raw.get("hyper_parameters") or {} if isinstance(raw, dict) else {}
-    name = hparams.get("backbone")
-    if not name or "state_dict" not in raw:
+    """Write the backbone of the task checkpoint ``checkpoint`` to ``out`` (``.safetensors`` or ``.pth``)."""
+    try:
+        record = read_task_checkpoint(checkpoint)
+    except FileNotFoundError:
+        raise WeightsError(f"checkpoint {checkpoint}: not a readable file (it does not exist)") from None
+    name = record.hyper_parameters.get("backbone")
+    if not name:
         raise WeightsError(f"{checkpoint}: not a checkpoint of this project's tasks (no backbone name recorded)")
-    recorded = raw.get("backbone") if isinstance(raw.get("backbone"), dict) else {}
-    state = backbone_subset(raw["state_dict"], recorded.get("keys"))
+    state = backbone_state(record.state_dict, record.backbone.get("keys"))
     num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 0
-    net = build_backbone(
-        name, num_classes=num_classes, **(recorded.get("options") or hparams.get("backbone_args") or {})
-    )
-    apply_weights(net, state, what=str(checkpoint), architecture=recorded.get("architecture"))
+    options = record.backbone.get("options") or record.hyper_parameters.get("backbone_args") or {}
+    net = build_backbone(name, num_classes=num_classes, **options)
+    apply_weights(net, state, what=str(checkpoint), architecture=record.backbone.get("architecture"))
     return save_weights(net, out)
 
 

@@ -17,7 +17,6 @@ already ours. A load is all or nothing: missing, unexpected or mis-shaped keys r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import pickle
 import re
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from zoo_common.checkpoints import WeightsError, backbone_state, task_checkpoint, torch_load_safe
 
 from .blocks import PREACT_UNITS
 
@@ -50,10 +51,6 @@ _NOT_ARCHITECTURE = ("norm", "output_stride", "zero_init_residual", "num_classes
 _CLASSIFIER_KEYS = ("fc.weight", "fc.bias")
 
 
-class WeightsError(ValueError):
-    """A weights source that cannot be read or does not fit the network."""
-
-
 @dataclass
 class LoadReport:
     """What :func:`load_weights` did."""
@@ -64,24 +61,6 @@ class LoadReport:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def torch_load_safe(source: str | Path | object, what: str, mmap: bool = False) -> object:
-    """``torch.load`` restricted to tensors and plain containers (plus ``argparse.Namespace``): a file
-    holding other Python objects is refused with :class:`WeightsError` naming ``what``, never executed.
-    ``mmap``: map the tensors instead of reading them (to look at a checkpoint's counters cheaply)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(
-            f"{what}: refused to load. The file holds Python objects other than tensors and plain "
-            f"containers, and weights are only read with torch.load(weights_only=True) so that a file "
-            f"cannot run code ({first}). If you trust it, re-save just its state_dict (or as .safetensors)."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise WeightsError(f"{what}: not a readable PyTorch file ({type(err).__name__}: {err})") from None
-
-
 def _download(url: str, what: str, check_hash: bool = False) -> dict[str, Tensor]:
     try:
         return torch.hub.load_state_dict_from_url(
@@ -143,7 +122,7 @@ def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[di
 
     The metadata holds what the source records: ``checkpoint_backbone`` (the zoo name in a task
     checkpoint or an exported file), ``architecture`` (its builder options, see :func:`check_architecture`),
-    ``backbone_keys`` (where a task checkpoint keeps the backbone, see :func:`backbone_subset`),
+    ``backbone_keys`` (where a task checkpoint keeps the backbone, see :func:`zoo_common.checkpoints.backbone_state`),
     ``class_names`` and ``category_ids`` (a task's label set), ``categories`` (torchvision's class names).
     """
     what = f"weights={str(source)!r}"
@@ -188,23 +167,23 @@ def read_state_dict(source: str | Path, net_name: str | None = None) -> tuple[di
 
 
 def _unwrap(raw: object, what: str, meta: dict) -> dict[str, Tensor]:
-    """Find the state dict inside a Lightning checkpoint, a training checkpoint or a bare state dict."""
+    """Find the state dict inside a task checkpoint (``zoo_common.checkpoints``), a training checkpoint or a
+    bare state dict; a task checkpoint's backbone name, label set and backbone record go into ``meta``."""
     if not isinstance(raw, dict):
         raise WeightsError(f"{what}: expected a state dict (a mapping of names to tensors), got {type(raw).__name__}")
     if "state_dict" in raw and isinstance(raw["state_dict"], dict):  # Lightning (or timm train) checkpoint
-        hparams = raw.get("hyper_parameters") or {}
-        if isinstance(hparams, dict) and isinstance(hparams.get("backbone"), str):
-            meta["checkpoint_backbone"] = hparams["backbone"]
-        for key in ("class_names", "category_ids"):  # label sets recorded by this project's tasks
-            if raw.get(key):
-                meta[key] = list(raw[key])
-        recorded = raw.get("backbone")  # what a task records about its backbone (tasks.base)
-        if isinstance(recorded, dict):
-            if isinstance(recorded.get("architecture"), dict):
-                meta["architecture"] = dict(recorded["architecture"])
-            if isinstance(recorded.get("keys"), dict):
-                meta["backbone_keys"] = dict(recorded["keys"])
-        return raw["state_dict"]
+        checkpoint = task_checkpoint({"hyper_parameters": {}, **raw}, Path(what))
+        if isinstance(checkpoint.hyper_parameters.get("backbone"), str):
+            meta["checkpoint_backbone"] = checkpoint.hyper_parameters["backbone"]
+        if checkpoint.class_names:
+            meta["class_names"] = checkpoint.class_names
+        if checkpoint.category_ids:
+            meta["category_ids"] = checkpoint.category_ids
+        if isinstance(checkpoint.backbone.get("architecture"), dict):
+            meta["architecture"] = dict(checkpoint.backbone["architecture"])
+        if isinstance(checkpoint.backbone.get("keys"), dict):
+            meta["backbone_keys"] = dict(checkpoint.backbone["keys"])
+        return checkpoint.state_dict
     if "model" in raw and isinstance(raw["model"], dict):  # torchvision reference-script checkpoint
         return raw["model"]
     bad = [k for k, v in raw.items() if not isinstance(v, Tensor)]
@@ -231,31 +210,6 @@ def safetensors_metadata(path: Path) -> dict:
         except json.JSONDecodeError:
             pass
     return meta
-
-
-def backbone_subset(state: dict[str, Tensor], keys: dict[str, str] | None = None) -> dict[str, Tensor]:
-    """The backbone's tensors in a task checkpoint's state dict, under the backbone's own names.
-
-    ``keys`` maps a prefix of the backbone's names to where the checkpoint keeps it (recorded by the task
-    that wrote it, e.g. ``{"": "net.body.", "layer4.": "net.head.res5.0."}`` for a detector whose box head
-    holds the last stage, as the C4 design does). Without it, the checkpoint's names are read
-    below the shortest prefix that holds a ``layer1.0.conv1.weight`` (a bare state dict's is empty).
-    """
-    if keys:
-        out: dict[str, Tensor] = {}
-        taken: set[str] = set()
-        for ours, theirs in sorted(keys.items(), key=lambda kv: -len(kv[1])):  # most specific first
-            for key, value in state.items():
-                if key.startswith(theirs) and key not in taken:
-                    taken.add(key)
-                    out[ours + key[len(theirs) :]] = value
-        return out
-    marker = "layer1.0.conv1.weight"  # the first unit's first convolution: every zoo network has one
-    prefixes = [k[: -len(marker)] for k in state if k.endswith(marker)]
-    if not prefixes:
-        return state
-    prefix = min(prefixes, key=len)
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 #: Builder options that choose among the papers' variants of a named network (``ResNet``'s arguments):
@@ -444,7 +398,7 @@ def load_weights(net: nn.Module, source: str | Path, *, ignore_head: bool = Fals
     state, meta = read_state_dict(source, getattr(net, "name", None))
     report = apply_weights(
         net,
-        backbone_subset(state, meta.get("backbone_keys")),
+        backbone_state(state, meta.get("backbone_keys")),
         what=f"weights={str(source)!r}",
         ignore_head=ignore_head,
         checkpoint_backbone=meta.get("checkpoint_backbone"),

@@ -4,7 +4,7 @@
 
 A COCO-format ground truth (80 non-contiguous categories, ~7 boxes per image, a few crowds) and noisy
 detections around it (plus false positives) are generated; both backends evaluate them through
-``tasks.coco_eval.evaluate_detections`` (the tasks' code path). One JSON line: seconds per backend, the
+``tasks.metrics.coco.evaluate_detections`` (the tasks' code path). One JSON line: seconds per backend, the
 speed-up, and the largest difference between the twelve COCOeval numbers (they must agree).
 """
 
@@ -65,7 +65,7 @@ def generate(root: Path, images: int, detections: int, seed: int = 0) -> tuple[P
 
 
 def run(args: argparse.Namespace) -> dict:
-    from tasks.coco_eval import evaluate_detections, ground_truth
+    from tasks.metrics.coco import evaluate_detections, ground_truth
 
     with tempfile.TemporaryDirectory() as tmp:
         path, results = generate(Path(tmp), args.images, args.detections)

@@ -154,7 +154,7 @@ def measure(
     if compile:
         model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
-    # the tasks' optimizer: SGD with its fused CUDA kernel on CUDA (tasks.base.BaseTask._fused)
+    # the tasks' optimizer: SGD with its fused CUDA kernel on CUDA (tasks.core.optim.fused)
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, fused=device.type == "cuda")
     loss_fn = make_loss(model, batch, size, device, channels_last)
     autocast = (

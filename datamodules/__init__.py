@@ -48,8 +48,29 @@ def load_all() -> list[type]:
     return [getattr(importlib.import_module(f".{home}", __name__), name) for name, home in _HOMES.items()]
 
 
+def resolve(class_path: str, trusted_modules: tuple[str, ...] | list[str] = (), what: str = "the datamodule") -> type:
+    """The datamodule class a file names (a checkpoint's ``_class_path``), without importing anything else:
+    one of this package's classes (``datamodules.COCODetectionDataModule``, or its full module path), or a
+    ``LightningDataModule`` in one of the modules ``trusted_modules`` names (yours). Anything else is refused
+    before it is imported, naming the class path."""
+    module, _, name = class_path.rpartition(".")
+    if name in _HOMES and module in ("datamodules", f"datamodules.{_HOMES[name]}"):
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    if module and module in trusted_modules:
+        import lightning.pytorch as pl
+
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, pl.LightningDataModule):
+            return cls
+        raise ValueError(f"{what}: {class_path} is not a LightningDataModule")
+    raise ValueError(
+        f"{what} is {class_path}, which is not one of this project's datamodules: it is not imported (a file must "
+        f"not decide what code runs). If it is yours, name its module: trusted_modules=[{module!r}]"
+    )
+
+
 def __dir__() -> list[str]:
     return sorted([*globals(), *_HOMES])
 
 
-__all__ = [*sorted(_HOMES), "load_all"]
+__all__ = [*sorted(_HOMES), "load_all", "resolve"]

@@ -14,7 +14,7 @@ that are missing. The report ends with counts; the command exits with status 1 w
 The datamodules run the cheap part (everything but decoding every image) when they set up, and stop
 with this report before training starts. ``data.drop_invalid: true`` drops the offending items instead
 (counts logged); ``--fix`` writes a cleaned copy of a COCO annotation file next to it. Decoding every
-image is this command's job (``--no-decode`` skips it); during training ``data.skip_corrupt: true``
+image is this command's job (``--no_decode`` skips it); during training ``data.skip_corrupt: true``
 skips unreadable images as they are met, and an image of the wrong size stops the run when it is read.
 """
 

@@ -16,7 +16,7 @@ from zoo_common.cache import user_cache
 from zoo_common.distributed import broadcast_object, rank
 
 from .coco_format import LAYOUT_HELP, read_coco_json
-from .validation import DataValidationError, validate_coco
+from .validation import DataValidationError, stop_on_errors, validate_coco
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,8 @@ def read_validated(path: str | Path, images_dir: str | Path | None = None, drop_
             f"(data.drop_invalid cannot mend the file). python -m datamodules.check --config <config> --fix "
             f"writes a copy with them filled in; point data.*_annotations at it."
         )
-    if not drop_invalid:
-        raise DataValidationError(
-            f"{path} has errors that would break training:\n{report.text()}\nFix the file (python -m "
-            f"datamodules.check --config <config> --fix writes a cleaned copy) or set data.drop_invalid: true."
-        )
+    fix = "Fix the file (python -m datamodules.check --config <config> --fix writes a cleaned copy)"
+    stop_on_errors(report, drop_invalid, str(path), fix=fix)
     log.warning(
         "%s: dropped %d images and %d annotations with errors (data.drop_invalid):\n%s",
         path, len(dataset["images"]) - len(cleaned["images"]),

@@ -221,6 +221,15 @@ class DetectionDataModule(SplitLoaders, pl.LightningDataModule):
         records = dataset.records if isinstance(dataset, DetectionDataset) and not dataset.train else None
         return (records or self._records(split)).ground_truth()
 
+    def annotation_file(self, split: str) -> Path:
+        """The split's COCO annotation file (the ``coco`` protocol's ground truth)."""
+        raise ValueError(f"{type(self).__name__} is scored by the {self.protocol} protocol, not from a COCO file")
+
+    def evaluation_blacklist(self, split: str) -> set[tuple[int, int]] | None:
+        """``(image id, category id)`` pairs the split's official evaluation leaves out (ILSVRC DET's validation
+        blacklist); ``None``: nothing is left out."""
+        return None
+
     # -- the label set -----------------------------------------------------------------------------
     @property
     def category_ids(self) -> list[int]:

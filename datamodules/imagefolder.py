@@ -9,20 +9,17 @@ with ``decode_device: cuda``, decoded and augmented on the GPU (``datamodules.gp
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from .folder_dataset import ImageFolderDataset
 from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, loose_images, synset_names
-from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, encoded_item, is_packed, on_cpu
-from .images import MemoryImage, read_image_or_skip
+from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, is_packed
 from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping, make_loader
-from .records import pack, unpack
 from .statistics import cached_pixel_mean
 from .transforms import (
     IMAGENET_MEAN,
@@ -38,68 +35,9 @@ from .transforms import (
     resolve_augment,
     train_transform,
 )
-from .validation import DataValidationError, validate_imagefolder, without_reported
+from .validation import stop_on_errors, validate_imagefolder, without_reported
 
 log = logging.getLogger(__name__)
-
-
-class ImageFolderDataset(Dataset):
-    """``(path, label)`` samples decoded and transformed on access.
-
-    Args:
-        samples: ``(path, label)`` pairs; ``label`` is -1 for unlabeled (prediction) images.
-        transform: a callable on ``3 x H x W`` uint8 tensors.
-        skip_corrupt: return ``None`` for an unreadable file (logged with its path, dropped by the
-            collate function and counted) instead of raising :class:`CorruptImageError`.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[tuple[str, int]],
-        transform,
-        skip_corrupt: bool = False,
-        raw: bool = False,
-        draw: Callable[[int, int], dict[str, torch.Tensor]] | None = None,
-        cpu_share: float = 0.0,
-    ) -> None:
-        # flat arrays, not a list of tuples: loader workers do not copy them (see datamodules.records)
-        self.paths, self.path_offsets = pack([str(path).encode() for path, _ in samples])
-        self.labels = np.asarray([label for _, label in samples], dtype=np.int64)
-        memory = [path for path, _ in samples if isinstance(path, MemoryImage)]  # pixels: kept as objects
-        self.memory = [path for path, _ in samples] if memory else None
-        self.transform = transform
-        self.skip_corrupt = skip_corrupt
-        self.raw = raw
-        self.draw = draw
-        self.cpu_share = cpu_share
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def sample(self, index: int) -> tuple[str, int]:
-        path = self.memory[index] if self.memory else unpack(self.paths, self.path_offsets, index)
-        return path, int(self.labels[index])
-
-    @property
-    def samples(self) -> list[tuple[str, int]]:  # every (path, label), built on demand
-        return [self.sample(i) for i in range(len(self))]
-
-    def __getitem__(self, index: int) -> dict | None:
-        path, label = self.sample(index)
-        if self.raw:
-            return self._raw_item(path, label, index)
-        image = read_image_or_skip(path, self.skip_corrupt)
-        if image is None:
-            return None
-        return {"image": self.transform(image), "label": label, "index": index, "path": path}
-
-    def on_cpu(self, index: int) -> bool:
-        """Whether training sample ``index`` is finished by the worker on the GPU path (``cpu_share``)."""
-        return self.draw is not None and on_cpu(index, self.cpu_share)
-
-    def _raw_item(self, path: str, label: int, index: int) -> dict | None:
-        sample = {"label": label, "index": index, "path": path}
-        return encoded_item(sample, self.transform, self.draw, self.on_cpu(index), self.skip_corrupt)
 
 
 class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
@@ -158,7 +96,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             only read files and draw each crop from the file's header (the same draws as the CPU path,
             so resuming stays exact), so a few cores feed thousands of images per second.
         gpu_prefetch: with ``decode_device: cuda``, prepare the next training batches on a side stream
-            while the current one trains (``datamodules.gpu_decode.CUDAPrefetcher``).
+            while the current one trains (``datamodules.loading.CUDAPrefetcher``).
         cpu_share: with ``decode_device: cuda``, the fraction of training images the loader workers
             decode and augment themselves (the same draws as on the GPU), taking that share of the
             decoding off the GPU; 0 sends every JPEG to the GPU.
@@ -295,6 +233,10 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         return len(self.classes)
 
     @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
+
+    @property
     def class_names(self) -> list[str]:
         """Human-readable names (ImageNet synset names when available, else the folder names)."""
         names = synset_names(self.root) if self.root else {}
@@ -390,11 +332,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         path = self.split_path(split)
         train, drop = split == "train", self.hparams.drop_invalid
         report, samples = validate_imagefolder(path, self.classes, train=train, strict=not drop, sizes=False)
-        if report.errors and not drop:
-            raise DataValidationError(
-                f"{path} has errors that would break training:\n{report.text()}\nRemove or replace these "
-                f"files and folders, or set data.drop_invalid: true to leave them out."
-            )
+        stop_on_errors(report, drop, str(path), fix="Remove or replace these files and folders")
         if report.errors:
             samples, self._classes = without_reported(samples, report, self.classes, train)
             log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))

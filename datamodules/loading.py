@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 
 from zoo_common.distributed import broadcast_object, distributed
@@ -246,7 +245,7 @@ class SplitLoaders:
 
     def predict_on(self, images: Sequence) -> DataLoader:
         """A ``predict`` loader over ``images`` (paths, or :class:`datamodules.images.MemoryImage`), with the
-        preprocessing ``predict`` applies to ``data.predict_root``'s files (``tasks.predictor`` uses it)."""
+        preprocessing ``predict`` applies to ``data.predict_root``'s files (``tasks.inference.predictor`` uses it)."""
         self.datasets["predict"] = self._predict_dataset(list(images))
         return self.predict_dataloader()
 

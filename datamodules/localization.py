@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -35,7 +35,7 @@ from .image_checks import image_statuses, report_progress, status_problem
 from .images import read_image_or_skip
 from .loading import SplitLoaders, make_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_crop_scale, default_eval_resize
-from .validation import DataValidationError, Report
+from .validation import Report, stop_on_errors
 from .voc_format import AnnotationError, read_xml
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,17 @@ class LocalizationDataset(Dataset):
         transform: ``transforms.v2`` on ``(Image, BoundingBoxes)``.
         geometry: for evaluation, ``(resize, crop)``: the crop's scale and offset in the original image are
             returned with each sample, so that predictions can be mapped back.
+        unscored: names (file stems) of images the localization error leaves out (the devkit's blacklist):
+            each evaluation sample says whether it is scored (``loc_scored``).
     """
 
-    def __init__(self, samples, transform, geometry: tuple[int, int] | None = None, skip_corrupt: bool = False):
+    def __init__(self, samples, transform, geometry: tuple[int, int] | None = None, skip_corrupt: bool = False,
+                 unscored: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.samples = samples
         self.transform = transform
         self.geometry = geometry
         self.skip_corrupt = skip_corrupt
+        self.unscored = unscored
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -109,6 +113,7 @@ class LocalizationDataset(Dataset):
             item["scale"] = torch.tensor([width / new_w, height / new_h], dtype=torch.float64)
             item["offset"] = torch.tensor([left, top], dtype=torch.float64)
             item["original_boxes"] = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            item["loc_scored"] = os.path.splitext(os.path.basename(path))[0] not in self.unscored
         return item
 
 
@@ -142,6 +147,10 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
         mean, std: normalization.
         skip_corrupt: skip unreadable images instead of failing.
         drop_invalid: leave out images whose annotations have errors (listed at setup) instead of stopping.
+        blacklist: the devkit's ``ILSVRC2015_clsloc_validation_blacklist.txt`` (one validation image number per
+            line, ``n`` for ``ILSVRC2012_val_<n, 8 digits>``; a path, or relative to ``root``): those images are
+            left out of the localization errors' denominators, as ``eval_localization.m`` leaves them out (their
+            classification still counts in ``acc1``/``acc5``). The official LOC validation numbers use it.
         pin_memory, persistent_workers: loader options.
     """
 
@@ -161,6 +170,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         skip_corrupt: bool = False,
         drop_invalid: bool = False,
+        blacklist: str | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
@@ -266,8 +276,10 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
                     report.warning(str(path), f"a box of {name}, not the image's class {wnid} (ignored)")
                     continue
                 if size is not None and (box[0] < -1 or box[1] < -1 or box[2] > size[0] + 1 or box[3] > size[1] + 1):
-                    report.warning(str(xml), f"box {box} reaches outside the {size[0]}x{size[1]} image (clipped)")
-                    box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], size[0]), min(box[3], size[1]))
+                    done = "clipped for training" if subset == "train" else "kept as written for evaluation"
+                    report.warning(str(xml), f"box {box} reaches outside the {size[0]}x{size[1]} image ({done})")
+                    if subset == "train":
+                        box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], size[0]), min(box[3], size[1]))
                 boxes.append(list(box))
             report.checked["boxes"] += len(boxes)
             samples.append((str(path), index[wnid], boxes))
@@ -279,11 +291,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _samples(self, split: str) -> list[tuple[str, int, list]]:
         samples, report = self.read_split(split)
-        if report.errors and not self.hparams.drop_invalid:
-            raise DataValidationError(
-                f"{report.subject} has errors that would break training:\n{report.text()}\nFix or remove these "
-                "files, or set data.drop_invalid: true to leave these images out."
-            )
+        stop_on_errors(report, self.hparams.drop_invalid, report.subject)
         return samples
 
     def check(self, decode: bool = True) -> Iterator[Report]:
@@ -302,7 +310,27 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
     def _split(self, split: str) -> LocalizationDataset:
         train = split == "train"
         geometry = None if train else (self.hparams.eval_resize, self.hparams.image_size)
-        return LocalizationDataset(self._samples(split), self._transform(train), geometry, self.hparams.skip_corrupt)
+        unscored = frozenset() if train else self.blacklisted()
+        return LocalizationDataset(self._samples(split), self._transform(train), geometry, self.hparams.skip_corrupt,
+                                   unscored)  # fmt: skip
+
+    def blacklisted(self) -> frozenset[str]:
+        """The names of the validation images the blacklist leaves out of the localization errors."""
+        if not self.hparams.blacklist:
+            return frozenset()
+        path = Path(self.hparams.blacklist).expanduser()
+        path = path if path.is_absolute() or path.is_file() or self.root is None else self.root / path
+        if not path.is_file():
+            raise FileNotFoundError(f"data.blacklist={self.hparams.blacklist}: no such file (the devkit's "
+                                    f"data/ILSVRC2015_clsloc_validation_blacklist.txt)")  # fmt: skip
+        names = set()
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if not line.strip().isdigit():
+                raise ValueError(f"{path}:{number}: {line.strip()!r} is not a validation image number")
+            names.add(f"ILSVRC2012_val_{int(line):08d}")
+        return frozenset(names)
 
     def _predict_dataset(self, paths: list[Path]) -> Dataset:
         samples = [(str(p), -1, []) for p in paths]

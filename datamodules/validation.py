@@ -27,6 +27,16 @@ class DataValidationError(ValueError):
     """The dataset has errors that would break training or corrupt its results."""
 
 
+def stop_on_errors(report: Report, drop_invalid: bool, what: str, fix: str = "Fix or remove these files") -> None:
+    """The one rule of every format: a report with errors stops the run, naming each, unless
+    ``data.drop_invalid`` says to leave the bad items out (the caller drops them)."""
+    if report.errors and not drop_invalid:
+        raise DataValidationError(
+            f"{what} has errors that would break training:\n{report.text()}\n{fix}, or set data.drop_invalid: true "
+            f"to leave them out."
+        )
+
+
 @dataclass
 class Problem:
     severity: str  # "error" or "warning"
@@ -352,15 +362,18 @@ def read_xml_split(
     subject: str,
     drop_invalid: bool = False,
     decode: bool = False,
+    train: bool = True,
 ) -> XMLSplit:
     """Read and check the annotation files of ``entries`` (``(image id, image file, XML file or None)``).
 
     Errors: an image or annotation file the split lists but that does not exist, an unreadable file,
     XML that is not well-formed or lacks ``<size>``, a ``<name>`` not in the label set (``class_of``
     returns ``None``), an inverted box (and, with ``decode``, an image of another size than recorded).
-    Warnings: boxes reaching outside the image (clipped), boxes no wider or taller than one pixel
-    (dropped), objects without a box (image-level labels, not detection targets). Images with errors stop
-    the run with the report, or with ``drop_invalid`` are left out. ``None`` for the XML file is a
+    Warnings: boxes reaching outside the image, boxes one pixel wide or tall, objects without a box
+    (image-level labels, not detection targets). For training (``train``) the first are clipped to the image and
+    the second dropped (they would harm the loss); for evaluation both are kept as written, as the devkits
+    score them (a 1-pixel object is a real object to ``VOCevaldet.m`` and ``eval_detection.m``). Images with
+    errors stop the run with the report, or with ``drop_invalid`` are left out. ``None`` for the XML file is a
     negative image (ILSVRC's training images without objects).
     """
     from .voc_format import AnnotationError, read_xml
@@ -402,11 +415,15 @@ def read_xml_split(
                 x1, y1, x2, y2 = obj.box
                 w, h = annotation.width, annotation.height
                 if x1 < -1 or y1 < -1 or x2 > w + 1 or y2 > h + 1:
-                    report.warning(str(xml), f"{where}: box {obj.box} reaches outside the {w}x{h} image (clipped)")
-                x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
+                    done = "clipped for training" if train else "kept as written for evaluation, as the devkit"
+                    report.warning(str(xml), f"{where}: box {obj.box} reaches outside the {w}x{h} image ({done})")
+                if train:
+                    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
                 if x2 - x1 <= 1 or y2 - y1 <= 1:
-                    report.warning(str(xml), f"{where}: degenerate box {obj.box} (dropped)")
-                    continue
+                    done = "dropped for training" if train else "kept for evaluation: the devkit counts it"
+                    report.warning(str(xml), f"{where}: box {obj.box} is one pixel wide or tall ({done})")
+                    if train:
+                        continue
                 kept.append(((x1, y1, x2, y2), category, obj.difficult))
             if bad:
                 continue
@@ -421,9 +438,5 @@ def read_xml_split(
         boxes.append([k[0] for k in kept])
         labels.append([k[1] for k in kept])
         difficult.append([k[2] for k in kept])
-    if report.errors and not drop_invalid:
-        raise DataValidationError(
-            f"{subject} has errors that would break training:\n{report.text()}\nFix or remove these files, or set "
-            f"data.drop_invalid: true to leave these images out."
-        )
+    stop_on_errors(report, drop_invalid, subject)
     return XMLSplit(DetectionRecords.build(ids, names, sizes, boxes, labels, difficult), report)

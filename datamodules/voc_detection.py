@@ -17,7 +17,7 @@ ILSVRC DET (``data.root`` is the ``ILSVRC`` folder of the ILSVRC2015 archives)::
 A split is a list of ``<year or subset>:<split file>`` (VOC: ``2007:trainval``, the file under
 ``VOC2007/ImageSets/Main``; ILSVRC: ``train:ImageSets/DET/train_*.txt``, a path or glob under ``root``,
 or any file of ids such as R-CNN's val1/val2 split). Images are numbered in the order listed. Every
-annotation file is read and checked (``datamodules.validation.validate_xml_split``): an unknown class, a
+annotation file is read and checked (``datamodules.validation.read_xml_split``): an unknown class, a
 missing file, a box outside the image or inverted stop the run with a report naming each, unless
 ``data.drop_invalid``. PASCAL VOC's ``difficult`` objects stay in the ground truth, which the metric does
 not score, and leave the training targets.
@@ -83,7 +83,8 @@ class _XMLDetectionDataModule(DetectionDataModule):
         """The split's annotations read and checked (cached: each file is parsed once per process)."""
         if split not in self._splits:
             entries = [entry for spec in self.sets[split] for entry in self._entries(spec)]
-            xml = read_xml_split(entries, self.root, self.base, self._class_of, split, self.hparams.drop_invalid)
+            xml = read_xml_split(entries, self.root, self.base, self._class_of, split, self.hparams.drop_invalid,
+                                 train=split == "train")  # fmt: skip
             self._splits[split] = xml
         return self._splits[split]
 
@@ -102,7 +103,7 @@ class _XMLDetectionDataModule(DetectionDataModule):
                 yield report
                 continue
             yield read_xml_split(entries, self.root, self.base, self._class_of, split, drop_invalid=True,
-                                 decode=decode).report  # fmt: skip
+                                 decode=decode, train=split == "train").report  # fmt: skip
 
 
 class VOCDetectionDataModule(_XMLDetectionDataModule):
@@ -191,6 +192,10 @@ class ILSVRCDetectionDataModule(_XMLDetectionDataModule):
         test_sets: the sets tested on (defaults to ``val_sets``).
         synsets_file: the devkit's ``map_det.txt`` (the 200 synsets in order, with names); found next to
             ``root`` when not given, else the synsets the annotation files use, named by their ids.
+        blacklist: the devkit's ``ILSVRC2015_det_validation_blacklist.txt`` (``<val.txt index> <synset>`` per
+            line; a path, or relative to ``root``): in evaluation each listed (image, class) pair is left out as
+            ``eval_detection.m`` leaves it out -- the image's detections of that class count neither way and its
+            objects of that class are not positives. The official DET validation numbers use it.
         kwargs: the loaders' options, see :class:`datamodules.detection.DetectionDataModule`.
     """
 
@@ -207,11 +212,54 @@ class ILSVRCDetectionDataModule(_XMLDetectionDataModule):
         val_sets: list[str] = ("val:ImageSets/DET/val.txt",),
         test_sets: list[str] | None = None,
         synsets_file: str | None = None,
+        blacklist: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(root, train_sets, val_sets, test_sets, **kwargs)
         self.synsets_file = synsets_file
+        self.blacklist = blacklist
         self._categories: list[dict] | None = None
+        self._blacklisted: set[tuple[str, int]] | None = None
+
+    def evaluation_blacklist(self, split: str) -> set[tuple[int, int]] | None:
+        """The blacklist's ``(image id, category id)`` pairs among the split's images (none for training)."""
+        if not self.blacklist or split == "train":
+            return None
+        if self._blacklisted is None:
+            self._blacklisted = self._read_blacklist()
+        records = self._records(split)
+        by_name = {Path(records.name(k)).stem: int(records.ids[k]) for k in range(len(records))}
+        return {(by_name[name], cid) for name, cid in self._blacklisted if name in by_name}
+
+    def _read_blacklist(self) -> set[tuple[str, int]]:
+        """``(image name, category id)`` of each line of the blacklist; its image numbers are indexes of the
+        devkit's validation list, ``ImageSets/DET/val.txt`` (``<image name> <index>`` per line)."""
+        path = Path(self.blacklist).expanduser()
+        path = path if path.is_absolute() or path.is_file() else self.root / path
+        if not path.is_file():
+            raise FileNotFoundError(f"data.blacklist={self.blacklist}: no such file (the devkit's "
+                                    f"data/ILSVRC2015_det_validation_blacklist.txt)")  # fmt: skip
+        listing = self.root / "ImageSets" / "DET" / "val.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"data.blacklist: its image numbers index {listing}, which does not exist")
+        names = {}
+        for line in listing.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].lstrip("-").isdigit():
+                names[int(parts[1])] = parts[0]
+        synsets = {c["synset"]: c["id"] for c in self.categories}
+        pairs = set()
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) not in names or parts[1] not in synsets:
+                raise ValueError(
+                    f"{path}:{number}: {line.strip()!r} is not '<index of {listing.name}> <one of the "
+                    f"{len(synsets)} synsets>'"
+                )
+            pairs.add((names[int(parts[0])], synsets[parts[1]]))
+        return pairs
 
     @property
     def categories(self) -> list[dict]:

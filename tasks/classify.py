@@ -22,13 +22,16 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from datamodules.contract import SizedImages
 from zoo_common.distributed import gather_objects
 
-from .base import BaseTask
-from .cli import entry_point, script
-from .evaluation import EVAL_SPLITS
-from .optim import Recipe
-from .outputs import write_predictions
+from .core.base import BaseTask
+from .core.contract import ExportSpec
+from .core.loops import EVAL_SPLITS
+from .core.optim import Recipe
+from .heads.exportable import Logits
+from .outputs.writers import write_predictions
+from .run.cli import entry_point, script
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class ClassificationTask(BaseTask):
     """Train and evaluate a zoo backbone as an image classifier.
 
     The shared arguments (backbone, weights, optimizer, schedule, speed switches) are
-    :class:`tasks.base.BaseTask`'s; ``weights`` loads a whole classifier (torchvision's
+    :class:`tasks.core.base.BaseTask`'s; ``weights`` loads a whole classifier (torchvision's
     ``ResNet50_Weights.IMAGENET1K_V2``, a file, a checkpoint of this task), ``weights_backbone`` all but
     the classifier.
 
@@ -49,8 +52,10 @@ class ClassificationTask(BaseTask):
             defaults to ``<run dir>/predictions.csv``.
     """
 
+    kind = "classify"
     monitor = "val/acc1"
     mode = "max"
+    tta_unsupported = "classification's test-time views are the datamodule's eval_crops option"
     #: every training batch has one shape: let cuDNN time its algorithms once (``--trainer.benchmark``)
     cudnn_benchmark = True
     network_attr = "backbone"
@@ -66,10 +71,9 @@ class ClassificationTask(BaseTask):
     def recipe(self) -> Recipe:
         """The CIFAR recipe when the datamodule's images are under 64 px (CIFAR's, or ``image_size``),
         ImageNet's otherwise -- the same line ``data.train_augment: auto`` draws."""
-        trainer = getattr(self, "_trainer", None)
-        datamodule = getattr(trainer, "datamodule", None)
-        size = getattr(datamodule, "image_size", None) or getattr(datamodule, "hparams", {}).get("image_size")
-        return self.small_image_recipe if size is not None and size < 64 else self.imagenet_recipe
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        small = isinstance(datamodule, SizedImages) and datamodule.image_size < 64
+        return self.small_image_recipe if small else self.imagenet_recipe
 
     default_scheduler_interval = "epoch"
     default_log_samples = 16
@@ -184,7 +188,7 @@ class ClassificationTask(BaseTask):
         return logits
 
     def sample_records(self, batch: dict, logits: torch.Tensor) -> list[dict]:
-        """Validation images with their top prediction and true label, for W&B (``tasks.media``)."""
+        """Validation images with their top prediction and true label, for W&B (``tasks.outputs.media``)."""
         records = []
         for image, label, probs in zip(batch["image"], batch["label"].tolist(), logits.detach().softmax(1)):
             if isinstance(image, list):  # multi-scale views: show the first
@@ -198,7 +202,7 @@ class ClassificationTask(BaseTask):
     # -- prediction -------------------------------------------------------------------------------
     def predictions(self, batch: dict, top_k: int = 5) -> list[dict]:
         """Each image's ``top_k`` classes: ``path``, ``classes`` (names), ``indices`` and ``scores``
-        (softmax probabilities), best first. ``predict`` and ``tasks.predictor`` both use it."""
+        (softmax probabilities), best first. ``predict`` and ``tasks.inference.predictor`` both use it."""
         if "image" not in batch:
             return []
         probs = self.eval_logits(batch["image"]).float().softmax(1)
@@ -212,6 +216,14 @@ class ClassificationTask(BaseTask):
             }
             for path, idx, score in zip(batch["path"], indices.cpu(), scores.cpu())
         ]
+
+    def export_spec(self, data: dict[str, Any]) -> ExportSpec:
+        """``image`` ``N x 3 x H x W`` (resized, cropped and normalized as ``preprocessing`` says) to ``logits``."""
+        return ExportSpec(
+            Logits(self.backbone), ("logits",), batched=True,
+            input="float32 N x 3 x H x W, RGB in [0, 1], then resized and normalized as zoo.preprocessing says",
+            preprocessing=self.recorded_preprocessing(data),
+        )  # fmt: skip
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         self.count_skipped(batch)

@@ -8,7 +8,7 @@ Metrics are the dataset's official ones (its datamodule's ``protocol``): on COCO
 annotation file -- ``val/mAP`` (AP@[.5:.95]), ``val/AP50``, ``val/AP75``, ``val/APs``, ``val/APm``,
 ``val/APl``, and per class ``val/AP/<class>``, ``val/AP50/<class>``; on PASCAL VOC and ILSVRC DET, their
 devkits' mean AP at IoU 0.5 as ``val/mAP`` (and ``val/AP50``) and per class ``val/AP/<class>``
-(``tasks.detection_metrics``). ``train/loss`` and its four parts. The best checkpoint is chosen by
+(``tasks.metrics.devkits``). ``train/loss`` and its four parts. The best checkpoint is chosen by
 ``val/mAP``.
 """
 
@@ -26,16 +26,18 @@ from torchvision.ops import FrozenBatchNorm2d
 from backbones.base import NormKind
 from zoo_common.distributed import gather_objects
 
-from .base import BaseTask
-from .cli import entry_point, script
-from .coco_eval import METRIC_NAMES, Backend, evaluate_coco, to_coco_results
-from .detection_metrics import evaluate_devkit
-from .detection_models import HeadKind, build_faster_rcnn
-from .evaluation import data_split
-from .media import wandb_boxes
-from .optim import Recipe
-from .outputs import draw_detections, images_folder, write_detections
-from .tta import detect_with_tta
+from .core.base import BaseTask
+from .core.contract import ExportSpec
+from .core.loops import data_split
+from .core.optim import Recipe
+from .heads.exportable import OneImageDetector, traceable_detector
+from .heads.faster_rcnn import HeadKind, build_faster_rcnn
+from .heads.tta import detect_with_tta
+from .metrics.coco import Backend, to_coco_results
+from .metrics.protocols import protocol
+from .outputs.media import wandb_boxes
+from .outputs.writers import draw_detections, images_folder, write_detections
+from .run.cli import entry_point, script
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ ZERO_EPS_WEIGHTS: frozenset[str] = frozenset({"FasterRCNN_ResNet50_FPN_Weights.C
 class DetectionTask(BaseTask):
     """Faster R-CNN (torchvision's components) over a zoo backbone, evaluated with COCOeval.
 
-    The shared arguments are :class:`tasks.base.BaseTask`'s. ``num_classes`` counts foreground classes;
+    The shared arguments are :class:`tasks.core.base.BaseTask`'s. ``num_classes`` counts foreground classes;
     ``weights`` is a whole detector: torchvision's ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1`` (with
     ``backbone: resnet50, head: fpn``; COCO's 91-index labels), a file holding such a state dict, or a
     checkpoint of this task.
@@ -69,16 +71,18 @@ class DetectionTask(BaseTask):
             ``box_batch_size_per_image``, ...); small images train much faster with fewer sampled regions.
         evaluator: ``faster_coco_eval`` (same numbers, faster) or ``pycocotools``.
         draw_predictions: with ``predict``, also write images with the boxes drawn next to the file (one
-            color per class, labels that do not overlap, images under 256 px upscaled: ``tasks.drawing``).
+            color per class, labels that do not overlap, images under 256 px upscaled: ``tasks.outputs.drawing``).
         draw_threshold: the lowest score drawn in those images.
-        tta: test-time augmentation in evaluation and ``predict`` (``tasks.tta``): the views below, merged.
+        tta: test-time augmentation in evaluation and ``predict`` (``tasks.heads.tta``): the views below, merged.
         tta_scales: the views' scales (of the evaluation size); ``[1.0]`` by default.
         tta_flip: also each view mirrored left to right.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
+    kind = "detect"
     monitor = "val/mAP"
     mode = "max"
+    supports_tta = True
     #: batch shapes follow the images' sizes: timing cuDNN's algorithms for each new one costs more than it saves
     cudnn_benchmark = False
     network_attr = "detector"
@@ -248,7 +252,7 @@ class DetectionTask(BaseTask):
     def predictions(self, batch: dict) -> list[dict]:
         """Each image's ``path`` and detections: ``boxes`` (``K x 4``, x1 y1 x2 y2 in the original image's
         pixels), ``labels`` (network classes, 1-based), ``classes`` (their names) and ``scores``, best
-        first. ``predict`` and ``tasks.predictor`` both use it."""
+        first. ``predict`` and ``tasks.inference.predictor`` both use it."""
         outputs = self.detect(batch["images"])
         return [
             {
@@ -288,10 +292,15 @@ class DetectionTask(BaseTask):
         if split not in self._results:
             self.reset_scores(split)
         results, image_ids = self._gathered(split)
-        protocol = getattr(self.trainer.datamodule, "protocol", "coco")
-        metrics = {name: 0.0 for name in (METRIC_NAMES if protocol == "coco" else ("mAP", "AP50"))}
+        scoring = protocol(self.trainer.datamodule.protocol)
+        metrics = {name: 0.0 for name in scoring.metric_names}
         if self.trainer.is_global_zero and image_ids:
-            metrics.update(self._score(data_split(split), protocol, results, image_ids))
+            ids = self.label_to_category()[1:]
+            names = {cid: self.class_name(k) for k, cid in enumerate(ids, start=1)}
+            split_read = data_split(split)
+            metrics.update(
+                scoring.score(self.trainer.datamodule, split_read, results, image_ids, names, self.hparams.evaluator)
+            )
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         self.log_dict({f"{split}/{name}": float(v) for name, v in metrics.items()}, sync_dist=False)
         self.last_results = results
@@ -300,21 +309,6 @@ class DetectionTask(BaseTask):
             self._per_class_table(split, metrics)
             if split == "test":
                 write_detections(results, self.output_path(self.detections_file, "detections.json"))
-
-    def _score(self, split: str, protocol: str, results: list[dict], image_ids: list[int]) -> dict[str, float]:
-        """The split's official metrics: COCOeval on the annotation file, or the VOC/ILSVRC devkit's mean AP,
-        with the AP (and COCO's AP50) of each class as ``AP/<class>`` (``AP50/<class>``)."""
-        datamodule = self.trainer.datamodule
-        ids = self.label_to_category()[1:]
-        names = {cid: self.class_name(k) for k, cid in enumerate(ids, start=1)}
-        if protocol != "coco":
-            categories = [{"id": cid, "name": names[cid]} for cid in ids]
-            return evaluate_devkit(results, datamodule.ground_truth(split), categories, protocol, image_ids)
-        stats, per_class = evaluate_coco(datamodule.annotation_file(split), results, image_ids, self.hparams.evaluator)
-        metrics = dict(zip(METRIC_NAMES, stats))
-        for cid, (ap, ap50) in per_class.items():
-            metrics[f"AP/{names.get(cid, cid)}"], metrics[f"AP50/{names.get(cid, cid)}"] = ap, ap50
-        return metrics
 
     def _per_class_table(self, prefix: str, metrics: dict[str, float]) -> None:
         """Each class's AP as a W&B table (and printed after ``test``)."""
@@ -332,6 +326,25 @@ class DetectionTask(BaseTask):
             print(
                 "\n".join([f"{'class':{width}s}  AP     AP50"] + [f"{c:{width}s}  {a:.4f} {b:.4f}" for c, a, b in rows])
             )
+
+    # -- export ---------------------------------------------------------------------------------------
+    def export_spec(self, data: dict[str, Any]) -> ExportSpec:
+        """One ``3 x H x W`` image in [0, 1] (resized and normalized inside the graph) to its detections."""
+        hp = self.hparams
+        return ExportSpec(
+            OneImageDetector(self.detector), ("boxes", "labels", "scores"), batched=False,
+            input="float32 3 x H x W, RGB in [0, 1]; resized and normalized inside the graph",
+            preprocessing={"in_graph": True, "min_size": hp.min_size, "max_size": hp.max_size}, warm_up=True,
+        )  # fmt: skip
+
+    def export_size(self, data: dict[str, Any]) -> tuple[int, int]:
+        """The detector's evaluation ``min_size``."""
+        side = self.hparams.min_size if isinstance(self.hparams.min_size, int) else max(self.hparams.min_size)
+        return int(side), int(side)
+
+    def export_context(self):
+        """torchvision's NMS and resize without data-dependent branches (``tasks.heads.exportable``)."""
+        return traceable_detector()
 
     # -- prediction -----------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:

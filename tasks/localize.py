@@ -4,8 +4,8 @@
         --model.weights_backbone runs/imagenet_resnet101/version_0/checkpoints/best.ckpt
 
 The ResNet paper's localization (Appendix C): the classifier predicts the classes, a per-class box head
-(``tasks.localization_models``) the box of each. Metrics, as ILSVRC's devkit defines them
-(``tasks.localization_metrics``): ``val/acc1``, ``val/acc5``, ``val/loc_err_top5`` (an image is right when
+(``tasks.heads.localization``) the box of each. Metrics, as ILSVRC's devkit defines them
+(``tasks.metrics.localization``): ``val/acc1``, ``val/acc5``, ``val/loc_err_top5`` (an image is right when
 one of its five (class, box) guesses has its class and IoU >= 0.5 with one of its boxes) and
 ``val/loc_err_gt`` (the box predicted for the true class); the best checkpoint has the lowest
 ``val/loc_err_top5``. ``predict`` writes each image's five guesses (class, score, box in the image's
@@ -25,12 +25,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo_common.distributed import gather_objects
 
-from .base import BaseTask
-from .cli import entry_point, script
-from .evaluation import EVAL_SPLITS
-from .localization_metrics import gt_known_error, top5_error
-from .localization_models import Localizer, LocHead
-from .optim import Recipe
+from .core.base import BaseTask
+from .core.contract import ExportSpec
+from .core.loops import EVAL_SPLITS
+from .core.optim import Recipe
+from .heads.localization import Localizer, LocHead, TopGuesses
+from .metrics.localization import gt_known_error, top5_error
+from .run.cli import entry_point, script
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 class LocalizationTask(BaseTask):
     """A classifier with per-class boxes over a zoo backbone.
 
-    The shared arguments are :class:`tasks.base.BaseTask`'s; ``weights_backbone`` (a ``tasks.classify``
+    The shared arguments are :class:`tasks.core.base.BaseTask`'s; ``weights_backbone`` (a ``tasks.classify``
     checkpoint, as the paper starts from its classification network) loads all but the classifier,
     ``weights`` a whole localizer.
 
@@ -50,6 +51,7 @@ class LocalizationTask(BaseTask):
         predictions_file: where ``predict`` writes five guesses per image (default ``<run dir>/localizations.csv``).
     """
 
+    kind = "localize"
     monitor = "val/loc_err_top5"
     mode = "min"
     cudnn_benchmark = True
@@ -137,8 +139,10 @@ class LocalizationTask(BaseTask):
             top5.append(top5_error(guesses, int(labels[b]), truth.numpy()))
             known.append(gt_known_error(boxes[b, -1].tolist(), truth.numpy()))
         errors = getattr(self, f"{split}_errors")
-        errors["loc_err_top5"].update(torch.tensor(top5, dtype=torch.float64))
-        errors["loc_err_gt"].update(torch.tensor(known, dtype=torch.float64))
+        # the devkit's blacklist: those images weigh nothing in the localization errors (their classification counts)
+        scored = batch["loc_scored"].to(torch.float64) if "loc_scored" in batch else torch.ones(len(top5))
+        errors["loc_err_top5"].update(torch.tensor(top5, dtype=torch.float64), weight=scored)
+        errors["loc_err_gt"].update(torch.tensor(known, dtype=torch.float64), weight=scored)
 
     def reset_scores(self, split: str) -> None:
         getattr(self, f"{split}_errors").reset()
@@ -150,19 +154,45 @@ class LocalizationTask(BaseTask):
         self.log_dict(values, sync_dist=False)
 
     # -- prediction ------------------------------------------------------------------------------------
+    def predictions(self, batch: dict) -> list[dict]:
+        """Each image's five guesses: ``path``, ``classes`` (names), ``indices``, ``scores`` (softmax) and
+        ``boxes`` (``5 x 4``, x1 y1 x2 y2 in the original image's pixels), best first. ``predict`` and the
+        predictor both use it."""
+        if "image" not in batch:
+            return []
+        _, classes, scores, boxes = self._guesses({**batch, "label": torch.zeros_like(batch["label"])})
+        return [
+            {
+                "path": path,
+                "classes": [self.class_name(int(c)) for c in classes[b]],
+                "indices": [int(c) for c in classes[b]],
+                "scores": [round(float(v), 6) for v in scores[b]],
+                "boxes": boxes[b, :-1].float().cpu(),
+            }
+            for b, path in enumerate(batch["path"])
+        ]
+
+    def export_spec(self, data: dict[str, Any]) -> ExportSpec:
+        """``image`` ``N x 3 x H x W`` (as for classification) to ``logits`` and the five best ``classes``,
+        ``scores`` and ``boxes`` (input pixels); for one input size unless the anchors have fixed sizes."""
+        return ExportSpec(
+            TopGuesses(self.model), ("logits", "classes", "scores", "boxes"), batched=True,
+            input="float32 N x 3 x H x W, RGB in [0, 1], then resized and normalized as zoo.preprocessing says",
+            preprocessing=self.recorded_preprocessing(data),
+            fixed_size="" if self.hparams.head == "regression" or self.hparams.anchor_sizes else (
+                "the RPN head's anchors are sized from the input's shorter side, which the graph fixes"
+            ),
+        )  # fmt: skip
+
     def on_predict_epoch_start(self) -> None:
         self._rows = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         self.count_skipped(batch)
-        if "image" not in batch:
-            return
-        _, classes, scores, boxes = self._guesses({**batch, "label": torch.zeros_like(batch["label"])})
-        for b, path in enumerate(batch["path"]):
-            row = [path]
-            for j in range(classes.shape[1]):
-                row += [self.class_name(int(classes[b, j])), round(float(scores[b, j]), 6),
-                        *[round(v, 1) for v in boxes[b, j].tolist()]]  # fmt: skip
+        for found in self.predictions(batch):
+            row = [found["path"]]
+            for name, score, box in zip(found["classes"], found["scores"], found["boxes"].tolist()):
+                row += [name, score, *[round(v, 1) for v in box]]
             self._rows.append(row)
 
     def on_predict_epoch_end(self) -> None:

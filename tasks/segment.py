@@ -23,14 +23,17 @@ from backbones.base import NormKind, to_sync_batchnorm
 from datamodules.images import read_image
 from datamodules.masks import IGNORE_INDEX
 
-from .base import BaseTask
-from .cli import entry_point, script
-from .evaluation import EVAL_SPLITS
-from .media import wandb_mask
-from .optim import Recipe
-from .outputs import write_mask, write_overlay
-from .segmentation_models import DilatedFCN, SegHeadKind, SkipFCN, confusion_scores
-from .tta import segment_with_tta
+from .core.base import BaseTask
+from .core.contract import ExportSpec
+from .core.loops import EVAL_SPLITS
+from .core.optim import Recipe
+from .heads.exportable import Logits
+from .heads.fcn import DilatedFCN, SegHeadKind, SkipFCN
+from .heads.tta import segment_with_tta
+from .metrics.confusion import confusion_scores
+from .outputs.media import wandb_mask
+from .outputs.writers import write_mask, write_overlay
+from .run.cli import entry_point, script
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 class SegmentationTask(BaseTask):
     """FCN semantic segmentation over a zoo backbone.
 
-    The shared arguments are :class:`tasks.base.BaseTask`'s. ``num_classes`` counts the classes with the
+    The shared arguments are :class:`tasks.core.base.BaseTask`'s. ``num_classes`` counts the classes with the
     background; ``weights`` is a whole model: torchvision's ``FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1``
     / ``FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1`` (``head: dilated``, aux head, 21 VOC classes), a
     file holding such a state dict, or a checkpoint of this task. Without an ``optimizer``, SGD at
@@ -53,13 +56,15 @@ class SegmentationTask(BaseTask):
         dropout: dropout before the classifiers.
         predictions_dir: where ``predict`` writes class-index PNG masks (default ``<run dir>/masks``).
         overlays: with ``predict``, also write color overlays next to the masks.
-        tta: test-time augmentation in evaluation and ``predict`` (``tasks.tta``): the views below, merged.
+        tta: test-time augmentation in evaluation and ``predict`` (``tasks.heads.tta``): the views below, merged.
         tta_scales: the views' scales (of the evaluation size); ``[1.0]`` by default.
         tta_flip: also each view mirrored left to right.
     """
 
+    kind = "segment"
     monitor = "val/mIoU"
     mode = "max"
+    supports_tta = True
     #: evaluation runs on whole images of many shapes, and each new shape would be timed again
     cudnn_benchmark = False
     network_attr = "model"
@@ -205,7 +210,7 @@ class SegmentationTask(BaseTask):
     # -- prediction -------------------------------------------------------------------------------------
     def predictions(self, batch: dict) -> list[dict]:
         """Each image's ``path`` and ``mask`` (class indexes, ``1 x H x W`` uint8 at the image's original
-        size: the logits of its un-padded part resized back to it). ``predict`` and ``tasks.predictor``
+        size: the logits of its un-padded part resized back to it). ``predict`` and ``tasks.inference.predictor``
         both use it."""
         logits = self.class_scores(batch["image"]).float()
         found = []
@@ -215,6 +220,25 @@ class SegmentationTask(BaseTask):
             scores = F.interpolate(logits[k : k + 1, :, :h, :w], size=original, mode="bilinear", align_corners=False)
             found.append({"path": path, "mask": scores.argmax(1).to(torch.uint8).cpu()})
         return found
+
+    def predictor_result(self, row: dict) -> dict:
+        """``mask`` as ``H x W`` class indexes at the input's size, and the names of the ``classes`` in it."""
+        mask = row["mask"][0]
+        return {**row, "mask": mask, "classes": [self.class_name(int(k)) for k in mask.unique()]}
+
+    # -- export ---------------------------------------------------------------------------------------
+    def export_spec(self, data: dict[str, Any]) -> ExportSpec:
+        """``image`` ``N x 3 x H x W`` (normalized as ``preprocessing`` says) to ``logits`` at its size."""
+        return ExportSpec(
+            Logits(self.model, ("out",)), ("logits",), batched=True,
+            input="float32 N x 3 x H x W, RGB in [0, 1], then resized and normalized as zoo.preprocessing says",
+            preprocessing=self.recorded_preprocessing(data),
+        )  # fmt: skip
+
+    def export_size(self, data: dict[str, Any]) -> tuple[int, int]:
+        """The datamodule's evaluation size (``base_size``, else ``crop_size``)."""
+        side = data.get("base_size") or data.get("crop_size") or 512
+        return int(side), int(side)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         folder = self.output_path(self.predictions_dir, "masks")

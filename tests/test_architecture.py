@@ -129,8 +129,116 @@ def test_backbones_name_no_task_attribute():
 
 @pytest.mark.parametrize("package", ["tasks", "datamodules"])
 def test_modules_stay_readable(package):
-    long = {p.name: n for p in (ROOT / package).glob("*.py") if (n := len(p.read_text().splitlines())) > 460}
+    lengths = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / package).rglob("*.py")}
+    long = {name: n for name, n in lengths.items() if n > 450}
     assert not long, long
+
+
+# -- the wings of tasks/ --------------------------------------------------------------------------------
+#: what each wing of ``tasks`` may import from ``tasks`` (module prefixes), and whether it may import Lightning
+WINGS: dict[str, tuple[set[str], bool]] = {
+    "tasks.heads": ({"tasks.heads"}, False),  # plain nn.Modules
+    "tasks.metrics": ({"tasks.metrics"}, False),  # benchmarks' definitions
+    "tasks.outputs": ({"tasks.outputs"}, True),  # writers, drawings, W&B media
+    "tasks.core": ({"tasks.core", "tasks.outputs", "tasks.registry"}, True),  # the base task, no task module
+    "tasks.run": ({"tasks.run", "tasks.core", "tasks.registry"}, True),  # the CLI and what a run needs
+    "tasks.inference": ({"tasks.inference", "tasks.core", "tasks.registry"}, True),  # no task by name
+    "tasks.registry": (set(), False),  # strings only
+}
+#: what may sit directly in tasks/: the commands and the registry
+TOP_LEVEL = {"__init__", "registry", "classify", "detect", "segment", "localize", "export", "demo"}
+#: where code must not branch on which task it holds
+NO_TASK_NAMES = ("tasks/inference", "tasks/outputs", "tasks/export.py")
+
+
+def _wing_of(module: str) -> str | None:
+    return next((w for w in WINGS if module == w or module.startswith(f"{w}.")), None)
+
+
+def wing_violations(root: Path) -> list[str]:
+    """Each import from a wing of ``tasks`` that its rule forbids, and any file directly in ``tasks/`` that is
+    neither a command nor the registry."""
+    found = []
+    for path in sorted((root / "tasks").rglob("*.py")):
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if path.parent == root / "tasks" and path.stem not in TOP_LEVEL:
+            found.append(f"{path.relative_to(root)}: only commands and the registry sit directly in tasks/")
+        wing = _wing_of(module)
+        if wing is None:
+            continue
+        allowed, lightning = WINGS[wing]
+        tree = ast.parse(path.read_text())
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join([*base, node.module] if node.module else base)
+                targets = [target] if node.module else [f"{target}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                if target.split(".")[0] in ("lightning", "pytorch_lightning", "torchmetrics") and not lightning:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} imports {target} (no Lightning in {wing})")
+                if (
+                    target.startswith("tasks")
+                    and target != "tasks"
+                    and not any(target == a or target.startswith(f"{a}.") for a in allowed)
+                ):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} imports {target} ({wing} may not)")
+    return found
+
+
+def task_name_branches(root: Path) -> list[str]:
+    """String constants naming a task kind (``"detect"``, ...) in code that must not know which task it holds
+    (docstrings aside)."""
+    kinds = {"classify", "detect", "segment", "localize", "instance_segment"}
+    found = []
+    for where in NO_TASK_NAMES:
+        base = root / where
+        for path in sorted([base] if base.is_file() else base.rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            docstrings = {
+                id(node.body[0].value)
+                for node in ast.walk(tree)
+                if isinstance(getattr(node, "body", None), list) and node.body and isinstance(node.body[0], ast.Expr)
+            }
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and node.value in kinds and id(node) not in docstrings:
+                    found.append(f"{path.relative_to(root)}:{node.lineno} names the task {node.value!r}")
+    return found
+
+
+def test_each_wing_imports_only_what_its_rule_allows():
+    assert not wing_violations(ROOT), wing_violations(ROOT)
+
+
+def test_inference_export_and_outputs_never_branch_on_a_task_name():
+    assert not task_name_branches(ROOT), task_name_branches(ROOT)
+
+
+@pytest.mark.parametrize(
+    ("where", "planted", "caught"),
+    [
+        ("tasks/heads/faster_rcnn.py", "import lightning.pytorch as pl\n", "no Lightning in tasks.heads"),
+        ("tasks/metrics/devkits.py", "from ..core.base import BaseTask\n", "tasks.metrics may not"),
+        ("tasks/core/optim.py", "from .. import detect\n", "tasks.core may not"),
+        ("tasks/inference/predictor.py", "from ..detect import DetectionTask\n", "tasks.inference may not"),
+        ("tasks/outputs/writers.py", "KIND = 'segment'\n", "names the task 'segment'"),
+        ("tasks/helpers.py", "X = 1\n", "only commands and the registry"),
+    ],
+)
+def test_a_planted_violation_is_caught(where, planted, caught, tmp_path):
+    """The rules above catch what they forbid: a copy of tasks/ with one violation planted fails them."""
+    import shutil
+
+    shutil.copytree(ROOT / "tasks", tmp_path / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / where
+    target.write_text((target.read_text() if target.exists() else "") + planted)
+    assert not wing_violations(ROOT) and not task_name_branches(ROOT)
+    found = wing_violations(tmp_path) + task_name_branches(tmp_path)
+    assert any(caught in line for line in found), found
 
 
 def _shapes(path: Path) -> list[tuple[int, str]]:

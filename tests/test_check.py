@@ -1,7 +1,8 @@
 """``python -m datamodules.check`` at scale: a thread pool reading the images, progress as it goes, each split's
 report as soon as it is done -- and, on one tree per format with one of each kind of bad input, the same reports
 as the single-process check that came before (``tests/check_reports.txt``, written by the check of commit
-45c4ac0); the whole-list screen of COCO annotations gives the report of checking every one."""
+45c4ac0; VOC's box outside the image is since clipped for training only, kept as written for evaluation); the
+whole-list screen of COCO annotations gives the report of checking every one."""
 
 from __future__ import annotations
 

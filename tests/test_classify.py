@@ -216,7 +216,7 @@ def test_mixup_cutmix_label_smoothing_and_no_decay_groups():
     images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     mixed, soft = task._apply_mixing(images, labels)
     assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
-    from tasks.optim import parameter_groups
+    from tasks.core.optim import parameter_groups
 
     decay, no_decay = parameter_groups(task, weight_decay_norm_bias=False)
     assert no_decay["weight_decay"] == 0.0

@@ -9,9 +9,9 @@ import yaml
 from datasets import CPU
 
 from tasks import classify, detect, segment
-from tasks.cli import TaskCLI
+from tasks.run.cli import TaskCLI
 
-#: the shared arguments (``tasks.base.BaseTask``) and the type ``--help`` must give each
+#: the shared arguments (``tasks.core.base.BaseTask``) and the type ``--help`` must give each
 SHARED = {
     "backbone": "Literal['resnet18'",
     "backbone_args": "Optional[dict[str, Any]]",
@@ -71,7 +71,7 @@ def test_a_config_setting_the_shared_arguments_parses(task, tmp_path):
             "backbone": "resnet18",
             "num_classes": 3,
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
-            "scheduler": {"class_path": "tasks.schedulers.WarmupPolyLR", "init_args": {"power": 2.0}},
+            "scheduler": {"class_path": "tasks.core.schedulers.WarmupPolyLR", "init_args": {"power": 2.0}},
             "scheduler_interval": "epoch",
             "weight_decay_norm_bias": False,
             "channels_last": False,

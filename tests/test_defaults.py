@@ -18,7 +18,7 @@ from datasets import CPU, write_coco, write_imagefolder
 
 from datamodules import ImageFolderDataModule
 from tasks import classify, detect, segment
-from tasks.cli import TaskCLI
+from tasks.run.cli import TaskCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 #: measured on the embedded shapes by the flags-only tests below (2-core CPU, seed 0): classification

@@ -12,8 +12,8 @@ from wandb_offline import metric_series
 
 from datamodules import COCODetectionDataModule
 from tasks import detect
-from tasks.cli import TaskCLI
 from tasks.detect import DetectionTask
+from tasks.run.cli import TaskCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DETECTION_CONFIGS = sorted(
@@ -131,7 +131,7 @@ def _short_training(root: Path, runs: Path, epochs: int, extra: list[str] = ()) 
         "--model.fpn_channels", "64", "--model.detector_args", json.dumps(SMALL),
         "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.02", "--model.optimizer.momentum", "0.9",
         "--model.optimizer.weight_decay", "0.0001",
-        "--model.scheduler", "tasks.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[1000]",
+        "--model.scheduler", "tasks.core.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[1000]",
         "--model.scheduler.warmup_iters", "40",
         "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "5", "--seed_everything", "0",
         "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU, *extra,
@@ -175,7 +175,7 @@ def test_category_ids_round_trip():
     task.category_ids = list(CATEGORY_IDS.values())
     labels = task._labels_for(torch.tensor([90, 3, 40]))
     assert labels.tolist() == [5, 1, 4]
-    from tasks.coco_eval import to_coco_results
+    from tasks.metrics.coco import to_coco_results
 
     rows = to_coco_results(torch.tensor([[1.0, 2.0, 11.0, 22.0]] * 3), torch.tensor([0.9, 0.8, 0.7]), labels, 42,
                            task.label_to_category())  # fmt: skip
@@ -197,7 +197,7 @@ def test_per_class_ap_equals_pycocotools_run_on_each_category(backend, tmp_path)
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from tasks.coco_eval import evaluate_coco
+    from tasks.metrics.coco import evaluate_coco
 
     root = write_coco(tmp_path / "shapes", train_images=1, val_images=8, size=(96, 96), object_size=(16, 36))
     annotation_file = root / "annotations" / "instances_val2017.json"

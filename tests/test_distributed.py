@@ -140,7 +140,7 @@ def test_torchrun_launch_shares_one_run_directory(tmp_path):
 def test_slurm_environment_requeue_and_resume(tmp_path, monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from tasks.cluster import SlurmRequeue
+    from tasks.run.slurm import SlurmRequeue
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -230,7 +230,7 @@ def test_slurm_detection_is_lightnings_without_its_warning(env, monkeypatch):
 
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from tasks.cluster import under_slurm
+    from tasks.run.slurm import under_slurm
 
     for key in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(key, raising=False)

@@ -1,4 +1,4 @@
-"""Drawn predictions a person can read (tasks.drawing): the threshold, a color per class, labels that do
+"""Drawn predictions a person can read (tasks.outputs.drawing): the threshold, a color per class, labels that do
 not overlap, small images upscaled, a legend on overlays."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.drawing import class_colors, draw_detections, draw_overlay, place_labels, plan_detections
-from tasks.media import class_palette
+from tasks.outputs.drawing import class_colors, draw_detections, draw_overlay, place_labels, plan_detections
+from tasks.outputs.media import class_palette
 
 NAMES = ["background", "circle", "square", "triangle"]
 

@@ -3,6 +3,7 @@ a classifier, C4 and FPN detectors and an FCN; the metadata names the classes an
 
 from __future__ import annotations
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,8 @@ from datasets import classify_checkpoint
 
 from backbones.weights import WeightsError
 from tasks.export import ExportError, export, main, read_metadata
-from tasks.trained import load_task, task_class
+from tasks.inference.loading import load_task
+from tasks.registry import task_class
 
 ort = pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install -e ".[export]"')
 
@@ -39,9 +41,13 @@ SPECS = {
          "max_size": 96, "box_score_thresh": 0.0, "detector_args": {"rpn_post_nms_top_n_test": 100}},
         {"_class_path": "datamodules.COCODetectionDataModule"},
     ),
-    "localize": ("localize", {"backbone": "resnet18", "num_classes": 3}, {}),
+    "localize": (
+        "localize",
+        {"backbone": "resnet18", "num_classes": 7},
+        {"_class_path": "datamodules.ILSVRCLocalizationDataModule", "image_size": 64, "eval_resize": 73},
+    ),
 }  # fmt: skip
-EXPORTED = ["classify", "fcn", "fpn", "c4"]
+EXPORTED = ["classify", "fcn", "fpn", "c4", "localize"]
 
 
 class Payload:
@@ -57,6 +63,7 @@ def write_checkpoint(name: str, folder) -> tuple:
     task.class_names = [f"{name}{k}" for k in range(hparams["num_classes"])]
     checkpoint = {
         "state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "datamodule_hyper_parameters": data,
+        "pytorch-lightning_version": lightning.__version__,
     }  # fmt: skip
     task.on_save_checkpoint(checkpoint)
     path = folder / f"{name}.ckpt"
@@ -75,6 +82,10 @@ def eager(task, kind: str, image: torch.Tensor) -> list[torch.Tensor]:
         if kind == "detect":
             found = network([image])[0]
             return [found["boxes"], found["labels"], found["scores"]]
+        if kind == "localize":  # the five best guesses, as the predictor reads them
+            out = network(image)
+            scores, classes = out["logits"].softmax(1).topk(5, dim=1)
+            return [out["logits"], classes, scores, network.boxes_for(out, classes, tuple(image.shape[-2:]))]
         out = network(image)
         return [out["out"] if isinstance(out, dict) else out]
 
@@ -86,6 +97,12 @@ def assert_same(kind: str, got, want) -> None:
         np.testing.assert_allclose(boxes, want[0].numpy(), atol=1e-3)
         np.testing.assert_array_equal(labels, want[1].numpy())
         np.testing.assert_allclose(scores, want[2].numpy(), atol=1e-3)
+    elif kind == "localize":
+        logits, classes, scores, boxes = (np.asarray(x) for x in got)
+        np.testing.assert_allclose(logits, want[0].numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(classes, want[1].numpy())
+        np.testing.assert_allclose(scores, want[2].numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(boxes, want[3].numpy(), atol=1e-3, rtol=0)
     else:
         np.testing.assert_allclose(np.asarray(got[0]), want[0].numpy(), atol=1e-4, rtol=0)
 
@@ -102,15 +119,23 @@ def test_onnx_runtime_equals_pytorch_at_the_export_size_and_another_with_dynamic
     fixed = export(ckpt, tmp_path / f"{name}.onnx", "onnx", size=(64, 64))
     image = inputs(kind, (64, 64))
     assert_same(kind, run_onnx(fixed, image), eager(task, kind, image))
-    dynamic = export(ckpt, tmp_path / f"{name}_dynamic.onnx", "onnx", size=(64, 64), dynamic=True)
-    other = inputs(kind, (80, 56))  # not the traced size
-    assert_same(kind, run_onnx(dynamic, other), eager(task, kind, other))
+    if kind == "localize":  # the RPN head's anchors follow the input's size: one size, and --dynamic refused
+        with pytest.raises(ExportError, match="--dynamic: the RPN head's anchors are sized from the input"):
+            export(ckpt, tmp_path / f"{name}_dynamic.onnx", "onnx", size=(64, 64), dynamic=True)
+        assert_same(kind, run_onnx(fixed, image[:1]), eager(task, kind, image[:1]))  # the batch still varies
+        dynamic = fixed
+    else:
+        dynamic = export(ckpt, tmp_path / f"{name}_dynamic.onnx", "onnx", size=(64, 64), dynamic=True)
+        other = inputs(kind, (80, 56))  # not the traced size
+        assert_same(kind, run_onnx(dynamic, other), eager(task, kind, other))
     meta = read_metadata(dynamic)
     assert meta["zoo.task"] == kind and meta["zoo.backbone"] == "resnet18"
     names = [f"{name}{k}" for k in range(SPECS[name][1]["num_classes"])]
     assert meta["zoo.class_names"] == (["background", *names] if kind == "detect" else names)
     if kind == "detect":
         assert meta["zoo.outputs"] == ["boxes", "labels", "scores"] and meta["zoo.preprocessing"]["in_graph"]
+    if kind == "localize":
+        assert meta["zoo.outputs"] == ["logits", "classes", "scores", "boxes"]
     if name == "classify":  # the evaluation preprocessing the checkpoint's datamodule recorded
         assert meta["zoo.preprocessing"] == {**{k: v for k, v in SPECS[name][2].items() if k != "_class_path"},
                                              "datamodule": "datamodules.ImageFolderDataModule"}  # fmt: skip
@@ -124,7 +149,7 @@ def test_onnx_runtime_equals_pytorch_at_the_export_size_and_another_with_dynamic
 def test_torch_export_program_equals_eager(name, tmp_path):
     """With H and W free (``--dynamic``): a detector's graph keeps Faster R-CNN's resize (the resized size
     computed as eager computes it), and its data-dependent numbers of proposals and detections
-    (tasks.export.traceable_detector), so another size and another image give their own boxes."""
+    (tasks.heads.exportable.traceable_detector), so another size and another image give their own boxes."""
     kind = SPECS[name][0]
     ckpt, task = write_checkpoint(name, tmp_path)
     path = export(ckpt, tmp_path / f"{name}.pt2", "torch", size=(64, 64), dynamic=True)
@@ -166,10 +191,11 @@ def test_exported_detector_follows_the_image_not_the_traced_one(tmp_path):
     assert len(counts) > 1, counts  # the images gave different numbers of detections
 
 
-def test_a_localization_checkpoint_is_refused_naming_backbones_export(tmp_path):
-    ckpt, _ = write_checkpoint("localize", tmp_path)
-    with pytest.raises(ExportError, match="backbones.export"):
-        export(ckpt, tmp_path / "loc.onnx")
+def test_sizes_under_the_network_stride_are_refused_in_one_line(tmp_path):
+    ckpt, _ = write_checkpoint("classify", tmp_path)
+    with pytest.raises(ExportError, match=r"--size 16 64: the input must be at least the network's stride \(32 px"):
+        export(ckpt, tmp_path / "small.onnx", size=(16, 64))
+    assert not (tmp_path / "small.onnx").exists()
 
 
 def test_a_checkpoint_holding_pickled_code_is_refused(tmp_path):
@@ -205,7 +231,7 @@ def test_the_traceable_nms_keeps_what_batched_nms_keeps_and_is_undone_after_expo
     from torchvision.ops import batched_nms
     from torchvision.ops import boxes as box_ops
 
-    from tasks.export import _one_nms_for_all_classes, traceable_detector
+    from tasks.heads.exportable import _one_nms_for_all_classes, traceable_detector
 
     generator = torch.Generator().manual_seed(0)
     for count in (1500, 12, 0):  # 1500 x 4 coordinates > 4000: the vanilla branch
@@ -228,7 +254,7 @@ def test_the_traceable_resize_gives_torchvisions_pixels(height, width):
     """Sizes where ``floor(h * (600 / h))`` is 599, a wide and a tall image: the same resized image."""
     from torchvision.models.detection.transform import _resize_image_and_masks
 
-    from tasks.export import _resize_by_symbolic_scale
+    from tasks.heads.exportable import _resize_by_symbolic_scale
 
     image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(height))
     got, _ = _resize_by_symbolic_scale(image, 600, 1000)

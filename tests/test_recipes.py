@@ -17,8 +17,8 @@ from datamodules.images import read_image
 from datamodules.loading import EpochSeeded, ResumableDataLoader, make_loader
 from datamodules.samplers import RepeatedAugmentationSampler
 from tasks import classify
-from tasks.ema import ExponentialMovingAverage
-from tasks.schedulers import WarmupCosineLR
+from tasks.core.ema import ExponentialMovingAverage
+from tasks.core.schedulers import WarmupCosineLR
 
 ROOT = Path(__file__).resolve().parents[1]
 BILINEAR = v2.InterpolationMode.BILINEAR
@@ -191,7 +191,7 @@ def _ema_fit(root: Path, runs: Path, name: str, extra: list[str]):
         "--data.batch_size", "6", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20",
         "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(runs), "--run_name", name, "--seed_everything",
         "0", "--trainer.deterministic", "true", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks+=tasks.ema.ExponentialMovingAverage", "--trainer.callbacks.decay", "0.8",
+        "--trainer.callbacks+=tasks.core.ema.ExponentialMovingAverage", "--trainer.callbacks.decay", "0.8",
         "--trainer.callbacks.every_n_steps", "2", "--trainer.callbacks.adjust", "false",
         "--trainer.callbacks+=datasets.WeightRecorder", *extra,
     ]  # fmt: skip
@@ -274,7 +274,7 @@ def test_every_task_validates_its_ema_beside_the_trained_model(task, config, met
         "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
         "--trainer.limit_val_batches", "2",
         "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false", "--trainer.default_root_dir",
-        str(tmp_path / "runs"), "--trainer.callbacks+=tasks.ema.ExponentialMovingAverage",
+        str(tmp_path / "runs"), "--trainer.callbacks+=tasks.core.ema.ExponentialMovingAverage",
         "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.adjust", "false", *CPU,
     ])  # fmt: skip
     metrics = cli.trainer.callback_metrics

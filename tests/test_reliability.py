@@ -24,7 +24,8 @@ from datamodules.check import main as check_main
 from datamodules.coco_files import read_validated
 from datamodules.images import CorruptImageError
 from tasks import classify, detect
-from tasks.reliability import AtomicCheckpointIO, NonFiniteLossError
+from tasks.core.guards import NonFiniteLossError
+from tasks.run.checkpointing import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -366,7 +367,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from tasks.reliability import AtomicCheckpointIO
+        from tasks.run.checkpointing import AtomicCheckpointIO
         io = AtomicCheckpointIO()
         io.save_checkpoint({{"step": 1, "weights": torch.ones(4)}}, {str(target)!r})
         real_save = torch.save
@@ -392,7 +393,7 @@ def _fit_args(root: Path, runs: Path, name: str, extra: list[str]) -> list[str]:
         "--data.eval_resize", "32", "--data.batch_size", "4", "--data.num_workers", "0",
         "--data.train_augment", "random_resized_crop", "--model.backbone", "cifar_resnet20",
         "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.1", "--model.optimizer.momentum", "0.9",
-        "--model.scheduler", "tasks.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[10, 20]",
+        "--model.scheduler", "tasks.core.schedulers.WarmupMultiStepLR", "--model.scheduler.milestones", "[10, 20]",
         "--model.scheduler.warmup_iters", "5", "--model.scheduler_interval", "step", "--seed_everything", "0",
         "--trainer.deterministic", "true", "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(runs),
         "--run_name", name, *CPU, *extra,
@@ -407,7 +408,7 @@ def _recorder(path: Path, sigterm_at: int = -1) -> list[str]:
 #: torchvision's modern recipe's parts (issue 18): a policy, erasing, repeated augmentation, EMA
 MODERN = [
     "--data.auto_augment", "trivial_wide", "--data.random_erase", "0.25", "--data.repeated_augment", "2",
-    "--trainer.callbacks+=tasks.ema.ExponentialMovingAverage", "--trainer.callbacks.every_n_steps", "3",
+    "--trainer.callbacks+=tasks.core.ema.ExponentialMovingAverage", "--trainer.callbacks.every_n_steps", "3",
     "--trainer.callbacks.decay", "0.9", "--trainer.callbacks.adjust", "false", "--trainer.callbacks.warmup_epochs", "1",
 ]  # fmt: skip
 
@@ -452,7 +453,7 @@ def test_sigterm_writes_last_ckpt_and_the_resumed_run_equals_an_uninterrupted_on
 
 def test_last_ckpt_follows_the_run_when_the_metric_stops_improving(tmp_path, folder):
     """Lightning 2.6 writes ``last.ckpt`` only with a new best; a run whose metric is flat (lr 0) must still
-    leave its latest epoch in ``last.ckpt`` (``tasks.reliability.RunCheckpoint``)."""
+    leave its latest epoch in ``last.ckpt`` (``tasks.run.checkpointing.RunCheckpoint``)."""
     classify.main([
         "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(folder), "--data.image_size", "32",
         "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20",

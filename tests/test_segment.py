@@ -17,8 +17,8 @@ from datamodules import COCOSegmentationDataModule
 from datamodules.coco_files import load_coco, read_validated
 from datamodules.masks import VOC_CATEGORY_IDS, InstanceRegions, category_classes, semantic_mask
 from tasks import segment
+from tasks.metrics.confusion import confusion_scores
 from tasks.segment import SegmentationTask
-from tasks.segmentation_models import confusion_scores
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -18,7 +18,7 @@ def _pair(make, **switches):
     fast = make(**switches)
     fast.configure_models()
     fast.load_state_dict(plain.state_dict())
-    fast._apply_speedups()
+    fast.apply_speedups()
     return plain, fast
 
 

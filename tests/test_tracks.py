@@ -15,8 +15,8 @@ from datasets import CPU, voc_object, voc_xml, write_voc_tree
 from datamodules import ILSVRCDetectionDataModule, VOCDetectionDataModule
 from datamodules.validation import DataValidationError
 from datamodules.voc_format import AnnotationError, read_xml
-from tasks.detection_metrics import area_ap, evaluate_devkit, ilsvrc_thresholds, voc07_ap
-from tasks.localization_metrics import gt_known_error, top5_error
+from tasks.metrics.devkits import area_ap, evaluate_devkit, ilsvrc_thresholds, voc07_ap
+from tasks.metrics.localization import gt_known_error, top5_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,12 @@ def test_voc_split_errors_name_the_file_or_are_dropped(tmp_path):
     boxes, labels, difficult = truth[1]
     assert labels.tolist() == [12, 8] and difficult.tolist() == [False, True]  # dog, cat (VOC's order, from 1)
     assert boxes[0].tolist() == [0, 0, 50, 40]
-    assert truth[4][0].tolist() == [[89, 69, 100, 80]]  # the thin box dropped, the other clipped to the image
+    # evaluation keeps both as written, as VOC's devkit scores them (tests/test_devkit_protocols.py)
+    assert truth[4][0].tolist() == [[9, 9, 10, 60], [89, 69, 140, 90]]
     lenient.setup("fit")
     assert lenient.datasets["train"].targets[1][1].tolist() == [12]  # difficult objects leave the targets
+    # training drops the 1-pixel box and clips the other to the image
+    assert lenient.datasets["train"].targets[4][0].tolist() == [[89, 69, 100, 80]]
 
 
 def test_ilsvrc_det_splits_negatives_and_synsets(tmp_path):
@@ -123,7 +126,7 @@ def test_the_data_check_reads_the_xml_formats(tmp_path, capsys):
     out = capsys.readouterr().out
     for expected in ("000001.jpg: image 2007/000001: cannot decode", "'unicorn' is not one of the dataset's classes",
                      "000003.xml: image 2007/000003: no annotation file", "(dog): inverted box",
-                     "000005.xml: not well-formed XML", "reaches outside the 100x80 image (clipped)",
+                     "000005.xml: not well-formed XML", "reaches outside the 100x80 image (clipped for training)",
                      "000007.jpg: image 2007/000007: the file does not exist (the split file lists it)"):  # fmt: skip
         assert expected in out, (expected, out.replace(str(tmp_path), ""))
     assert check.main([*voc, "--no_decode"]) == 1 and "000001.jpg" not in capsys.readouterr().out

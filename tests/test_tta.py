@@ -1,4 +1,4 @@
-"""Test-time augmentation (tasks.tta): mirrored views are mirrored back before merging; one view is the
+"""Test-time augmentation (tasks.heads.tta): mirrored views are mirrored back before merging; one view is the
 plain evaluation exactly."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from datasets import CPU, write_coco
 
 from tasks import detect, segment
-from tasks.tta import detect_with_tta, mirror_boxes, segment_with_tta
+from tasks.heads.tta import detect_with_tta, mirror_boxes, segment_with_tta
 
 
 class BrightSquareDetector:

@@ -19,6 +19,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# torchvision keeps its RPN's box coder, matcher and sampler in a private module, with no public alias (its minor
+# version is bounded in pyproject)
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import box_iou
 
@@ -123,7 +126,7 @@ class Localizer(nn.Module):
         else:
             scores = torch.gather(out["scores"], 2, classes[:, None, :].expand(-1, out["scores"].shape[1], -1))
             best = scores.argmax(1)  # B x J: the anchor each class scores highest
-            rows = torch.arange(len(classes), device=classes.device)[:, None]
+            rows = torch.arange(classes.shape[0], device=classes.device)[:, None]  # (shape, not len: traceable)
             deltas = out["deltas"][rows, best, classes]  # B x J x 4
             boxes = self.coder.decode_single(deltas.reshape(-1, 4), out["anchors"][best].reshape(-1, 4))
             boxes = boxes.view(*classes.shape, 4)
@@ -170,3 +173,20 @@ class Localizer(nn.Module):
                                   / max(1, int(chosen.sum())))  # fmt: skip
         loss = torch.stack(cls_losses).mean()
         return loss + (torch.stack(reg_losses).mean() if reg_losses else 0.0)
+
+
+class TopGuesses(nn.Module):
+    """A localizer's five best guesses per image, as plain tensors (what ``tasks.export`` traces): ``logits``
+    (``N x C``), the ``k`` best ``classes`` and their softmax ``scores`` (``N x k``), and each one's box
+    (``N x k x 4``, x1 y1 x2 y2 in the input's pixels)."""
+
+    def __init__(self, localizer: Localizer, k: int = 5) -> None:
+        super().__init__()
+        self.localizer, self.k = localizer, k
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out = self.localizer(images)
+        probs = out["logits"].float().softmax(1)
+        scores, classes = probs.topk(min(self.k, probs.shape[1]), dim=1)
+        boxes = self.localizer.boxes_for(out, classes, (images.shape[-2], images.shape[-1]))
+        return out["logits"], classes, scores, boxes

@@ -40,7 +40,7 @@ def images_folder(path: Path) -> Path:
 
 
 def draw_detections(image: torch.Tensor, out: dict, names: list[str], path: Path, threshold: float = 0.5) -> None:
-    """``image`` with the detections scoring at least ``threshold`` drawn (``tasks.drawing``), as a JPEG."""
+    """``image`` with the detections scoring at least ``threshold`` drawn (``tasks.outputs.drawing``), as a JPEG."""
     from .drawing import draw_detections as draw
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def write_mask(mask: torch.Tensor, path: Path) -> None:
 
 
 def write_overlay(image: torch.Tensor, mask: torch.Tensor, names: list[str], path: Path) -> None:
-    """``image`` (uint8) half-blended with the mask's class colors, with a legend (``tasks.drawing``)."""
+    """``image`` (uint8) half-blended with the mask's class colors, with a legend (``tasks.outputs.drawing``)."""
     from .drawing import draw_overlay
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ when its class is the image's and its box overlaps one of the image's boxes with
 localization error** of an image is 0 when one of its (up to) five guesses is right, else 1; the
 **localization error with the ground-truth class** takes the one box predicted for the true class. Both
 are averaged over the images. IoU is on continuous pixel boxes (the devkit's ``+1`` on inclusive pixels
-gives the same numbers, see ``tasks.detection_metrics``).
+gives the same numbers, see ``tasks.metrics.devkits``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .detection_metrics import iou
+from .devkits import iou
 
 
 def box_right(box: Sequence[float], truth: np.ndarray, threshold: float = 0.5) -> bool:

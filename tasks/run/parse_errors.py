@@ -97,6 +97,7 @@ class OneLineErrors(LightningArgumentParser):
         if not self.exit_on_error:
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
+        # argparse lists its actions only in _actions (unchanged since Python 2.7): the options for "did you mean"
         options = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {one_line(message, options)}\n(run {prog} --help for every option)\n")

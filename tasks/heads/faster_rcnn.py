@@ -29,6 +29,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, roi_align
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+# MultiScaleRoIAlign's own level setup, private in torchvision (bounded in pyproject): reused so that the scales
+# and levels are exactly torchvision's
 from torchvision.ops.poolers import _setup_scales
 
 from backbones import Backbone

@@ -104,19 +104,28 @@ def class_ap(detections: list[tuple[int, float, np.ndarray]], truth: dict, proto
 
 
 def evaluate_devkit(
-    results: list[dict], ground_truth: dict, categories: list[dict], protocol: str, image_ids: list[int]
+    results: list[dict],
+    ground_truth: dict,
+    categories: list[dict],
+    protocol: str,
+    image_ids: list[int],
+    blacklist: set[tuple[int, int]] | None = None,
 ) -> dict[str, float]:
     """``mAP`` (also as ``AP50``: it is the AP at IoU 0.5) and ``AP/<class name>`` of COCO-format
     ``results`` on ``ground_truth`` (``{image id: (boxes, category ids, difficult)}``), over ``image_ids``.
 
-    ``protocol``: ``voc07``, ``voc`` or ``ilsvrc`` (see the module docstring).
+    ``protocol``: ``voc07``, ``voc`` or ``ilsvrc`` (see the module docstring). ``blacklist``: ``(image id,
+    category id)`` pairs left out as ILSVRC's ``eval_detection.m`` leaves out its validation blacklist's: the
+    image's detections of that class are neither true nor false positives, and its objects of that class are
+    not counted among the positives.
     """
+    blacklist = {(int(i), int(c)) for i, c in blacklist or ()}
     if protocol not in ("voc07", "voc", "ilsvrc"):
         raise ValueError(f"protocol={protocol!r} is not one of 'voc07', 'voc', 'ilsvrc'")
     evaluated = set(int(i) for i in image_ids)
     by_class: dict[int, list] = defaultdict(list)
     for r in results:
-        if int(r["image_id"]) in evaluated:
+        if int(r["image_id"]) in evaluated and (int(r["image_id"]), int(r["category_id"])) not in blacklist:
             x, y, w, h = r["bbox"]
             by_class[int(r["category_id"])].append(
                 (int(r["image_id"]), float(r["score"]), np.array([x, y, x + w, y + h]))
@@ -127,6 +136,8 @@ def evaluate_devkit(
         cid = category["id"]
         truth = {}
         for image in evaluated:
+            if (image, cid) in blacklist:
+                continue  # no positives, and its detections were left out above
             boxes, labels, difficult = ground_truth.get(image, (np.zeros((0, 4)), np.zeros(0), np.zeros(0, bool)))
             mine = labels == cid
             truth[image] = (np.asarray(boxes, dtype=np.float64)[mine], np.asarray(difficult, dtype=bool)[mine])

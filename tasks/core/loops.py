@@ -1,9 +1,9 @@
-"""How every task evaluates, written once (mixed into ``tasks.base.BaseTask``): ``validate`` and
+"""How every task evaluates, written once (mixed into ``tasks.core.base.BaseTask``): ``validate`` and
 ``test`` steps and epochs over the task's :meth:`~TaskEvaluation.evaluate_batch` and
 :meth:`~TaskEvaluation.epoch_scores`, and the EMA model's validation beside the trained one's.
 
 A split's metrics are logged as ``<split>/<name>``: ``val``, ``test``, and ``val_ema`` -- with an
-exponential moving average of the weights (``tasks.ema.ExponentialMovingAverage``), each validation
+exponential moving average of the weights (``tasks.core.ema.ExponentialMovingAverage``), each validation
 batch also runs through the averaged network, so validation reports both models, as torchvision's
 classification reference does (``train.py``: "Test" and "Test: EMA").
 """
@@ -45,10 +45,13 @@ class TaskEvaluation:
 
     # -- the EMA model --------------------------------------------------------------------------------
     def ema_network(self) -> nn.Module | None:
-        """The averaged network of a ``tasks.ema.ExponentialMovingAverage`` callback, while fitting."""
-        trainer = getattr(self, "_trainer", None)
-        for callback in getattr(trainer, "callbacks", None) or []:
-            average = getattr(callback, "averaged_task", lambda: None)()
+        """The averaged network of a ``tasks.core.ema.ExponentialMovingAverage`` callback, while fitting."""
+        from .ema import ExponentialMovingAverage  # (the EMA module imports Lightning's callbacks: on first use)
+
+        if self._trainer is None:
+            return None
+        for callback in self._trainer.callbacks:
+            average = callback.averaged_task() if isinstance(callback, ExponentialMovingAverage) else None
             if average is not None:
                 return getattr(average, self.network_attr)
         return None

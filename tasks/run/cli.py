@@ -5,7 +5,7 @@ On top of Lightning's CLI it
 * gives each run its own directory, ``<trainer.default_root_dir or runs>/<run_name>/<run_version>``
   (``run_name`` defaults to the config file's name; ``run_version`` to ``version_<n>``, the SLURM job
   id under SLURM), holding ``config.yaml``, ``checkpoints/{best,last}.ckpt`` and the W&B run;
-* adds a ``ModelCheckpoint`` (``--checkpoint.*``, ``tasks.reliability.RunCheckpoint``) that keeps
+* adds a ``ModelCheckpoint`` (``--checkpoint.*``, ``tasks.run.checkpointing.RunCheckpoint``) that keeps
   ``best.ckpt`` by the task's metric (``val/acc1``, ``val/mAP``, ``val/mIoU``) and writes ``last.ckpt``
   after every validation;
 * logs to Weights & Biases by default, offline when no W&B credentials are configured (``wandb sync``
@@ -13,7 +13,7 @@ On top of Lightning's CLI it
   metrics also go to ``metrics.csv`` in the run directory (``ResumableCSVLogger``, kept across resumes), a
   file meant to be read back (``studies report`` does);
 * under SLURM, handles the time-limit warning at a step every rank has finished and requeues the job
-  (``tasks.cluster``), and resumes a restarted job from the newest checkpoint in its run directory;
+  (``tasks.run.slurm``), and resumes a restarted job from the newest checkpoint in its run directory;
 * reads every checkpoint with ``weights_only=True``;
 * on CUDA, trains in ``bf16-mixed`` unless ``--trainer.precision`` says otherwise;
 * sets ``--trainer.benchmark`` (cuDNN's algorithm search), unless given or ``--trainer.deterministic``
@@ -24,9 +24,7 @@ On top of Lightning's CLI it
 from __future__ import annotations
 
 import logging
-import netrc
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -40,66 +38,24 @@ from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 import datamodules
-from backbones.weights import torch_load_safe
 from datamodules.images import CorruptImageError
+from zoo_common.checkpoints import WeightsError, describe, is_task_checkpoint, refuse_class_specs, torch_load_safe
 from zoo_common.command import run_command
 
-from . import cluster
+from .. import registry
+from ..core.guards import NonFiniteLossError
+from . import slurm
+from .checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
+from .loggers import PROJECT, ResumableCSVLogger, generate_run_id, wandb_credentials_available
 from .parse_errors import OneLineErrors
-from .reliability import (
-    AtomicCheckpointIO,
-    InterruptCheckpoint,
-    NonFiniteLossError,
-    ResumableCSVLogger,
-    RunCheckpoint,
-)
+from .run_dirs import agree_on_run_dir, next_version
 
 log = logging.getLogger(__name__)
 
-PROJECT = "residual-zoo"
 RUN_DIR_ENV = "RESIDUAL_ZOO_RUN_DIR"
-
-
-def wandb_credentials_available() -> bool:
-    """Whether W&B can log in without asking: an API key in the environment or in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def _process_age() -> float:
-    """Seconds since this process started."""
-    import time
-
-    try:
-        with open(f"/proc/{os.getpid()}/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.process_time()
-
-
-def generate_run_id() -> str:
-    """A W&B-style run id (8 lowercase letters and digits)."""
-    import secrets
-    import string
-
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-def next_version(run_root: Path) -> str:
-    """``version_<n>`` with ``n`` one past the largest existing one under ``run_root``."""
-    taken = [int(m[1]) for p in run_root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return f"version_{max(taken, default=-1) + 1}"
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
@@ -118,8 +74,8 @@ class TaskCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", OneLineErrors)  # a missing data.root is one line, not a namespace dump
-        if cluster.under_slurm():
-            cluster.install_warning_handler()  # before anything slow: an early time-limit warning is kept
+        if slurm.under_slurm():
+            slurm.install_warning_handler()  # before anything slow: an early time-limit warning is kept
         datamodules.load_all()  # --data by its short name: every datamodule class known to the parser
         super().__init__(
             model_class,
@@ -186,8 +142,44 @@ class TaskCLI(LightningCLI):
                 elif self.config.subcommand == "fit" and Path(path).name.startswith("hpc_ckpt_"):
                     self._resume_dir = Path(path).parent  # a SLURM job's checkpoint, written in its run directory
             if cfg.get("ckpt_path"):
-                torch_load_safe(Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}")  # refuses pickled code, clearly
-        super()._parse_ckpt_path()
+                self._apply_checkpoint_hparams(Path(cfg.ckpt_path))
+
+    def _apply_checkpoint_hparams(self, path: Path) -> None:
+        """Lightning's own step, which this replaces (``LightningCLI._parse_ckpt_path``, a private hook with no
+        public equivalent): the checkpoint's hyperparameters become the model's configuration, so that
+        ``validate``/``predict`` build the network it holds. Here the file is read ``weights_only``, must be a
+        checkpoint of this task (another task's says which wrote it), may not ask to build a class (jsonargparse
+        would build it), and a resumed run may not change what it trains (:func:`checkpoint_conflicts`)."""
+        raw = torch_load_safe(path, f"checkpoint {path}")  # refuses pickled code, clearly
+        if not is_task_checkpoint(raw):
+            raise WeightsError(f"--ckpt_path {path}: {describe(raw)}; --ckpt_path takes a checkpoint of this task")
+        refuse_class_specs(raw["hyper_parameters"] or {}, path)
+        recorded = raw.get("task")
+        kind = getattr(self.model_class, "kind", "")
+        if recorded and kind and registry.kind_of(recorded) != kind:
+            other = registry.kind_of(recorded)
+            raise WeightsError(
+                f"--ckpt_path {path} is a checkpoint of {recorded}: run python -m tasks.{other} "
+                f"{self.config.subcommand} with it"
+            )
+        hparams = {k: v for k, v in dict(raw["hyper_parameters"] or {}).items() if not str(k).startswith("_")}
+        if not hparams:
+            return
+        cfg = self.config[self.config.subcommand]
+        conflicts = checkpoint_conflicts(cfg, hparams, raw.get("datamodule_hyper_parameters") or {})
+        if conflicts and self.config.subcommand == "fit":
+            raise ValueError(
+                f"--ckpt_path {path}: resuming with {', '.join(conflicts)} would not resume the same run (the "
+                f"checkpoint's weights, learning rate and data position are for its own values); drop these flags, "
+                f"or start a new run from its weights with --model.weights {path}"
+            )
+        model_conflicts = [c for c in conflicts if c.startswith("model.")]
+        if model_conflicts:
+            rank_zero_warn(
+                f"--ckpt_path {path}: the checkpoint's architecture is used ({', '.join(model_conflicts)}): its "
+                f"weights are for its own"
+            )
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     # -- run directory, logger and safety defaults ------------------------------------------------
     def _run_name(self, cfg: Namespace) -> str:
@@ -214,43 +206,19 @@ class TaskCLI(LightningCLI):
         if version:
             run_dir = root / version
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
-            run_dir = self._agree_on_run_dir(root)  # ranks started together by an external launcher
+            run_dir = agree_on_run_dir(root)  # ranks started together by an external launcher
         else:
             run_dir = root / next_version(root)
         os.environ[RUN_DIR_ENV] = str(run_dir)  # children of Lightning's launcher inherit it
         return run_dir
-
-    @staticmethod
-    def _agree_on_run_dir(root: Path, timeout: float = 300.0) -> Path:
-        """Rank 0 picks ``version_<n>``; the other ranks of this launch read its choice from a marker file.
-
-        The marker is keyed by the rendezvous address and port, and only a marker written after this
-        process started counts, so an earlier launch's marker is never reused.
-        """
-        import time
-
-        key = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
-        marker = root / f".launch-{key}"
-        started = time.time() - _process_age()
-        if int(os.environ["RANK"]) == 0:
-            run_dir = root / next_version(root)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(run_dir))
-            return run_dir
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if marker.is_file() and marker.stat().st_mtime >= started - 5:
-                return Path(marker.read_text())
-            time.sleep(0.2)
-        raise TimeoutError(f"rank {os.environ['RANK']}: rank 0 did not announce the run directory in {marker}")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         name = self._run_name(cfg)
         run_dir = self._run_dir(cfg, name)
         cfg.trainer.default_root_dir = str(run_dir)
-        if self.subcommand == "fit" and not cfg.get("ckpt_path") and cluster.restarted_job():
-            resume = cluster.resume_point(run_dir)  # a requeued job: its own run directory has checkpoints
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and slurm.restarted_job():
+            resume = slurm.resume_point(run_dir)  # a requeued job: its own run directory has checkpoints
             if resume is not None:
                 # the step for the log line, from a mapped file: Lightning reads the checkpoint itself next
                 step = torch_load_safe(resume, f"checkpoint {resume}", mmap=True).get("global_step")
@@ -309,6 +277,8 @@ class TaskCLI(LightningCLI):
             id_file.write_text(init.id)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
+        # (private in LightningCLI; the public instantiate_trainer does not see the parsed config's plugins and
+        # loggers before the Trainer is built. Lightning's minor version is bounded in pyproject.)
         """Add the reliability defaults (atomic, weights-only checkpoints and a checkpoint on interruption) and,
         beside any logger, a ``metrics.csv`` in the run directory (what ``studies report`` reads)."""
         loggers = config.get("logger")
@@ -322,19 +292,21 @@ class TaskCLI(LightningCLI):
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins = [*plugins, AtomicCheckpointIO()]
         extra = [InterruptCheckpoint()]
-        if cluster.under_slurm() and not any(hasattr(p, "main_address") for p in plugins):
-            # SLURM's time-limit warning is handled at a step all ranks agree on (tasks.cluster), not in
+        if slurm.under_slurm() and not any(hasattr(p, "main_address") for p in plugins):
+            # SLURM's time-limit warning is handled at a step all ranks agree on (tasks.run.slurm), not in
             # Lightning's signal handler
             plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]
-            extra.append(cluster.SlurmRequeue())
+            extra.append(slurm.SlurmRequeue())
         config["plugins"] = plugins
         return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     # -- after each subcommand, even a failed one: close the W&B run, so in-process runs start fresh ----
     def _run_subcommand(self, subcommand: str) -> None:
+        # LightningCLI's private step that runs the subcommand: the only place to clean up after a failed one
+        # (the before_/after_ hooks do not run on errors); Lightning's minor version is bounded in pyproject
         try:
             super()._run_subcommand(subcommand)
-        except cluster.StoppedForRequeue:
+        except slurm.StoppedForRequeue:
             pass  # saved; the job is requeued below, once the loggers are closed
         except BaseException:
             self._remove_unused_run_dir()
@@ -342,11 +314,13 @@ class TaskCLI(LightningCLI):
         finally:
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 os.environ.pop(RUN_DIR_ENV, None)
-            for logger in self.trainer.loggers:
-                if isinstance(logger, WandbLogger) and logger._experiment is not None and self.trainer.is_global_zero:
-                    logger.experiment.finish()
+            if self.trainer.is_global_zero and any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
+                import wandb
+
+                if wandb.run is not None:  # started by this run's WandbLogger (it creates its run on first use)
+                    wandb.finish()
             for callback in self.trainer.callbacks:
-                if isinstance(callback, cluster.SlurmRequeue):
+                if isinstance(callback, slurm.SlurmRequeue):
                     callback.requeue(self.trainer)  # last: SLURM ends this run of the job when it is requeued
 
     def _remove_unused_run_dir(self) -> None:
@@ -360,6 +334,31 @@ class TaskCLI(LightningCLI):
         files = [p for p in top.rglob("*") if not p.is_dir()]
         if [p.name for p in files] in ([], ["wandb_id"]):
             shutil.rmtree(top, ignore_errors=True)
+
+
+#: model arguments a checkpoint's own values override without a word (nothing to compare: the weights come from
+#: the file, and the label set's size is found at the first setup)
+_NOT_COMPARED = ("weights", "weights_backbone", "num_classes", "backbone_args")
+
+
+def checkpoint_conflicts(cfg: Namespace, hparams: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """The arguments a command line gives other values than the checkpoint records, as ``model.<key>=<given>
+    (checkpoint: <recorded>)``: the model's, and the data's ``batch_size`` (the loader's position and the
+    default recipe's learning rate are counted in its batches)."""
+    found = []
+    model = cfg.get("model") or Namespace()
+    for key, recorded in hparams.items():
+        if key in _NOT_COMPARED or key not in model:
+            continue
+        given = model[key]
+        given = given.as_dict() if isinstance(given, Namespace) else given
+        if given is not None and given != recorded:
+            found.append(f"model.{key}={given!r} (checkpoint: {recorded!r})")
+    data_cfg = cfg.get("data")
+    given = data_cfg.get("init_args", data_cfg).get("batch_size") if isinstance(data_cfg, Namespace) else None
+    if "batch_size" in data and given is not None and given != data["batch_size"]:
+        found.append(f"data.batch_size={given!r} (checkpoint: {data['batch_size']!r})")
+    return found
 
 
 def entry_point(task_class: type[pl.LightningModule]) -> Callable[[ArgsType], TaskCLI]:

@@ -12,6 +12,7 @@ implements ``build_network``, its steps and its metric.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -26,16 +27,18 @@ from backbones import Backbone, BackboneName, build_backbone, check_backbone_nam
 from backbones.weights import (
     adopt_architecture,
     apply_weights,
-    backbone_subset,
     check_architecture,
     load_state_dict_checked,
     read_state_dict,
     remap,
 )
+from datamodules.contract import IdLabelledData, LabelledData
+from zoo_common import checkpoints
 
-from .evaluation import TaskEvaluation
+from .contract import TaskContract
+from .guards import TaskGuards
+from .loops import TaskEvaluation
 from .optim import Recipe, TaskOptimization
-from .reliability import NonFiniteLossError, restore_rng_state, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def check_num_classes(given: int | None, found: int, source: str) -> int:
     return found
 
 
-class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
+class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, pl.LightningModule):
     """Shared machinery of every task.
 
     Args:
@@ -100,8 +103,6 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
     mode: Literal["min", "max"] = "min"
     #: ``--trainer.benchmark`` default: cuDNN's algorithm search pays off when every batch has one shape
     cudnn_benchmark: bool | None = None
-    #: the attribute holding the network; also its prefix in the task's state dict
-    network_attr: str = "model"
     #: the network's state-dict key whose rows are the classes (``background_rows`` of them are not)
     classifier_key: str = ""
     background_rows: int = 0
@@ -112,7 +113,7 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
     default_log_samples: int = 4
     #: the task's own options that say where outputs go, not what the model is (kept out of checkpoints)
     output_options: tuple[str, ...] = ()
-    #: what trains when the config names no optimizer or schedule (``tasks.optim.Recipe``)
+    #: what trains when the config names no optimizer or schedule (``tasks.core.optim.Recipe``)
     recipe: Recipe = Recipe("SGD", lr=0.1, images=256, decay="cosine")
 
     def __init__(
@@ -181,13 +182,13 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Reconcile the label set with the datamodule's, build the network if not yet built, speed it up."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and stage != "predict" and hasattr(datamodule, "num_classes"):
+        datamodule = self.trainer.datamodule
+        if stage != "predict" and isinstance(datamodule, LabelledData):
             self.labels_from_data(datamodule)
         self.require_num_classes(stage)
         if getattr(self, self.network_attr) is None:
             self.configure_models()
-        self._apply_speedups()
+        self.apply_speedups()
 
     def labels_from_data(self, datamodule) -> None:
         """The datamodule's label set: ``num_classes`` unless given (then they must agree), and its class
@@ -197,8 +198,8 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
         model whose ids came with its weights may cover more classes than the data has.
         """
         n = int(datamodule.num_classes)
-        names = list(getattr(datamodule, "class_names", None) or range(n))
-        ids = getattr(datamodule, "category_ids", None)
+        names = list(datamodule.class_names or range(n))
+        ids = datamodule.category_ids if isinstance(datamodule, IdLabelledData) else None
         hp = self.hparams
         if hp.num_classes is None:
             hp.num_classes = n
@@ -283,7 +284,8 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
         net = build_backbone(hp.backbone, **given, **overrides)
         if state is not None:
             apply_weights(
-                net, backbone_subset(state, meta.get("backbone_keys")), what=f"weights={source!r}", ignore_head=True,
+                net, checkpoints.backbone_state(state, meta.get("backbone_keys")), what=f"weights={source!r}",
+                ignore_head=True,
                 checkpoint_backbone=meta.get("checkpoint_backbone"), architecture=meta.get("architecture"),
             )  # fmt: skip
         self.backbone_options = {k: v for k, v in {**given, **overrides}.items() if k != "num_classes"}
@@ -300,7 +302,7 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
 
     def backbone_record(self) -> dict:
         """What a checkpoint records of its backbone: name, builder options, ``architecture``, and where its
-        tensors are (``keys``, read by ``backbones.weights.backbone_subset`` and ``backbones.export``)."""
+        tensors are (``keys``, read by ``zoo_common.checkpoints.backbone_state`` and ``backbones.export``)."""
         body = self.backbone_module()
         if body is None:
             return {}
@@ -314,23 +316,82 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()  # a resumed run draws what an uninterrupted one would
-        checkpoint["class_names"] = [str(n) for n in (self.class_names or [])]
-        checkpoint["category_ids"] = list(self.category_ids or [])
-        checkpoint["backbone"] = self.backbone_record()
-        checkpoint["task"] = f"{type(self).__module__}.{type(self).__qualname__}"  # read by tasks.trained
+        """The task's record (``zoo_common.checkpoints``): its registry path, label set, backbone record and
+        the random states a resumed run needs."""
+        checkpoints.write_task_record(
+            checkpoint, task=self.registry_path(), class_names=self.class_names, category_ids=self.category_ids,
+            backbone=self.backbone_record(),
+        )  # fmt: skip
+
+    @classmethod
+    def registry_path(cls) -> str:
+        """How checkpoints name this task: its ``tasks.registry`` path, the same whether the command ran as
+        ``python -m tasks.<kind>`` (module ``__main__``) or was imported; a class outside the registry by
+        its module path."""
+        from ..registry import TASKS
+
+        if cls.kind in TASKS and TASKS[cls.kind].rpartition(".")[2] == cls.__name__:
+            return TASKS[cls.kind]
+        module = cls.__module__
+        if module == "__main__":
+            import sys
+
+            spec = getattr(sys.modules["__main__"], "__spec__", None)
+            module = spec.name if spec is not None else module
+        return f"{module}.{cls.__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_state" in checkpoint:
-            restore_rng_state(checkpoint["rng_state"])
-        if checkpoint.get("class_names"):
-            self.class_names = list(checkpoint["class_names"])
-        if checkpoint.get("category_ids"):
-            self.category_ids = list(checkpoint["category_ids"])
-        recorded = checkpoint.get("backbone") or {}
+        if checkpoints.RNG_STATE in checkpoint and self._trainer is not None:  # resuming, not loading to predict
+            checkpoints.restore_rng_state(checkpoint[checkpoints.RNG_STATE])
+        if checkpoint.get(checkpoints.CLASS_NAMES):
+            self.class_names = list(checkpoint[checkpoints.CLASS_NAMES])
+        if checkpoint.get(checkpoints.CATEGORY_IDS):
+            self.category_ids = list(checkpoint[checkpoints.CATEGORY_IDS])
+        recorded = checkpoint.get(checkpoints.BACKBONE) or {}
         body = self.backbone_module()
         if body is not None:
             check_architecture(recorded.get("architecture"), body, "the checkpoint's weights")
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, *,
+                             record: checkpoints.TaskCheckpoint | None = None, **kwargs: Any):  # fmt: skip
+        """Lightning's ``load_from_checkpoint`` for this project's checkpoints: the file is read with
+        ``weights_only=True`` and must be one of this task's (another task's says which wrote it), its
+        hyperparameters may not ask to build a class, and the weights it started from (``weights``,
+        ``weights_backbone``) are not read again: the trained ones are in the file. ``kwargs`` override
+        hyperparameters, as in Lightning's."""
+        from ..registry import kind_of
+
+        record = record or checkpoints.read_task_checkpoint(checkpoint_path)
+        checkpoints.refuse_class_specs(record.raw.get("hyper_parameters") or {}, record.path)
+        if record.task and kind_of(record.task) != cls.kind:
+            raise checkpoints.WeightsError(
+                f"{record.path} is a checkpoint of {record.task} (python -m tasks.{kind_of(record.task)}), not of "
+                f"{cls.__name__}: load it with that task"
+            )
+        kwargs = {"weights": None, "weights_backbone": None, **kwargs}
+        return super().load_from_checkpoint(
+            record.path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True,
+            **kwargs,
+        )  # fmt: skip
+
+    @classmethod
+    def wrote(cls, checkpoint: checkpoints.TaskCheckpoint) -> bool:
+        """Whether ``checkpoint`` -- one written before checkpoints recorded their task -- holds this task: its
+        network's tensors and only arguments this task takes."""
+        prefix = f"{cls.network_attr}."
+        if not any(k.startswith(prefix) for k in checkpoint.state_dict):
+            return False
+        return set(checkpoint.hyper_parameters) <= cls.argument_names()
+
+    @classmethod
+    def argument_names(cls) -> set[str]:
+        """Every constructor argument of the task, its own and the ones it passes on to the base."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass) and issubclass(klass, BaseTask):
+                names |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
+        return names
 
     # -- outputs -----------------------------------------------------------------------------------------
     def output_path(self, configured: str | None, default: str) -> Path:
@@ -338,80 +399,13 @@ class BaseTask(TaskEvaluation, TaskOptimization, pl.LightningModule):
         return Path(configured) if configured else Path(self.trainer.default_root_dir) / default
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        from .media import WandbSamples
+        from ..outputs.media import WandbSamples
 
         return [WandbSamples(self.log_samples)] if self.log_samples > 0 else []
 
     def forward(self, images: torch.Tensor):
         """The network on a batch of images, in the task's memory format (detection adds targets)."""
         return getattr(self, self.network_attr)(self.to_memory_format(images))
-
-    def count_skipped(self, batch: dict) -> int:
-        """Log ``data/skipped``, the images skipped so far as unreadable (``data.skip_corrupt``); return the
-        batch's count."""
-        skipped = int(batch.get("skipped", 0))
-        if skipped:
-            self.skipped_images += skipped
-            self.log("data/skipped", float(self.skipped_images), on_step=True, on_epoch=False, reduce_fx="max")
-        return skipped
-
-    # -- speed switches -------------------------------------------------------------------------------
-    def _on_cuda(self) -> bool:
-        try:
-            return self.trainer.strategy.root_device.type == "cuda"
-        except RuntimeError:  # not attached to a trainer
-            return next(self.parameters()).is_cuda
-
-    def _apply_speedups(self) -> None:
-        if self._speedups_applied:
-            return
-        self._speedups_applied = True
-        if self.channels_last_enabled():
-            self.to(memory_format=torch.channels_last)
-        if self.use_compile:
-            for module in self.compile_targets():
-                module.compile()
-
-    def channels_last_enabled(self) -> bool:
-        """``channels_last`` as configured; ``None`` means on for CUDA, off on CPU."""
-        return self._on_cuda() if self.use_channels_last is None else bool(self.use_channels_last)
-
-    def to_memory_format(self, images: torch.Tensor) -> torch.Tensor:
-        """The input batch in the model's memory layout (a no-op when it already is)."""
-        if self._speedups_applied and images.ndim == 4 and self.channels_last_enabled():
-            return images.contiguous(memory_format=torch.channels_last)
-        return images
-
-    def compile_targets(self) -> list[nn.Module]:
-        """Modules compiled in place by ``compile=True`` (parameter names stay unchanged): the backbone."""
-        return [self.backbone_module()]
-
-    def guard_loss(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Stop (or skip the batch) when the loss is NaN or infinite, naming the step and the batch.
-
-        ``stop`` raises :class:`~tasks.reliability.NonFiniteLossError` with the global step, the batch's
-        image paths or ids and the last checkpoint to resume from, before any weight is touched.
-        ``skip`` replaces the loss by a zero that still reaches every parameter (so DDP's gradient
-        all-reduce stays in step across ranks), counts it and logs ``train/skipped_nonfinite``.
-        """
-        if torch.isfinite(loss).all():
-            return loss
-        where = batch.get("path") or batch.get("paths") or batch.get("image_id") or batch.get("image_ids") or []
-        where = [str(w) for w in (where.tolist() if isinstance(where, torch.Tensor) else where)]
-        if self.nonfinite_loss == "skip":
-            self.skipped_nonfinite += 1
-            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, reduce_fx="max")
-            log.warning("non-finite loss at step %d, batch skipped: %s", self.global_step, ", ".join(where[:8]))
-            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
-        last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
-        shown = ", ".join(where[:16]) + (f" ... ({len(where)} in all)" if len(where) > 16 else "")
-        raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-            f"batch: {shown or 'unknown'}. {self._rate_in_effect()}Last good checkpoint: {last or 'none written yet'}. "
-            f"Lower the learning rate or check these images, then resume with --ckpt_path {last or '<checkpoint>'}; "
-            f"model.nonfinite_loss=skip skips such batches instead."
-        )
 
     def wandb_loggers(self) -> list[WandbLogger]:
         if self._trainer is None:

@@ -13,18 +13,24 @@ batch of them) or an ``H x W x 3`` uint8 numpy array. What comes back, per image
 - detect: ``boxes`` (``K x 4``, x1 y1 x2 y2 in the input image's pixels), ``labels``, ``classes`` (names)
   and ``scores``, best first;
 - segment: ``mask`` (``H x W`` uint8 class indexes at the input's size) and ``classes`` (the names of
-  the classes present).
+  the classes present);
+- localize: the five best ``classes``, ``indices`` and ``scores``, and each one's box (``boxes``, ``5 x 4``
+  in the input image's pixels).
+
+Each task says what it returns (``TaskContract.predictions`` and ``predictor_result``); nothing here knows
+which task it holds.
 
 The images go through the datamodule's own ``predict`` dataset and collate function (the ones
 ``python -m tasks.<task> predict`` uses), and the task's ``predictions``, which the CLI's ``predict``
-writes to files; so the two give the same numbers. On CUDA the network runs in bfloat16 autocast (and
+writes to files; so the two give the same numbers. The datamodule is the one the checkpoint records, built
+only if it is one of this project's classes (``datamodules.resolve``) or lives in a module given in
+``trusted_modules``: a checkpoint never decides what is imported. On CUDA the network runs in bfloat16 autocast (and
 channels-last where the task uses it), as the tasks train and evaluate there. The checkpoint is read with
 ``weights_only=True``: a file holding pickled code is refused.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +38,31 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+import datamodules
+from datamodules.contract import PredictableData
 from datamodules.images import MemoryImage
 
-from .trained import TrainedTask, load_task
+from ..core.contract import NotSupportedError
+from .loading import TrainedTask, load_task
 
 
 class Predictor:
     """A trained task and its datamodule's evaluation preprocessing, called on images (see the module)."""
 
     def __init__(self, trained: TrainedTask, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
-                 tta_scales: list[float] | None = None, tta_flip: bool = True) -> None:  # fmt: skip
-        if trained.kind not in ("classify", "detect", "segment"):
-            raise ValueError(
-                f"{trained.path}: a tasks.{trained.kind} checkpoint; the predictor covers classify, detect and segment"
-            )
-        self.trained, self.kind, self.top_k = trained, trained.kind, top_k
-        if tta and self.kind == "classify":
-            raise ValueError("tta: classification's test-time views are the datamodule's eval_crops option")
-        if self.kind != "classify":
-            trained.task.tta = (tta_scales or [1.0], tta_flip) if tta else None
+                 tta_scales: list[float] | None = None, tta_flip: bool = True,
+                 trusted_modules: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.trained = trained
+        try:
+            trained.task.set_prediction_options(top_k, (tta_scales or [1.0], tta_flip) if tta else None)
+        except NotSupportedError as err:
+            raise ValueError(f"{trained.path}: {err}") from None
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.task = trained.task.to(self.device).eval()
-        self.task._apply_speedups()  # channels-last on CUDA where the task uses it, as its runs do
-        self.datamodule = _datamodule(trained)
+        self.task.apply_speedups()  # channels-last on CUDA where the task uses it, as its runs do
+        self.datamodule = _datamodule(trained, trusted_modules)
 
     @property
     def class_names(self) -> list[str]:
@@ -70,42 +76,37 @@ class Predictor:
         with torch.inference_mode(), autocast:
             for batch in self.datamodule.predict_on(items):
                 batch = self.datamodule.on_after_batch_transfer(move_data_to_device(batch, self.device), 0)
-                found.extend(self._predictions(batch))
+                try:
+                    rows = self.task.predictions(batch)
+                except NotSupportedError as err:
+                    raise ValueError(f"{self.trained.path}: {err}") from None
+                found.extend(self.task.predictor_result(row) for row in rows)
         return found[0] if single else found
-
-    def _predictions(self, batch: dict) -> list[dict]:
-        if self.kind == "classify":
-            return self.task.predictions(batch, top_k=self.top_k)
-        rows = self.task.predictions(batch)
-        if self.kind == "segment":
-            for row in rows:
-                row["mask"] = row["mask"][0]
-                row["classes"] = [self.task.class_name(int(k)) for k in row["mask"].unique()]
-        return rows
 
 
 def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
-                   tta_scales: list[float] | None = None, tta_flip: bool = True) -> Predictor:  # fmt: skip
-    """A :class:`Predictor` for ``checkpoint`` (a ``tasks.classify``, ``detect`` or ``segment`` one) on
-    ``device`` (``cpu``, ``cuda``, ``cuda:1``, or ``auto``); ``top_k`` classes for a classifier;
-    ``tta``, ``tta_scales``, ``tta_flip``: test-time augmentation for detection and segmentation, as the
-    tasks' options of those names (``tasks.tta``)."""
-    return Predictor(load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip)
+                   tta_scales: list[float] | None = None, tta_flip: bool = True,
+                   trusted_modules: tuple[str, ...] = ()) -> Predictor:  # fmt: skip
+    """A :class:`Predictor` for ``checkpoint`` (any task's) on ``device`` (``cpu``, ``cuda``, ``cuda:1``, or
+    ``auto``); ``top_k`` classes for a classifier; ``tta``, ``tta_scales``, ``tta_flip``: test-time
+    augmentation for detection and segmentation, as the tasks' options of those names
+    (``tasks.heads.tta``); ``trusted_modules``: modules of your own whose datamodule classes a checkpoint
+    may name (the project's own are always accepted)."""
+    return Predictor(load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip, tuple(trusted_modules))
 
 
-def _datamodule(trained: TrainedTask):
+def _datamodule(trained: TrainedTask, trusted_modules: tuple[str, ...] = ()):
     """The checkpoint's datamodule, built from its recorded arguments (its folders need not exist here)."""
     args = {k: v for k, v in trained.data.items() if not k.startswith("_")}
     class_path = trained.data.get("_class_path")
     if not class_path:
         raise ValueError(f"{trained.path}: records no datamodule, so its preprocessing is unknown")
-    module, name = class_path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module), name)
-    if not hasattr(cls, "predict_on"):
-        raise ValueError(f"{trained.path}: {name} has no predict dataset of image files; the predictor needs one")
+    cls = datamodules.resolve(str(class_path), trusted_modules, what=f"{trained.path}'s datamodule")
     args["num_workers"] = 0  # images given in the call are read in this process
     args.update({k: False for k in ("pin_memory", "persistent_workers") if k in args})
     datamodule = cls(**args)
+    if not isinstance(datamodule, PredictableData):
+        raise ValueError(f"{trained.path}: {cls.__name__} has no predict dataset of image files (predict_on)")
     if trained.data_state:
         datamodule.load_state_dict(trained.data_state)
     return datamodule

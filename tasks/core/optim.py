@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from datamodules.contract import BatchedData
+
 log = logging.getLogger(__name__)
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -181,7 +183,7 @@ class Recipe:
 
 
 class TaskOptimization:
-    """The optimizer and schedule of a task (mixed into ``tasks.base.BaseTask``): the configured ones, or
+    """The optimizer and schedule of a task (mixed into ``tasks.core.base.BaseTask``): the configured ones, or
     the task's ``recipe`` scaled to the run; the learning rate's logging and its account of itself."""
 
     def starts_from_weights(self) -> bool:
@@ -195,7 +197,7 @@ class TaskOptimization:
 
     def configure_optimizers(self):
         """The configured optimizer and schedule; where the config names none, the task's ``recipe``
-        (``tasks.optim.Recipe``), scaled to this run's global batch and length and stated in one log line."""
+        (``tasks.core.optim.Recipe``), scaled to this run's global batch and length and stated in one log line."""
         params = parameter_groups(self, self.hparams.weight_decay_norm_bias, self.lr_scales())
         defaults = tuple(
             k for k, f in (("optimizer", self.optimizer_factory), ("scheduler", self.scheduler_factory)) if f is None
@@ -213,6 +215,8 @@ class TaskOptimization:
         # Counting the steps made Lightning build the training loader before a resumed checkpoint's loops
         # (and the loader's position in its epoch) are restored; it would then skip restoring that position
         # and replay the epoch from its start. Let the fit loop build the loader again, after the restore.
+        # (a private attribute: Lightning has no public way to drop the loader it built; its minor version is
+        # bounded in pyproject, and tests/test_reliability.py's mid-epoch resume fails if this stops working)
         self.trainer.fit_loop._combined_loader = None
         if self.scheduler_factory is None:
             epochs = self.trainer.max_epochs if self.trainer.max_steps == -1 else None
@@ -233,11 +237,10 @@ class TaskOptimization:
 
     def global_batch_size(self) -> int | None:
         """Images per optimizer step over all processes: batch size x processes x accumulation."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        per_process = getattr(datamodule, "batch_size", None)
-        if per_process is None:
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, BatchedData):
             return None
-        return int(per_process) * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return int(datamodule.batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def _rate_in_effect(self) -> str:
         """The learning rate and warm-up at this step, and how to lower them (for a diverging loss)."""

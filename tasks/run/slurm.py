@@ -7,7 +7,7 @@ collective the other ranks are not in. Here the handler only remembers the signa
 training step (or validation) the ranks agree (one all-reduce of a flag, as Lightning already broadcasts
 its SIGTERM flag every step), all of them save ``hpc_ckpt_<n>.ckpt`` in the run directory at that step,
 training stops, the CLI closes the loggers, and only then does rank 0 requeue the job. The requeued job
-keeps its id, so ``tasks.cli`` gives it the same run directory and W&B run and resumes it from the newest
+keeps its id, so ``tasks.run.cli`` gives it the same run directory and W&B run and resumes it from the newest
 checkpoint there (``resume_point``): the same weights, optimizer, counters, data position and random
 states as an uninterrupted run at that step.
 
@@ -88,7 +88,7 @@ class SlurmRequeue(pl.Callback):
     end, after SLURM's warning, on every rank at the same step; ``requeue()`` then puts the job back in the
     queue.
 
-    Added by ``tasks.cli.TaskCLI`` to every run that is a SLURM task (Lightning's own in-handler requeue is
+    Added by ``tasks.run.cli.TaskCLI`` to every run that is a SLURM task (Lightning's own in-handler requeue is
     switched off: ``SLURMEnvironment(auto_requeue=False)``).
     """
 

@@ -10,12 +10,12 @@ task, weights and buffers), which checkpoints the average and restores it on res
   (``adjust: true``); during the first ``warmup_epochs`` epochs the average restarts at every update, so it
   leaves the warm-up equal to the weights;
 * both models validated: Lightning's callback swaps the average in for validation; here the task runs each
-  validation batch through both (``tasks.evaluation``): ``val/*`` is the trained model, ``val_ema/*`` the
+  validation batch through both (``tasks.core.loops``): ``val/*`` is the trained model, ``val_ema/*`` the
   average, and ``best.ckpt`` is chosen by the average's metric, as its ``state_dict`` holds the average
   (``checkpoint["weights"] == "ema"``; the trained weights are under ``current_model_state``), so
   ``validate``/``test``/``predict`` from a checkpoint and ``backbones.export`` use the EMA weights.
 
-Use: ``--trainer.callbacks+=tasks.ema.ExponentialMovingAverage`` (``configs/imagenet_resnet50_tv2.yaml``).
+Use: ``--trainer.callbacks+=tasks.core.ema.ExponentialMovingAverage`` (``configs/imagenet_resnet50_tv2.yaml``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
+
+from datamodules.contract import BatchedData
 
 
 class ExponentialMovingAverage(WeightAveraging):
@@ -69,18 +71,18 @@ class ExponentialMovingAverage(WeightAveraging):
         """torchvision's: ``1 - min(1, (1 - decay) * world * batch * every_n_steps / epochs)``."""
         if not self.adjust:
             return self.decay
-        batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
-        if batch is None:
+        if not isinstance(trainer.datamodule, BatchedData):
             raise ValueError(
                 "ExponentialMovingAverage(adjust=true) needs the datamodule's batch_size; set adjust: false and "
                 "give the decay per update"
             )
-        scale = trainer.world_size * int(batch) * trainer.accumulate_grad_batches * self.every_n_steps / epochs
+        batch = int(trainer.datamodule.batch_size)
+        scale = trainer.world_size * batch * trainer.accumulate_grad_batches * self.every_n_steps / epochs
         return 1.0 - min(1.0, (1.0 - self.decay) * scale)
 
     def averaged_task(self) -> pl.LightningModule | None:
-        """The averaged copy of the task (``tasks.evaluation`` validates its network), while fitting."""
+        """The averaged copy of the task (``tasks.core.loops`` validates its network), while fitting."""
         return self._average_model.module if self._average_model is not None else None
 
     # -- Lightning's hooks ----------------------------------------------------------------------------
@@ -109,7 +111,7 @@ class ExponentialMovingAverage(WeightAveraging):
             self._average_model.n_averaged.fill_(0)  # the next update starts the average again
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        """Nothing is swapped: the task validates both models (``tasks.evaluation``)."""
+        """Nothing is swapped: the task validates both models (``tasks.core.loops``)."""
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         """See :meth:`on_validation_epoch_start`."""

@@ -1,0 +1,177 @@
+"""The README's path as users run it: ``python -m tasks.<task> fit`` as a subprocess, then
+``python -m tasks.export`` on what it wrote (ONNX Runtime runs the file), ``load_predictor`` and
+``<Task>.load_from_checkpoint``, for every task -- through the one checkpoint format
+(``zoo_common.checkpoints``) and the task registry, whatever module name the command ran under."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import write_coco, write_imagefolder
+
+from datamodules.shapes_xml import generate_localization
+from tasks import load_predictor, registry
+from zoo_common.checkpoints import read_task_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ort = pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install -e ".[export]"')
+
+QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false", "--trainer.logger", "false", "--trainer.max_steps", "2",
+         "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0"]  # fmt: skip
+DETECTOR = ["--model.backbone", "resnet18", "--model.norm", "bn", "--model.freeze_at", "0", "--model.min_size", "64",
+            "--model.max_size", "64", "--model.fpn_channels", "16", "--model.box_score_thresh", "0.0",
+            "--model.detector_args", '{"rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32}']  # fmt: skip
+
+
+def _data(kind: str, tmp: Path) -> list[str]:
+    if kind == "classify":
+        root = write_imagefolder(tmp / "cls", per_class=2, val_per_class=1, size=32)
+        return ["--data", "datamodules.ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32",
+                "--data.batch_size", "4", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20"]  # fmt: skip
+    if kind in ("detect", "segment"):
+        root = write_coco(tmp / "coco", train_images=4, val_images=2, size=(64, 64), object_size=(16, 30))
+        if kind == "detect":
+            return ["--data", "datamodules.COCODetectionDataModule", "--data.root", str(root), "--data.batch_size",
+                    "2", "--data.num_workers", "0", *DETECTOR]  # fmt: skip
+        return ["--data", "datamodules.COCOSegmentationDataModule", "--data.root", str(root), "--data.categories",
+                "all", "--data.min_area", "0", "--data.base_size", "64", "--data.crop_size", "48",
+                "--data.batch_size", "2", "--data.num_workers", "0", "--data.cache_dir", str(tmp / "masks"),
+                "--model.backbone", "resnet18", "--model.head", "skip"]  # fmt: skip
+    root = generate_localization(tmp / "loc", train_per_class=2, val_per_class=1, size=48)
+    return ["--data", "datamodules.ILSVRCLocalizationDataModule", "--data.root", str(root), "--data.image_size", "32",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--model.backbone", "resnet18"]  # fmt: skip
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
+    """Each task fitted by its command in a subprocess (two steps): its last checkpoint and its data flags."""
+    out = {}
+    for kind in registry.TASKS:
+        tmp = tmp_path_factory.mktemp(kind)
+        data = _data(kind, tmp)
+        result = _run([f"tasks.{kind}", "fit", *data, *QUIET, "--trainer.default_root_dir", str(tmp / "runs")], tmp)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[kind] = (next((tmp / "runs").rglob("last.ckpt")), data)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(registry.TASKS))
+def test_a_command_written_checkpoint_records_its_task_by_registry_path(kind, fitted):
+    record = read_task_checkpoint(fitted[kind][0])
+    assert record.task == registry.TASKS[kind]  # not __main__.<Task>: the command ran as __main__
+    assert record.datamodule["_class_path"].startswith("datamodules.")
+
+
+@pytest.mark.parametrize("kind", list(registry.TASKS))
+def test_export_command_then_onnx_runtime_and_the_predictor_on_what_fit_wrote(kind, fitted, tmp_path):
+    ckpt, _ = fitted[kind]
+    out = tmp_path / f"{kind}.onnx"
+    result = _run(["tasks.export", str(ckpt), str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}" in result.stdout
+    from tasks.export import read_metadata
+
+    meta = read_metadata(out)
+    assert meta["zoo.task"] == kind
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    side = 64 if kind in ("detect", "segment") else 32
+    image = torch.rand(3, side, side) if len(shape) == 3 else torch.rand(1, 3, side, side)
+    outputs = session.run(None, {"image": image.numpy()})
+    assert [o.name for o in session.get_outputs()] == meta["zoo.outputs"] and len(outputs) == len(meta["zoo.outputs"])
+    predict = load_predictor(ckpt)
+    found = predict(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
+    expected = {"classify": "classes", "detect": "boxes", "segment": "mask", "localize": "boxes"}[kind]
+    assert expected in found
+    if kind == "segment":
+        assert found["mask"].shape == (40, 40)
+    if kind == "localize":
+        assert found["boxes"].shape == (5, 4) and len(found["classes"]) == 5
+
+
+@pytest.mark.parametrize("kind", list(registry.TASKS))
+def test_load_from_checkpoint_the_lightning_way_gives_the_trained_network(kind, fitted):
+    ckpt, _ = fitted[kind]
+    cls = registry.task_class(kind)
+    task = cls.load_from_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    ours = task.state_dict()
+    assert set(ours) == set(state) and all(torch.equal(ours[k], state[k]) for k in state)
+    assert task.class_names == read_task_checkpoint(ckpt).class_names
+    other = next(k for k in registry.TASKS if k != kind)
+    with pytest.raises(ValueError, match=f"is a checkpoint of {registry.TASKS[kind]}.*load it with that task"):
+        registry.task_class(other).load_from_checkpoint(ckpt)
+
+
+def test_a_checkpoint_recorded_as_main_still_loads_and_nothing_it_names_is_imported(fitted, tmp_path):
+    """Checkpoints written before this version recorded ``__main__.DetectionTask``: they still load. A class
+    outside the registry is refused before anything is imported."""
+    ckpt, _ = fitted["detect"]
+    raw = torch.load(ckpt, weights_only=True)
+    raw["task"] = "__main__.DetectionTask"
+    old = tmp_path / "old.ckpt"
+    torch.save(raw, old)
+    assert load_predictor(old)(torch.zeros(3, 32, 32, dtype=torch.uint8))["boxes"].shape[1] == 4
+    result = _run(["tasks.export", str(old), str(tmp_path / "old.onnx")], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    planted = tmp_path / "planted_module.py"
+    planted.write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('imported')\nclass Task: pass\n")
+    raw["task"] = "planted_module.Task"
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(raw, foreign)
+    result = _run(["tasks.export", str(foreign), str(tmp_path / "foreign.onnx")], tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: the checkpoint was written by planted_module.Task, which is not one of")
+    assert "Traceback" not in result.stderr and len(lines) == 2
+    assert not (tmp_path / "RAN").exists()
+
+
+def test_a_checkpoint_naming_a_foreign_datamodule_is_refused_before_import(fitted, tmp_path):
+    ckpt, _ = fitted["classify"]
+    raw = torch.load(ckpt, weights_only=True)
+    (tmp_path / "evil_data.py").write_text(f"open({str(tmp_path / 'RAN')!r}, 'w').write('imported')\n")
+    raw["datamodule_hyper_parameters"]["_class_path"] = "evil_data.DataModule"
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save(raw, foreign)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match=r"datamodule is evil_data.DataModule, which is not one of this project"):
+            load_predictor(foreign)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not (tmp_path / "RAN").exists() and "evil_data" not in sys.modules
+
+
+def test_a_class_spec_planted_in_a_checkpoints_hyperparameters_builds_nothing(fitted, tmp_path):
+    """jsonargparse builds ``{"class_path": ...}`` found in an ``Any``-typed field when Lightning passes a
+    checkpoint's hyperparameters through it: a weights-only checkpoint could create or truncate any file the
+    user can write. It is refused, naming the field, on the command line and in ``load_from_checkpoint``."""
+    ckpt, data = fitted["classify"]
+    raw = torch.load(ckpt, weights_only=True)
+    target = tmp_path / "PWNED"
+    raw["hyper_parameters"]["backbone_args"] = {"class_path": "logging.FileHandler",
+                                                "init_args": {"filename": str(target)}}  # fmt: skip
+    planted = tmp_path / "planted.ckpt"
+    torch.save(raw, planted)
+    result = _run(["tasks.classify", "validate", *data, *QUIET, "--ckpt_path", str(planted)], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2].startswith(f"error: {planted}: hyper_parameters.backbone_args asks to build logging.FileHandler")
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ValueError, match="hyper_parameters.backbone_args asks to build logging.FileHandler"):
+        registry.task_class("classify").load_from_checkpoint(planted)
+    with pytest.raises(ValueError, match="asks to build"):
+        load_predictor(planted)
+    assert not target.exists()
