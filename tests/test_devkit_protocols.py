@@ -97,19 +97,47 @@ def test_ilsvrc_det_blacklist_leaves_out_its_image_class_pairs_as_eval_detection
         _det(tmp_path / "c", ["9 n0"]).evaluation_blacklist("val")
 
 
+def _loc_errors(root: Path, blacklist: str | None) -> tuple[float, float, float]:
+    """``LocalizationTask``'s validation on ``root`` with guesses made right for the even-numbered images only
+    (their class and box), wrong for the odd ones: ``(loc_err_top5, loc_err_gt, acc1)``."""
+    from tasks.localize import LocalizationTask
+
+    dm = ILSVRCLocalizationDataModule(str(root), image_size=32, num_workers=0, batch_size=3, blacklist=blacklist)
+    dm.setup("validate")
+    task = LocalizationTask(backbone="resnet18", num_classes=dm.num_classes).eval()
+
+    def guesses(batch):  # right class and box for ILSVRC2012_val_<even>, a wrong class for the others
+        numbers = [int(Path(p).stem.rsplit("_", 1)[1]) for p in batch["path"]]
+        right = torch.tensor([n % 2 == 0 for n in numbers])
+        classes = torch.where(right, batch["label"], (batch["label"] + 1) % dm.num_classes)[:, None].repeat(1, 5)
+        truth = torch.stack([b[0] for b in batch["original_boxes"]]).double()
+        boxes = truth[:, None].repeat(1, 6, 1)  # five guesses and the true class's box, in the image's pixels
+        boxes[~right, -1] += 1000.0  # the wrong images' true-class box misses too
+        logits = torch.nn.functional.one_hot(classes[:, 0], dm.num_classes).float()
+        return logits, classes, torch.ones(len(numbers), 5), boxes
+
+    task._guesses = guesses
+    for batch in dm.val_dataloader():
+        task.evaluate_batch(dm.on_after_batch_transfer(batch, 0), "val")
+    errors = {k: float(v.compute()) for k, v in task.val_errors.items()}
+    return errors["loc_err_top5"], errors["loc_err_gt"], float(task.val_metrics["val/acc1"].compute())
+
+
 def test_cls_loc_blacklist_leaves_its_images_out_of_the_localization_errors_only(tmp_path):
     root = generate_localization(tmp_path / "loc", train_per_class=2, val_per_class=2, size=48)
     names = sorted(p.stem for p in (root / "ILSVRC" / "Data" / "CLS-LOC" / "val").glob("*.JPEG"))
-    assert names[0] == "ILSVRC2012_val_00000001"
+    assert names[:4] == [f"ILSVRC2012_val_{k:08d}" for k in range(1, 5)] and len(names) % 2 == 0
     (root / "blacklist.txt").write_text("1\n3\n")
-    dm = ILSVRCLocalizationDataModule(str(root), image_size=32, num_workers=0, batch_size=4,
-                                      blacklist="blacklist.txt")  # fmt: skip
+    dm = ILSVRCLocalizationDataModule(str(root), image_size=32, num_workers=0, blacklist="blacklist.txt")
     dm.setup("validate")
     scored = {Path(dm.datasets["val"][k]["path"]).stem: dm.datasets["val"][k]["loc_scored"] for k in range(len(names))}
     assert scored == {n: n not in ("ILSVRC2012_val_00000001", "ILSVRC2012_val_00000003") for n in names}
-    # the task weighs each image's errors by it: by hand, errors 1, 0, 1, 1 with images 1 and 3 left out -> 0.5
-    from torchmetrics import MeanMetric
-
-    errors = MeanMetric()
-    errors.update(torch.tensor([1.0, 0.0, 1.0, 1.0]), weight=torch.tensor([0.0, 1.0, 0.0, 1.0]))
-    assert float(errors.compute()) == pytest.approx(0.5)
+    # by hand: half the images (the even ones) are right. Without the blacklist both errors are 1/2; with images
+    # 1 and 3 (odd, wrong) left out, (n/2 - 2) wrong of n - 2; classification still counts every image
+    n = len(names)
+    assert _loc_errors(root, None) == pytest.approx((0.5, 0.5, 0.5))
+    expected = (n / 2 - 2) / (n - 2)
+    assert _loc_errors(root, "blacklist.txt") == pytest.approx((expected, expected, 0.5))
+    with pytest.raises(ValueError, match=r"bad.txt:1: 'x' is not a validation image number"):
+        (root / "bad.txt").write_text("x\n")
+        ILSVRCLocalizationDataModule(str(root), image_size=32, num_workers=0, blacklist="bad.txt").setup("validate")
