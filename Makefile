@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: test demo lint zoo clean
+.PHONY: test test-long durations demo lint zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,8 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev,export]'
 	touch $(STAMP)
 
+# The default tier: every unit and integration test that runs in seconds, one pytest-xdist worker per core.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --timeout=900
+	$(PY) -m pytest -q -m "not slow and not slurm" -n $(WORKERS) --dist loadgroup --timeout=900 --durations=20
+
+# The long tier: minutes-long training checks (slow) and the jobs on a real SLURM cluster (slurm).
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m "slow or slurm" --timeout=1800 --durations=20
+
+# Where the time goes: both tiers, serially, every test's duration.
+durations: $(STAMP)
+	$(PY) -m pytest -q -m "" -p no:xdist --timeout=1800 --durations=0
 
 demo: $(STAMP)
 	$(PY) -m tasks.demo

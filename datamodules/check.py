@@ -48,54 +48,22 @@ from rich.text import Text
 
 from zoo_common.command import run_command
 
-from .coco_files import COCOFiles
-from .coco_format import read_coco_json
-from .image_checks import image_pass, report_progress
-from .imagefolder import ImageFolderDataModule
+from .contract import CheckableData
+from .image_checks import image_pass
 from .images import CorruptImageError
-from .validation import DataValidationError, Report, validate_coco, validate_imagefolder
+from .validation import DataValidationError, Report
 
 __all__ = ["DataValidationError", "Progress", "check_datamodule", "main"]
 
 
 # -- the command ----------------------------------------------------------------------------------------
 def check_datamodule(datamodule, decode: bool = True, fix: bool = False) -> Iterator[Report]:
-    """Every split's report of a configured datamodule, each as soon as it is done: ImageFolder and COCO kinds
-    here; any other datamodule with a ``check(decode)`` method returning or yielding its reports (the VOC,
-    ILSVRC DET and CLS-LOC kinds). Images are read in the current ``image_checks.image_pass``'s threads."""
-    if callable(getattr(datamodule, "check", None)):
-        yield from datamodule.check(decode=decode)
-        return
-    if isinstance(datamodule, ImageFolderDataModule):
-        report_progress("listing the training classes")
-        classes = datamodule.classes  # the training split's class folders (an error names a missing one)
-        for split in ("train", "val"):
-            path = datamodule.split_path(split)
-            if split == "train" or path != datamodule.split_path("train"):
-                yield validate_imagefolder(path, classes, train=split == "train", decode=decode)[0]
-        return
-    files = getattr(datamodule, "files", None)
-    if not isinstance(files, COCOFiles):
-        raise ValueError(f"no checks for {type(datamodule).__name__}")
-    for split in ("train", "val"):
-        images, annotations = files.split_files(split)
-        report_progress(f"reading {annotations.name}")
-        try:
-            dataset = read_coco_json(annotations)
-        except (ValueError, FileNotFoundError) as err:
-            report = Report(str(annotations))
-            report.error(str(annotations), str(err))
-            yield report
-            continue
-        report, cleaned = validate_coco(dataset, annotations, images, decode)
-        if fix and report.problems:
-            target = annotations.with_name(annotations.stem + ".fixed.json")
-            target.write_text(json.dumps(cleaned))
-            dropped_images = len(dataset["images"]) - len(cleaned["images"])
-            dropped_anns = len(dataset["annotations"]) - len(cleaned["annotations"])
-            print(f"wrote {target}: {dropped_images} images and {dropped_anns} annotations dropped; point "
-                  f"data.{split}_annotations at it")  # fmt: skip
-        yield report
+    """Every split's report of a configured datamodule, each as soon as it is done: its ``check(decode, fix)``
+    (``datamodules.contract.CheckableData``; every datamodule here has one). Images are read in the current
+    ``image_checks.image_pass``'s threads."""
+    if not isinstance(datamodule, CheckableData):
+        raise ValueError(f"no checks for {type(datamodule).__name__}: it has no check(decode, fix) method")
+    yield from datamodule.check(decode=decode, fix=fix)
 
 
 class Progress:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .loading import SplitLoaders, make_loader
+from .loading import SplitLoaders
 
 DOWNLOAD_HELP = (
     "Download the 'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
@@ -169,7 +169,7 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
         if dataset not in _LAYOUT:
             raise ValueError(f"data.dataset={dataset!r} must be 'cifar10' or 'cifar100'")
         self.save_hyperparameters()
-        self.batch_size = batch_size
+        self.batch_size = self.eval_batch_size = batch_size
         self.datasets: dict[str, CIFARDataset] = {}
         self._data: dict | None = None
 
@@ -219,13 +219,4 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
         self.datasets["predict"] = self.datasets["test"]  # rows named #<index in the test batch>
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        hp = self.hparams
-        return make_loader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            num_workers=hp.num_workers,
-            train=train,
-            pin_memory=hp.pin_memory,
-            persistent_workers=hp.persistent_workers,
-            trainer=self.trainer,
-        )
+        return self.split_loader(split, train)

@@ -18,12 +18,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .coco_files import COCOFiles, unlisted_categories
-from .coco_format import LAYOUT_HELP
+from .coco_files import COCOSplits, unlisted_categories
 from .detection import DetectionDataModule, DetectionDataset
 from .records import DetectionRecords, offsets, pack
 from .validation import DataValidationError
@@ -78,58 +76,21 @@ class COCODetectionDataset(DetectionDataset):
             log.warning("%s: dropped from the training targets: %s", images_dir, summary)
 
 
-class COCODetectionDataModule(DetectionDataModule):
+class COCODetectionDataModule(COCOSplits, DetectionDataModule):
     """COCO (or any COCO-format dataset) for ``tasks.detect``, scored by COCOeval on the annotation file.
 
-    Args:
-        root: dataset folder; the other paths are relative to it.
-        train_images: training image folder.
-        train_annotations: training instances file.
-        val_images: validation image folder.
-        val_annotations: validation instances file (COCOeval's ground truth).
-        test_images: test image folder (defaults to the validation split).
-        test_annotations: test instances file (defaults to the validation split).
-        kwargs: the loaders' options (``batch_size``, ``num_workers``, ``flip_prob``, ...), see
-            :class:`datamodules.detection.DetectionDataModule`.
+    The files are named by :class:`datamodules.coco_files.COCOSplits`'s arguments (``root``, ``train_images``,
+    ``train_annotations``, ``val_images``, ``val_annotations``, ``test_images``, ``test_annotations``); the
+    loaders' options (``batch_size``, ``num_workers``, ``flip_prob``, ...) are
+    :class:`datamodules.detection.DetectionDataModule`'s.
     """
 
-    #: what ``data.root`` must hold (named by command-line errors)
-    layout = LAYOUT_HELP
     protocol = "coco"
     #: the validation file lists the classes: read first, it is parsed once, not twice
     first_split = "val"
 
-    def __init__(
-        self,
-        root: str,
-        train_images: str = "train2017",
-        train_annotations: str = "annotations/instances_train2017.json",
-        val_images: str = "val2017",
-        val_annotations: str = "annotations/instances_val2017.json",
-        test_images: str | None = None,
-        test_annotations: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.files = COCOFiles(
-            root, train_images, train_annotations, val_images, val_annotations, test_images, test_annotations
-        )
-        self.root = self.files.root
-
-    # -- files and categories ---------------------------------------------------------------------
-    def split_files(self, split: str) -> tuple[Path, Path]:
-        """``(images folder, annotation file)`` of ``train``, ``val`` or ``test``."""
-        return self.files.split_files(split)
-
-    def annotation_file(self, split: str) -> Path:
-        """The split's annotation file: COCOeval's ground truth."""
-        return self.files.annotation_file(split)
-
     def images_dir(self, split: str) -> Path:
         return self.files.split_files(split)[0]
-
-    def _check_split(self, split: str) -> None:
-        self.files.check_split(split)
 
     @property
     def categories(self) -> list[dict]:

@@ -8,15 +8,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from zoo_common.cache import user_cache
 from zoo_common.distributed import broadcast_object, rank
 
 from .coco_format import LAYOUT_HELP, read_coco_json
-from .validation import DataValidationError, stop_on_errors, validate_coco
+from .image_checks import report_progress
+from .validation import DataValidationError, Report, stop_on_errors, validate_coco
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +118,13 @@ class COCOFiles:
 
     Args:
         root: dataset folder; the other paths are relative to it.
-        train_images, train_annotations, val_images, val_annotations: the splits' folders and files.
-        test_images, test_annotations: the test split's (default: the validation split's).
+        paths: ``{split: (image folder, annotation file)}`` for ``train``, ``val`` and ``test`` (the names
+            :class:`COCOSplits` takes as arguments).
     """
 
-    def __init__(
-        self,
-        root: str | Path,
-        train_images: str = "train2017",
-        train_annotations: str = "annotations/instances_train2017.json",
-        val_images: str = "val2017",
-        val_annotations: str = "annotations/instances_val2017.json",
-        test_images: str | None = None,
-        test_annotations: str | None = None,
-    ) -> None:
+    def __init__(self, root: str | Path, paths: dict[str, tuple[str, str]]) -> None:
         self.root = Path(root).expanduser()
-        self.paths = {
-            "train": (train_images, train_annotations),
-            "val": (val_images, val_annotations),
-            "test": (test_images or val_images, test_annotations or val_annotations),
-        }
+        self.paths = dict(paths)
         self._categories: list[dict] | None = None
 
     def split_files(self, split: str) -> tuple[Path, Path]:
@@ -146,6 +136,29 @@ class COCOFiles:
 
     def annotation_file(self, split: str) -> Path:
         return self.split_files(split)[1]
+
+    def check(self, decode: bool = True, fix: bool = False) -> Iterator[Report]:
+        """Both splits' reports (``python -m datamodules.check``), each as it is done; ``fix`` writes a cleaned
+        copy of a file with problems next to it (``<name>.fixed.json``)."""
+        for split in ("train", "val"):
+            images, annotations = self.split_files(split)
+            report_progress(f"reading {annotations.name}")
+            try:
+                dataset = read_coco_json(annotations)
+            except (ValueError, FileNotFoundError) as err:
+                report = Report(str(annotations))
+                report.error(str(annotations), str(err))
+                yield report
+                continue
+            report, cleaned = validate_coco(dataset, annotations, images, decode)
+            if fix and report.problems:
+                target = annotations.with_name(annotations.stem + ".fixed.json")
+                target.write_text(json.dumps(cleaned))
+                dropped_images = len(dataset["images"]) - len(cleaned["images"])
+                dropped_anns = len(dataset["annotations"]) - len(cleaned["annotations"])
+                print(f"wrote {target}: {dropped_images} images and {dropped_anns} annotations dropped; point "
+                      f"data.{split}_annotations at it")  # fmt: skip
+            yield report
 
     def check_split(self, split: str) -> None:
         """Raise, naming the path and COCO's layout, when the split's folder or annotation file is missing."""
@@ -177,3 +190,54 @@ class COCOFiles:
                 raise FileNotFoundError(f"no annotation file under {self.root}. {LAYOUT_HELP}")
             self._categories = sorted(read_coco_json(path)["categories"], key=lambda c: c["id"])
         return self._categories
+
+
+class COCOSplits:
+    """The arguments that name a COCO-format dataset's files, written once for every COCO datamodule (a mixin
+    before the datamodule's base: ``class COCODetectionDataModule(COCOSplits, DetectionDataModule)``), with the
+    methods over them: ``split_files``, ``annotation_file``, the missing-file check and the data check.
+
+    Args:
+        root: dataset folder; the other paths are relative to it.
+        train_images: training image folder.
+        train_annotations: training instances file.
+        val_images: validation image folder.
+        val_annotations: validation instances file (COCOeval's ground truth).
+        test_images: test image folder (defaults to the validation split).
+        test_annotations: test instances file (defaults to the validation split).
+    """
+
+    #: what ``data.root`` must hold (named by command-line errors)
+    layout = LAYOUT_HELP
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        test_images: str | None = None,
+        test_annotations: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        test = (test_images or val_images, test_annotations or val_annotations)
+        paths = {"train": (train_images, train_annotations), "val": (val_images, val_annotations), "test": test}
+        self.files = COCOFiles(root, paths)
+        self.root = self.files.root
+
+    def split_files(self, split: str) -> tuple[Path, Path]:
+        """``(images folder, annotation file)`` of ``train``, ``val`` or ``test``."""
+        return self.files.split_files(split)
+
+    def annotation_file(self, split: str) -> Path:
+        """The split's annotation file: COCOeval's ground truth."""
+        return self.files.annotation_file(split)
+
+    def _check_split(self, split: str) -> None:
+        self.files.check_split(split)
+
+    def check(self, decode: bool = True, fix: bool = False) -> Iterator[Report]:
+        """The data check's reports, both splits (``COCOFiles.check``)."""
+        return self.files.check(decode, fix)

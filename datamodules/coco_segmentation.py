@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -19,10 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .coco_files import COCOFiles, unlisted_categories
-from .coco_format import LAYOUT_HELP
+from .coco_files import COCOSplits, unlisted_categories
 from .images import read_image_or_skip
-from .loading import ImageListDataset, SplitLoaders, make_loader
+from .loading import ImageListDataset, SplitLoaders
 from .masks import (
     IGNORE_INDEX,
     InstanceRegions,
@@ -127,12 +126,13 @@ def segmentation_collate(batch: list[dict | None]) -> dict:
     return out
 
 
-class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
+class COCOSegmentationDataModule(COCOSplits, SplitLoaders, pl.LightningDataModule):
     """COCO instance annotations as semantic segmentation masks, for ``tasks.segment``.
 
     Args:
-        root, train_images, train_annotations, val_images, val_annotations, test_images,
-            test_annotations, predict_root: as for ``COCODetectionDataModule``.
+        root: the dataset folder; it and the other files are :class:`datamodules.coco_files.COCOSplits`'s
+            arguments (``train_images``, ``train_annotations``, ...), as for ``COCODetectionDataModule``.
+        predict_root: a folder of images (searched recursively) for ``predict``.
         categories: ``voc`` -- the 20 PASCAL VOC classes + background (21, torchvision's COCO
             segmentation label set); ``all`` -- every category + background.
         base_size: training scales are 0.5-2.0 x ``base_size`` (shorter side); evaluation resizes the
@@ -152,18 +152,9 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
             ``COCODetectionDataModule``.
     """
 
-    #: what ``data.root`` must hold (named by command-line errors)
-    layout = LAYOUT_HELP
-
     def __init__(
         self,
         root: str,
-        train_images: str = "train2017",
-        train_annotations: str = "annotations/instances_train2017.json",
-        val_images: str = "val2017",
-        val_annotations: str = "annotations/instances_val2017.json",
-        test_images: str | None = None,
-        test_annotations: str | None = None,
         predict_root: str | None = None,
         categories: Literal["voc", "all"] = "voc",
         base_size: int = 520,
@@ -182,14 +173,12 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         drop_invalid: bool = False,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(root, **kwargs)  # the files: COCOSplits' arguments
         self.save_hyperparameters()
-        self.files = COCOFiles(
-            root, train_images, train_annotations, val_images, val_annotations, test_images, test_annotations
-        )
-        self.root = self.files.root
         self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
         self.datasets: dict[str, Dataset] = {}
         self._classes: tuple[dict[int, int], list[str]] | None = None
 
@@ -213,12 +202,6 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
     def num_classes(self) -> int:
         """Classes including the background."""
         return len(self.class_names)
-
-    def annotation_file(self, split: str) -> Path:
-        return self.files.annotation_file(split)
-
-    def _check_split(self, split: str) -> None:
-        self.files.check_split(split)
 
     def _transform(self, train: bool) -> v2.Compose:
         hp = self.hparams
@@ -263,14 +246,4 @@ class COCOSegmentationDataModule(SplitLoaders, pl.LightningDataModule):
         return ImageListDataset(paths, self._transform(False))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        hp = self.hparams
-        return make_loader(
-            self.datasets[split],
-            batch_size=hp.batch_size if train else hp.eval_batch_size,
-            num_workers=hp.num_workers,
-            train=train,
-            pin_memory=hp.pin_memory,
-            persistent_workers=hp.persistent_workers,
-            collate_fn=segmentation_collate,
-            trainer=self.trainer,
-        )
+        return self.split_loader(split, train, collate_fn=segmentation_collate)

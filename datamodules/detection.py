@@ -32,7 +32,6 @@ from .loading import (
     ResumableDataLoader,
     SplitLoaders,
     check_enough_for_a_batch,
-    make_loader,
     run_seed,
     trained_batches,
 )
@@ -277,13 +276,4 @@ class DetectionDataModule(SplitLoaders, pl.LightningDataModule):
                 persistent_workers=hp.persistent_workers and hp.num_workers > 0,
                 progress=trained_batches(self.trainer),
             )
-        return make_loader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=hp.num_workers,
-            train=train,
-            pin_memory=hp.pin_memory,
-            persistent_workers=hp.persistent_workers,
-            collate_fn=detection_collate,
-            trainer=self.trainer,
-        )
+        return self.split_loader(split, train, collate_fn=detection_collate)

@@ -9,6 +9,7 @@ with ``decode_device: cuda``, decoded and augmented on the GPU (``datamodules.gp
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader
 from .folder_dataset import ImageFolderDataset
 from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, loose_images, synset_names
 from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, is_packed
-from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping, make_loader
+from .image_checks import report_progress
+from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping
 from .statistics import cached_pixel_mean
 from .transforms import (
     IMAGENET_MEAN,
@@ -35,7 +37,7 @@ from .transforms import (
     resolve_augment,
     train_transform,
 )
-from .validation import stop_on_errors, validate_imagefolder, without_reported
+from .validation import Report, stop_on_errors, validate_imagefolder, without_reported
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,16 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
     def _check_split(self, split: str) -> None:
         self.split_path(split)
 
+    def check(self, decode: bool = True, fix: bool = False) -> Iterator[Report]:
+        """The data check's reports (``python -m datamodules.check``): the training classes' folders, then the
+        validation split's (when it is another folder), every file, each report as it is done."""
+        report_progress("listing the training classes")
+        classes = self.classes  # the training split's class folders (an error names a missing one)
+        for split in ("train", "val"):
+            path = self.split_path(split)
+            if split == "train" or path != self.split_path("train"):
+                yield validate_imagefolder(path, classes, train=split == "train", decode=decode)[0]
+
     def split_path(self, split: str) -> Path:
         """The folder of ``train``, ``val`` or ``test``; an error naming it and the layout when it is missing."""
         return self._split_dir(self._directory(split))
@@ -376,19 +388,11 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        hp = self.hparams
         raw = getattr(self.datasets[split], "raw", False)
-        return make_loader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            num_workers=hp.num_workers,
-            repeats=hp.repeated_augment,
-            train=train,
-            pin_memory=hp.pin_memory and not raw,
-            persistent_workers=hp.persistent_workers,
-            collate_fn=collate_raw if raw else collate_skipping,
-            trainer=self.trainer,
-        )
+        return self.split_loader(
+            split, train, collate_fn=collate_raw if raw else collate_skipping, repeats=self.hparams.repeated_augment,
+            pin_memory=self.hparams.pin_memory and not raw,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         loader = super().train_dataloader()

@@ -228,6 +228,9 @@ class SplitLoaders:
     """
 
     datasets: dict[str, Dataset]
+    #: images per batch and process, for training and for evaluation (set by the datamodule)
+    batch_size: int
+    eval_batch_size: int
     #: the split ``setup`` builds first (the training split: ImageFolder's classes come from it)
     first_split: str = "train"
 
@@ -242,6 +245,16 @@ class SplitLoaders:
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         raise NotImplementedError
+
+    def split_loader(self, split: str, train: bool, collate_fn: Callable = collate_skipping, **options) -> DataLoader:
+        """:func:`make_loader` over the split with the datamodule's loader options, written once: its
+        ``batch_size`` (training) or ``eval_batch_size``, ``hparams.num_workers``, ``pin_memory``,
+        ``persistent_workers``; ``options`` override them (``repeats``, ``pin_memory``, ...)."""
+        hp = self.hparams
+        batch_size = self.batch_size if train else self.eval_batch_size
+        settings = {"batch_size": batch_size, "num_workers": hp.num_workers, "pin_memory": hp.pin_memory,
+                    "persistent_workers": hp.persistent_workers, **options}  # fmt: skip
+        return make_loader(self.datasets[split], train=train, collate_fn=collate_fn, trainer=self.trainer, **settings)
 
     def predict_on(self, images: Sequence) -> DataLoader:
         """A ``predict`` loader over ``images`` (paths, or :class:`datamodules.images.MemoryImage`), with the

@@ -33,9 +33,9 @@ from torchvision.transforms import v2
 from .folders import find_classes, list_images
 from .image_checks import image_statuses, report_progress, status_problem
 from .images import read_image_or_skip
-from .loading import SplitLoaders, make_loader
+from .loading import SplitLoaders
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, default_crop_scale, default_eval_resize
-from .validation import Report, stop_on_errors
+from .validation import Report, clipped, outside_warning, reaches_outside, stop_on_errors
 from .voc_format import AnnotationError, read_xml
 
 log = logging.getLogger(__name__)
@@ -275,11 +275,10 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
                 if name != wnid:
                     report.warning(str(path), f"a box of {name}, not the image's class {wnid} (ignored)")
                     continue
-                if size is not None and (box[0] < -1 or box[1] < -1 or box[2] > size[0] + 1 or box[3] > size[1] + 1):
-                    done = "clipped for training" if subset == "train" else "kept as written for evaluation"
-                    report.warning(str(xml), f"box {box} reaches outside the {size[0]}x{size[1]} image ({done})")
+                if size is not None and reaches_outside(box, *size):
+                    report.warning(str(xml), outside_warning(box, *size, train=subset == "train"))
                     if subset == "train":
-                        box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], size[0]), min(box[3], size[1]))
+                        box = clipped(box, *size)
                 boxes.append(list(box))
             report.checked["boxes"] += len(boxes)
             samples.append((str(path), index[wnid], boxes))
@@ -294,7 +293,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
         stop_on_errors(report, self.hparams.drop_invalid, report.subject)
         return samples
 
-    def check(self, decode: bool = True) -> Iterator[Report]:
+    def check(self, decode: bool = True, fix: bool = False) -> Iterator[Report]:
         """The data check's reports (``python -m datamodules.check``): both splits, every image, each as it is done."""
         for split in ("train", "val"):
             yield self.read_split(split, decode)[1]
@@ -337,12 +336,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
         return LocalizationDataset(samples, self._transform(False), (self.hparams.eval_resize, self.hparams.image_size))
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        hp = self.hparams
-        return make_loader(
-            self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
-            num_workers=hp.num_workers, train=train, pin_memory=hp.pin_memory,
-            persistent_workers=hp.persistent_workers, collate_fn=localization_collate, trainer=self.trainer,
-        )  # fmt: skip
+        return self.split_loader(split, train, collate_fn=localization_collate)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and "image" in batch:

@@ -27,6 +27,25 @@ class DataValidationError(ValueError):
     """The dataset has errors that would break training or corrupt its results."""
 
 
+def reaches_outside(box: tuple[float, float, float, float], width: float, height: float) -> bool:
+    """Whether an ``x1, y1, x2, y2`` box reaches more than a pixel outside its ``width x height`` image (the
+    one rule of every format: annotation tools round, so one pixel is tolerated)."""
+    x1, y1, x2, y2 = box
+    return x1 < -1 or y1 < -1 or x2 > width + 1 or y2 > height + 1
+
+
+def clipped(box: tuple[float, float, float, float], width: float, height: float) -> tuple[float, float, float, float]:
+    """The box clipped to the image (training targets: the loss needs boxes inside the image)."""
+    x1, y1, x2, y2 = box
+    return max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+
+
+def outside_warning(box, width: int, height: int, train: bool) -> str:
+    """The warning for a box :func:`reaches_outside` its image, saying what is done with it."""
+    done = "clipped for training" if train else "kept as written for evaluation, as the devkit"
+    return f"box {box} reaches outside the {width}x{height} image ({done})"
+
+
 def stop_on_errors(report: Report, drop_invalid: bool, what: str, fix: str = "Fix or remove these files") -> None:
     """The one rule of every format: a report with errors stops the run, naming each, unless
     ``data.drop_invalid`` says to leave the bad items out (the caller drops them)."""
@@ -262,7 +281,8 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
     if w <= 1 or h <= 1:
         report.warning(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image "
                        f"{image['file_name']}): degenerate box {bbox} (dropped for training)")  # fmt: skip
-    elif x < -1 or y < -1 or x + w > image["width"] + 1 or y + h > image["height"] + 1:
+    elif reaches_outside((x, y, x + w, y + h), image["width"], image["height"]):
+        # (COCOeval scores the file as written; the training targets are clipped)
         report.warning(
             f"{name} annotations[{i}]",
             f"annotation id {ann.get('id', '?')} (image {image['file_name']}): box {bbox} reaches outside the "
@@ -414,11 +434,10 @@ def read_xml_split(
                 report.checked["objects"] += 1
                 x1, y1, x2, y2 = obj.box
                 w, h = annotation.width, annotation.height
-                if x1 < -1 or y1 < -1 or x2 > w + 1 or y2 > h + 1:
-                    done = "clipped for training" if train else "kept as written for evaluation, as the devkit"
-                    report.warning(str(xml), f"{where}: box {obj.box} reaches outside the {w}x{h} image ({done})")
+                if reaches_outside(obj.box, w, h):
+                    report.warning(str(xml), f"{where}: {outside_warning(obj.box, w, h, train)}")
                 if train:
-                    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
+                    x1, y1, x2, y2 = clipped(obj.box, w, h)
                 if x2 - x1 <= 1 or y2 - y1 <= 1:
                     done = "dropped for training" if train else "kept for evaluation: the devkit counts it"
                     report.warning(str(xml), f"{where}: box {obj.box} is one pixel wide or tall ({done})")

@@ -91,7 +91,7 @@ class _XMLDetectionDataModule(DetectionDataModule):
     def _records(self, split: str) -> DetectionRecords:
         return self.xml_split(split).records
 
-    def check(self, decode: bool = True) -> Iterator[Report]:
+    def check(self, decode: bool = True, fix: bool = False) -> Iterator[Report]:
         """The data check's reports (``python -m datamodules.check``), each split's as soon as it is done: its
         every file, all problems listed (nothing stops at the first)."""
         for split in ("train", "val"):

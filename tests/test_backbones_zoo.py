@@ -93,7 +93,7 @@ def test_original_v1_complexity_matches_resnet_table1(name, gmacs):
     ],
 )  # fmt: skip
 def test_parameter_counts_match_the_papers(name, millions):
-    assert profile(BACKBONES[name])["params"] / 1e6 == pytest.approx(millions, rel=0.03)
+    assert profile(BACKBONES[name], macs=False)["params"] / 1e6 == pytest.approx(millions, rel=0.03)
 
 
 def test_plain_and_option_a_twins_have_identical_parameter_counts():

@@ -95,31 +95,47 @@ def test_fast_dev_run(imagefolder, tmp_path, monkeypatch):
         torch.backends.cudnn.benchmark = False
 
 
-def test_a_small_model_learns_the_shapes(tmp_path):
-    """Loss goes down and validation accuracy ends far above chance (20% for 5 classes)."""
-    root = write_imagefolder(tmp_path / "shapes", per_class=100, val_per_class=20, size=32)
+def _fit_shapes(tmp_path: Path, per_class: int, val_per_class: int, epochs: int, batch: int, every: int):
+    root = write_imagefolder(tmp_path / "shapes", per_class=per_class, val_per_class=val_per_class, size=32)
     runs = tmp_path / "runs"
     cli = main(
         [
             "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
-            "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", "32",
+            "--data.image_size", "32", "--data.eval_resize", "32", "--data.batch_size", str(batch),
             "--data.num_workers", "0", "--data.train_augment", "none",
             "--model.backbone", "cifar_resnet20",
             "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
-            "--trainer.max_epochs", "10", "--trainer.default_root_dir", str(runs), "--run_name", "shapes",
-            "--seed_everything", "0", *CPU,
+            "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(runs), "--run_name", "shapes",
+            "--trainer.log_every_n_steps", str(every), "--seed_everything", "0", *CPU,
         ]
     )  # fmt: skip
-    logged = logged_run(_only_run_dir(runs) / "wandb")
+    return root, runs, cli, logged_run(_only_run_dir(runs) / "wandb")
+
+
+@pytest.mark.slow
+def test_a_small_model_learns_the_shapes(tmp_path):
+    """Loss goes down and validation accuracy ends far above chance (20% for 5 classes)."""
+    _, _, cli, logged = _fit_shapes(tmp_path, per_class=100, val_per_class=20, epochs=10, batch=32, every=50)
     losses = metric_series(logged, "train/loss_epoch")
     accuracy = metric_series(logged, "val/acc1")
     assert len(losses) == 10 and losses[-1] < 0.7 * losses[0]
     train_acc = metric_series(logged, "train/acc1")  # computed once per epoch, over the epoch
     assert len(train_acc) == 10 and train_acc[-1] > train_acc[0] + 0.2
-    # the learning rate is logged where the loggers write (log_every_n_steps 50 of 10 x 15 steps), not every step
-    assert len(metric_series(logged, "train/lr")) == 150 // 50
     best = float(cli.trainer.checkpoint_callback.best_model_score)
     assert best == max(accuracy) and best > 0.45
+
+
+def test_validate_reproduces_fit_and_the_papers_test_views_average_softmax(tmp_path):
+    """A short fit (the learning itself is the slow test above): ``train/lr`` logged where the loggers write,
+    ``validate`` of the best checkpoint gives fit's accuracy, 10-crop and multi-scale testing the accuracy of
+    their views' averaged softmax, computed here by hand."""
+    root, runs, cli, logged = _fit_shapes(tmp_path, per_class=8, val_per_class=4, epochs=3, batch=8, every=2)
+    # the learning rate is logged where the loggers write (log_every_n_steps 2 of 3 x 5 steps), not every step
+    assert len(metric_series(logged, "train/lr")) == 15 // 2
+    assert len(metric_series(logged, "train/acc1")) == 3  # once per epoch, over the epoch
+    best = float(cli.trainer.checkpoint_callback.best_model_score)
+    assert best == max(metric_series(logged, "val/acc1"))
+    n_val = 20
 
     # validate reproduces the accuracy recorded at the end of fit, from the saved checkpoint
     best_path = cli.trainer.checkpoint_callback.best_model_path
@@ -129,7 +145,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
         return main(
             [
                 "validate", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
-                "--data.image_size", "32", "--data.batch_size", "32", "--data.num_workers", "0", *data,
+                "--data.image_size", "32", "--data.batch_size", "8", "--data.num_workers", "0", *data,
                 "--ckpt_path", best_path, "--trainer.default_root_dir", str(runs), "--run_name", "shapes", *CPU,
             ]
         )  # fmt: skip
@@ -146,7 +162,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
             assert views.shape[1:] == (10, 3, 32, 32)
             probs = torch.stack([model(views[:, v]).softmax(1) for v in range(10)]).mean(0)
             hits += int((probs.argmax(1) == batch["label"]).sum())
-    assert ten.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / 100, abs=1e-6)
+    assert ten.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / n_val, abs=1e-6)
 
     # fully-convolutional multi-scale testing (Sec. 3.4): whole images at several shorter sides, one by one
     multi = validate("--data.eval_crops", "multiscale", "--data.eval_scales", "[24, 32, 48]")
@@ -157,7 +173,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
                 assert [min(v.shape[-2:]) for v in views] == [24, 32, 48]
                 probs = torch.stack([model(v[None]).softmax(1)[0] for v in views]).mean(0)
                 hits += int(probs.argmax()) == label
-    assert multi.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / 100, abs=1e-6)
+    assert multi.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / n_val, abs=1e-6)
 
     # predict writes one row per image with five classes, named, from the checkpoint alone (no data.root)
     out = tmp_path / "predictions.csv"
@@ -170,7 +186,7 @@ def test_a_small_model_learns_the_shapes(tmp_path):
         ]
     )  # fmt: skip
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 100
+    assert len(rows) == n_val
     assert {r["class1"] for r in rows} <= {"circle", "square", "triangle", "star", "ring"}
     assert all(r["class5"] and 0 <= float(r["score1"]) <= 1 for r in rows)
     correct = sum(Path(r["path"]).parent.name == r["class1"] for r in rows)

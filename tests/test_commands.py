@@ -19,6 +19,8 @@ from tasks import load_predictor, registry
 from zoo_common.checkpoints import read_task_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+#: one pytest-xdist worker runs this module, so the four fits happen once (make test: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("commands")
 ort = pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install -e ".[export]"')
 
 QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
@@ -53,7 +55,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fitted(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
     """Each task fitted by its command in a subprocess (two steps): its last checkpoint and its data flags."""
     out = {}

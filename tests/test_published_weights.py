@@ -30,26 +30,26 @@ def _save(model: torch.nn.Module, path: Path) -> str:
 def test_fasterrcnn_resnet50_fpn_state_dict_gives_torchvisions_detections(tmp_path):
     torch.manual_seed(0)
     reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, min_size=320, max_size=480, box_score_thresh=0.0
+        weights=None, weights_backbone=None, min_size=160, max_size=240, box_score_thresh=0.0
     )
     randomize_norms(reference).eval()
     path = _save(reference, tmp_path / "frcnn.pth")
     task = DetectionTask(
-        backbone="resnet50", head="fpn", weights=path, min_size=320, max_size=480, box_score_thresh=0.0
+        backbone="resnet50", head="fpn", weights=path, min_size=160, max_size=240, box_score_thresh=0.0
     )
     assert task.hparams.num_classes == 90 and task.category_ids == list(range(1, 91))  # COCO's 91-index labels
     ours = task.detector.eval()
     assert ours.state_dict().keys() == {k for k in reference.state_dict() if not k.endswith("num_batches_tracked")}
     # In float32, rounding differences (frozen vs plain BN arithmetic) of ~1e-6 reorder the near-tied scores
     # of a randomly initialized detector; in float64 the two models must agree to the last digits.
-    images = [torch.rand(3, 240, 320, dtype=torch.float64), torch.rand(3, 300, 200, dtype=torch.float64)]
+    images = [torch.rand(3, 120, 160, dtype=torch.float64), torch.rand(3, 150, 100, dtype=torch.float64)]
     expected, got = reference.double()(images), ours.double()(images)
     for e, g in zip(expected, got):
         assert len(e["boxes"]) == len(g["boxes"]) == 100
         assert torch.equal(e["labels"], g["labels"])
         assert torch.allclose(e["scores"], g["scores"], atol=1e-10)
         assert torch.allclose(e["boxes"], g["boxes"], atol=1e-6)
-    features = torch.rand(1, 3, 320, 320)
+    features = torch.rand(1, 3, 160, 160)
     for level, value in reference.float().backbone(features).items():
         error = (value - ours.float().backbone(features)[level]).abs().max() / value.abs().max()
         assert error < 1e-5, level  # float32 feature pyramids agree to rounding

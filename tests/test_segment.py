@@ -167,6 +167,7 @@ def test_datamodule_caches_masks_and_pads_with_ignore(coco, tmp_path):
     assert {name: cid for cid, name in zip(dm.label_set[0], dm.class_names[1:])} == CATEGORY_IDS
 
 
+@pytest.mark.slow
 def test_short_training_beats_the_all_background_baseline(tmp_path):
     root = write_coco(tmp_path / "shapes", train_images=160, val_images=24, size=(128, 128), object_size=(24, 56))
     cli = segment.main([

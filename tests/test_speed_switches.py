@@ -22,9 +22,17 @@ def _pair(make, **switches):
     return plain, fast
 
 
-def test_compile_runs_the_same_network_with_the_same_parameter_names():
-    """``--model.compile true`` compiles the backbone in place (TorchInductor here, on the CPU): the logits and
-    gradients are eager's, and the state dict keeps its names, so checkpoints load either way."""
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)],  # inductor: a minute of C++ here
+)
+def test_compile_runs_the_same_network_with_the_same_parameter_names(backend, monkeypatch):
+    """``--model.compile true`` compiles the backbone in place (TorchInductor, the default; AOTAutograd's graphs
+    run eagerly in the fast tier): the logits and gradients are eager's, and the state dict keeps its names,
+    so checkpoints load either way."""
+    if backend != "inductor":
+        compile_module = torch.nn.Module.compile
+        monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend=backend, **kw))
     plain, fast = _pair(lambda **kw: ClassificationTask(backbone="cifar_resnet20", num_classes=10, **kw), compile=True)
     assert fast.backbone._compiled_call_impl is not None and plain.backbone._compiled_call_impl is None
     assert list(fast.state_dict()) == list(plain.state_dict())
