@@ -6,7 +6,8 @@ Floors, from the ground up (each module imports only from the floors below it):
    ``coco_format`` (COCO's JSON), ``voc_format`` (PASCAL VOC's and ILSVRC's XML), ``records`` (flat
    per-image detection records), ``transforms``, ``samplers``, ``statistics`` (the per-pixel mean),
    ``image_checks`` (reading every image file for the checks: a thread pool, progress);
-2. validation -- ``validation`` (reports of what would break a run, one function per format);
+2. validation -- ``validation`` (reports of what would break a run, the rules every format shares, COCO's and
+   ImageFolder's checks), ``xml_validation`` (the VOC/ILSVRC XML splits');
 3. dataset files and masks -- ``coco_files`` (a COCO dataset's splits and categories), ``masks``
    (semantic masks from instances, and their cache);
 4. datasets and datamodules -- ``loading`` (loaders, samplers, the stage logic), ``gpu_decode``,

@@ -17,7 +17,7 @@ ILSVRC DET (``data.root`` is the ``ILSVRC`` folder of the ILSVRC2015 archives)::
 A split is a list of ``<year or subset>:<split file>`` (VOC: ``2007:trainval``, the file under
 ``VOC2007/ImageSets/Main``; ILSVRC: ``train:ImageSets/DET/train_*.txt``, a path or glob under ``root``,
 or any file of ids such as R-CNN's val1/val2 split). Images are numbered in the order listed. Every
-annotation file is read and checked (``datamodules.validation.read_xml_split``): an unknown class, a
+annotation file is read and checked (``datamodules.xml_validation.read_xml_split``): an unknown class, a
 missing file, a box outside the image or inverted stop the run with a report naming each, unless
 ``data.drop_invalid``. PASCAL VOC's ``difficult`` objects stay in the ground truth, which the metric does
 not score, and leave the training targets.
@@ -32,8 +32,9 @@ from typing import Any, Literal
 
 from .detection import DetectionDataModule
 from .records import DetectionRecords
-from .validation import DataValidationError, Report, XMLSplit, read_xml_split
+from .validation import DataValidationError, Report
 from .voc_format import VOC_CLASSES
+from .xml_validation import XMLSplit, read_xml_split
 
 VOC_LAYOUT = (
     "Expected PASCAL VOC's layout: <root>/VOC2007/{JPEGImages,Annotations,ImageSets/Main}, likewise VOC2012 "

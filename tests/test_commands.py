@@ -20,7 +20,7 @@ from zoo_common.checkpoints import read_task_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 #: one pytest-xdist worker runs this module, so the four fits happen once (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("commands")
+pytestmark = pytest.mark.xdist_group(name="commands")
 ort = pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install -e ".[export]"')
 
 QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",

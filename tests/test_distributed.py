@@ -86,8 +86,14 @@ def test_ddp_fits_and_evaluates_exactly_like_one_process(module, tmp_path):
     ]
     # fit under DDP on 2 ranks (Lightning launches the second process); its last validation is the two ranks'
     # evaluation of the weights last.ckpt holds (it is written after that validation)
+    # segmentation under DDP trains with SyncBatchNorm (torchvision's reference converts the model): counted
+    norms = ["--trainer.callbacks+=datasets.NormKinds", "--trainer.callbacks.path", str(tmp_path / "norms.json")]
+    norms = norms if module == "tasks.segment" else []
     _run(module, ["fit", *common, *DDP, "--trainer.max_epochs", "1", "--run_name", "ddp",
-                  *_dump(tmp_path / "fit_ddp.json")], tmp_path)  # fmt: skip
+                  *_dump(tmp_path / "fit_ddp.json"), *norms], tmp_path)  # fmt: skip
+    if module == "tasks.segment":
+        kinds = json.loads((tmp_path / "norms.json").read_text())
+        assert kinds["SyncBatchNorm"] > 0 and "BatchNorm2d" not in kinds, kinds
     ckpt = next((tmp_path / "runs" / "ddp").rglob("last.ckpt"))
     two = json.loads((tmp_path / "fit_ddp.json").read_text())
     assert set(metrics) <= set(two)

@@ -36,6 +36,7 @@ from datamodules.contract import IdLabelledData, LabelledData
 from zoo_common import checkpoints
 
 from .contract import TaskContract
+from .draws import StepSeeded
 from .guards import TaskGuards
 from .loops import TaskEvaluation
 from .optim import Recipe, TaskOptimization
@@ -63,7 +64,7 @@ def check_num_classes(given: int | None, found: int, source: str) -> int:
     return found
 
 
-class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, pl.LightningModule):
+class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepSeeded, pl.LightningModule):
     """Shared machinery of every task.
 
     Args:
