@@ -12,6 +12,7 @@ each side, a random 32x32 crop and a random horizontal flip; evaluation uses the
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from .loading import SplitLoaders
+from .validation import Report
 
 DOWNLOAD_HELP = (
     "Download the 'python version' from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
@@ -89,19 +91,35 @@ def read_cifar(root: str | Path, dataset: Literal["cifar10", "cifar100"]) -> dic
     folder = cifar_folder(root, dataset)
     label_key = "labels" if dataset == "cifar10" else "fine_labels"
 
+    meta = _load_batch(folder / meta_file)
+    names = meta.get("label_names") or meta.get("fine_label_names")
+    if not names:
+        raise ValueError(f"{folder / meta_file}: no 'label_names' or 'fine_label_names': not CIFAR's meta batch")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
     def split(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         data, labels = [], []
         for name in files:
-            batch = _load_batch(folder / name)
+            path = folder / name
+            batch = _load_batch(path)
             if "data" not in batch or label_key not in batch:
-                raise ValueError(f"{folder / name}: missing 'data' or '{label_key}' entries")
-            data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[label_key])
+                raise ValueError(f"{path}: missing 'data' or '{label_key}' entries")
+            rows = np.asarray(batch["data"])
+            if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"{path}: 'data' is {'x'.join(map(str, rows.shape))}; CIFAR's batches hold one row "
+                                 f"of 3072 values (3 x 32 x 32) per image")  # fmt: skip
+            batch_labels = np.asarray(batch[label_key])
+            if len(batch_labels) != len(rows):
+                raise ValueError(f"{path}: {len(rows)} images but {len(batch_labels)} labels: every later label "
+                                 f"would belong to another image")  # fmt: skip
+            bad = np.flatnonzero((batch_labels < 0) | (batch_labels >= len(classes)))
+            if len(bad):
+                raise ValueError(f"{path}: image {int(bad[0])} has label {int(batch_labels[bad[0]])}, outside the "
+                                 f"{len(classes)} classes of {meta_file} ({len(bad)} such labels)")  # fmt: skip
+            data.append(rows.astype(np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch_labels.tolist())
         return torch.from_numpy(np.concatenate(data)), torch.tensor(labels, dtype=torch.int64)
 
-    meta = _load_batch(folder / meta_file)
-    names = meta.get("label_names") or meta.get("fine_label_names")
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return {"train": split(train_files), "test": split([test_file]), "classes": classes}
 
 
@@ -193,6 +211,19 @@ class CIFARDataModule(SplitLoaders, pl.LightningDataModule):
 
     def _check_split(self, split: str) -> None:
         cifar_folder(self.hparams.root, self.hparams.dataset)  # every split comes from the same batches
+
+    def check(self, decode: bool = True, fix: bool = False) -> Iterator[Report]:
+        """The data check's report (``python -m datamodules.check``): every batch read and checked (row sizes,
+        as many labels as images, labels within the class list)."""
+        report = Report(f"{self.hparams.dataset} at {self.hparams.root}")
+        try:
+            data = read_cifar(self.hparams.root, self.hparams.dataset)
+        except (ValueError, FileNotFoundError) as err:
+            report.error(str(self.hparams.root), str(err))
+        else:
+            report.checked["images"] = len(data["train"][1]) + len(data["test"][1])
+            report.checked["classes"] = len(data["classes"])
+        yield report
 
     def setup(self, stage: str) -> None:
         hp = self.hparams

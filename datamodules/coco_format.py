@@ -5,6 +5,7 @@ the format's own definitions (polygons, boxes, areas) -- nothing here knows abou
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .records import collection_paused
@@ -35,7 +36,8 @@ def read_coco_json(path: str | Path) -> dict:
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool, not NaN or infinite: a NaN coordinate would pass every comparison)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_polygon(points) -> bool:

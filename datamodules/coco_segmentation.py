@@ -31,7 +31,7 @@ from .masks import (
     category_classes,
     check_voc_categories,
 )
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_std
 from .validation import DataValidationError, check_image_size
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class COCOSegmentationDataModule(COCOSplits, SplitLoaders, pl.LightningDataModul
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)  # the files: COCOSplits' arguments
+        check_std(std)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

@@ -25,13 +25,29 @@ def find_classes(directory: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def scan_folder(directory: Path | str) -> tuple[list[str], Counter]:
+def scan_folder(directory: Path | str, loops: list[tuple[str, str]] | None = None) -> tuple[list[str], Counter]:
     """One walk below ``directory`` (directory listings only: no call per file): its image files as path
-    strings (sorted), and how many other files it holds by suffix (hidden files aside)."""
+    strings (sorted), and how many other files it holds by suffix (hidden files aside).
+
+    Symbolic links to folders are followed, each folder once: a link back to a folder already walked (a link
+    to itself or to a parent: a loop, which would list the same images dozens of times until the system's link
+    limit) is not followed again, and is appended to ``loops`` as ``(link, the folder it leads to)``.
+    """
     found: list[str] = []
     others: Counter = Counter()
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        real = os.path.realpath(dirpath)
+        seen.add(real)
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if target in seen or real.startswith(target + os.sep) or target == real:
+                if loops is not None:
+                    loops.append((os.path.join(dirpath, d), target))
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         names = sorted(filenames)
         images = [name for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]  # is_image_file, inlined
         prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join's, per folder

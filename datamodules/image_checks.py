@@ -24,17 +24,38 @@ from .images import CorruptImageError, read_image
 def image_problem(path: Path, decode: bool, expected: tuple[int, int] | None = None) -> str | None:
     """Why ``path`` cannot be used as an image (decoded: also when it is not ``expected``, width x height),
     or ``None``."""
-    return status_problem(_image_status((str(path), decode)), expected)
+    return status_problem(_image_status((str(path), decode)), expected, path)
 
 
-def size_problem(found: tuple[int, int], expected: tuple[int, int]) -> str | None:
-    """Why an image of ``found`` (width, height) cannot carry annotations made for one of ``expected``."""
+def size_problem(found: tuple[int, int], expected: tuple[int, int], path=None) -> str | None:
+    """Why an image of ``found`` (width, height) cannot carry annotations made for one of ``expected``; with
+    its ``path``, a size turned by the file's EXIF orientation tag is said to be that."""
     if tuple(found) == tuple(expected):
         return None
-    return (
+    problem = (
         f"the image is {found[0]}x{found[1]} but the annotation file says {expected[0]}x{expected[1]}, so its "
         f"boxes and masks would be misplaced"
     )
+    if path is not None and tuple(found) == tuple(expected)[::-1] and exif_rotation(path):
+        problem += (
+            f": its EXIF orientation tag ({exif_rotation(path)}) turns it to the recorded size when displayed, so the "
+            f"annotations were made on the turned picture, which the decoder does not turn. Save the images turned "
+            f"(e.g. exiftran -ai, or PIL's ImageOps.exif_transpose) before training"
+        )
+    return problem
+
+
+def exif_rotation(path) -> str | None:
+    """The rotation a JPEG's EXIF orientation tag (5 to 8) asks for when the picture is shown, or ``None``."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112)
+    except (OSError, ValueError):
+        return None
+    return {5: "5: mirrored, turned 90 degrees", 6: "6: turned 90 degrees", 7: "7: mirrored, turned 270 degrees",
+            8: "8: turned 270 degrees"}.get(orientation)  # fmt: skip
 
 
 # -- reading every image: the check's long part, in a pool of threads, with progress -----------------------
@@ -122,10 +143,11 @@ def image_statuses(paths: Sequence[str | Path], decode: bool, what: str = "image
     return statuses
 
 
-def status_problem(status: ImageStatus, expected: tuple[int, int] | None = None) -> str | None:
-    """The problem an :data:`ImageStatus` names, checking a decoded size against ``expected`` (width, height)."""
+def status_problem(status: ImageStatus, expected: tuple[int, int] | None = None, path=None) -> str | None:
+    """The problem an :data:`ImageStatus` names, checking a decoded size against ``expected`` (width, height)
+    (``path``: the file, to tell an EXIF-turned one)."""
     if isinstance(status, str):
         return status
     if status is None or expected is None:
         return None
-    return size_problem(status, expected)
+    return size_problem(status, expected, path)

@@ -21,6 +21,7 @@ from .folder_dataset import ImageFolderDataset
 from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, loose_images, synset_names
 from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, is_packed
 from .image_checks import report_progress
+from .images import IMAGE_EXTENSIONS
 from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping
 from .statistics import cached_pixel_mean
 from .transforms import (
@@ -350,6 +351,14 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             log.warning("%s: left out (data.drop_invalid):\n%s", path, report.text(limit=20))
         elif report.warnings:
             log.info("%s: %d warnings:\n%s", path, len(report.warnings), report.text(limit=10))
+        ignored = [p for p in report.warnings if "not in a readable image format" in p.message]
+        if ignored:  # said once, at setup: BMP or TIFF files are valid images the decoder does not read
+            count = sum(int(p.message.split()[0]) for p in ignored)
+            log.warning(
+                "%s: %d files in %d class folders are in formats the decoder does not read (it reads %s) and are "
+                "left out; convert them (e.g. to PNG) to train on them (python -m datamodules.check lists them)",
+                path, count, len(ignored), ", ".join(IMAGE_EXTENSIONS),
+            )  # fmt: skip
         if not samples:
             loose = loose_images(path)
             if loose:

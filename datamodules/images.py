@@ -48,10 +48,10 @@ class MemoryImage(str):
     pixels: torch.Tensor
 
     def __new__(cls, name: str, pixels: torch.Tensor) -> MemoryImage:
-        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3 or 0 in pixels.shape:
             raise ValueError(
-                f"{name}: an image in memory must be a 3 x H x W uint8 RGB tensor, got {tuple(pixels.shape)} "
-                f"{pixels.dtype}"
+                f"{name}: an image in memory must be a 3 x H x W uint8 RGB tensor with H, W > 0, got "
+                f"{tuple(pixels.shape)} {pixels.dtype}"
             )
         named = super().__new__(cls, name)
         named.pixels = pixels

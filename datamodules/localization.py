@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,21 +47,43 @@ LAYOUT = (
 )
 
 
-def read_solution(path: Path) -> dict[str, list[tuple[str, tuple[float, float, float, float]]]]:
-    """A ``LOC_*_solution.csv``: image id to its ``(wnid, box)`` list (boxes continuous, from 0-based pixels)."""
+def read_solution(path: Path, problems: list[tuple[str, str]] | None = None) -> dict[str, list]:
+    """A ``LOC_*_solution.csv``: image id to its ``(wnid, box)`` list (boxes continuous, from 0-based pixels).
+
+    A row with a value that is not a finite number, an inverted box, a malformed ``PredictionString`` or an
+    image listed again (a later row would replace the label silently) is left out and appended to ``problems``
+    as ``("<file>:<row>", what is wrong)``; without ``problems`` it raises ``ValueError`` naming both.
+    """
     out: dict[str, list] = {}
     with open(path, newline="") as f:
         for row_number, row in enumerate(csv.DictReader(f), start=2):
+            problem = None
             parts = (row.get("PredictionString") or "").split()
-            if len(parts) % 5:
-                raise ValueError(
-                    f"{path}:{row_number}: PredictionString must be groups of '<wnid> xmin ymin xmax ymax'"
-                )
+            image = row.get("ImageId")
             entries = []
-            for i in range(0, len(parts), 5):
-                xmin, ymin, xmax, ymax = (float(v) for v in parts[i + 1 : i + 5])
+            if len(parts) % 5:
+                problem = "PredictionString must be groups of '<wnid> xmin ymin xmax ymax'"
+            elif image in out:
+                problem = f"image {image} is listed again (a later row would replace its label)"
+            for i in range(0, len(parts) if problem is None else 0, 5):
+                try:
+                    xmin, ymin, xmax, ymax = (float(v) for v in parts[i + 1 : i + 5])
+                except ValueError:
+                    problem = f"{' '.join(parts[i + 1 : i + 5])!r} are not four numbers"
+                    break
+                if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
+                    problem = f"box {' '.join(parts[i + 1 : i + 5])} holds a value that is not a finite number"
+                    break
+                if xmax < xmin or ymax < ymin:
+                    problem = f"inverted box xmin={xmin} ymin={ymin} xmax={xmax} ymax={ymax}"
+                    break
                 entries.append((parts[i], (xmin, ymin, xmax + 1, ymax + 1)))
-            out[row["ImageId"]] = entries
+            if problem is not None:
+                if problems is None:
+                    raise ValueError(f"{path}:{row_number}: {problem}")
+                problems.append((f"{path}:{row_number}", problem))
+                continue
+            out[image] = entries
     return out
 
 
@@ -236,8 +259,11 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
         data = self.ilsvrc / "Data" / "CLS-LOC" / subset
         annotations = self.ilsvrc / "Annotations" / "CLS-LOC" / subset
         solution = self._kaggle_file(f"LOC_{subset}_solution.csv")
-        table = read_solution(solution) if solution is not None else {}
         report = Report(f"CLS-LOC {subset}")
+        problems: list[tuple[str, str]] = []  # rows that would change a label or a box: named, left out
+        table = read_solution(solution, problems) if solution is not None else {}
+        for where, problem in problems:
+            report.error(where, problem)
         samples, seen = [], set()
         paths = list_images(data)
         statuses = image_statuses(paths, True, f"CLS-LOC {subset}: images") if decode else []
@@ -267,7 +293,7 @@ class ILSVRCLocalizationDataModule(SplitLoaders, pl.LightningDataModule):
                 report.error(str(path), f"class {wnid if wnid not in index else sorted(unknown)[0]} is not in "
                                         "LOC_synset_mapping.txt")  # fmt: skip
                 continue
-            if decode and (problem := status_problem(statuses[number], size)):
+            if decode and (problem := status_problem(statuses[number], size, path)):
                 report.error(str(path), problem)
                 continue
             boxes = []

@@ -178,6 +178,15 @@ class StackedTenCrop:
         return torch.stack(self.crop(image))
 
 
+def check_std(std: Sequence[float]) -> None:
+    """A normalization std must be positive: a zero divides every image by zero (inf or NaN inputs, which a
+    run would only notice as a non-finite loss)."""
+    values = [float(v) for v in std]
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise ValueError(f"data.std={values} must be three positive numbers (one per RGB channel), e.g. "
+                         f"{list(IMAGENET_STD)}: a zero would divide every image by zero")  # fmt: skip
+
+
 class Normalize:
     """uint8 batches to normalized float batches, with AlexNet's PCA lighting noise when training.
 
@@ -193,6 +202,7 @@ class Normalize:
         std: Sequence[float] = IMAGENET_STD,
         pca_lighting: float = 0.0,
     ) -> None:
+        check_std(std)
         mean = torch.as_tensor(mean, dtype=torch.float32)
         self.mean = mean.view(1, 3, 1, 1) if mean.ndim == 1 else mean.view(1, *mean.shape[-3:])
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

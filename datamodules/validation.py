@@ -158,13 +158,21 @@ def validate_coco(
             if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
                 continue
-            problem = status_problem(status.get(image["file_name"]), (image["width"], image["height"]))
+            problem = status_problem(status.get(image["file_name"]), (image["width"], image["height"]),
+                                     images_dir / image["file_name"])  # fmt: skip
             if problem:
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: {problem}")
                 continue
         seen_files.add(image["file_name"])
         images_ok[image["id"]] = image
-    categories = {c.get("id") for c in dataset.get("categories") or [] if isinstance(c, dict)}
+    listed = [c for c in dataset.get("categories") or [] if isinstance(c, dict)]
+    categories = {c.get("id") for c in listed}
+    for category_id, count in Counter(c.get("id") for c in listed if _hashable(c.get("id"))).items():
+        if count > 1:
+            names = [repr(c.get("name")) for c in listed if c.get("id") == category_id]
+            report.error(f"{name} categories", f"category id {category_id} is listed {count} times "
+                         f"({', '.join(names)}): one of those classes would never be trained and the names would "
+                         "not say which")  # fmt: skip
     report_progress(f"{name}: entries", len(images), entries)
     suspects = annotation_suspects(annotations, images_ok, categories)
     annotations_ok = list(annotations)
@@ -207,7 +215,10 @@ def annotation_suspects(annotations: list, images_ok: dict, categories: set) -> 
         if not set(map(type, chain.from_iterable(bboxes))) <= {int, float}:  # no bool, str, None
             return every
         x, y, w, h = np.asarray(bboxes, dtype=np.float64).T
-        known = np.fromiter(map(categories.__contains__, map(operator.itemgetter("category_id"), annotations)), bool, n)
+        category_ids = list(map(operator.itemgetter("category_id"), annotations))
+        if set(map(type, category_ids)) != {int}:  # a string or float id: checked one by one
+            return every
+        known = np.fromiter(map(categories.__contains__, category_ids), bool, n)
         row_of = {image_id: k for k, image_id in enumerate(images_ok)}
         image_ids = map(operator.itemgetter("image_id"), annotations)
         rows = np.fromiter(map(row_of.get, image_ids, repeat(-1)), np.int64, n)
@@ -216,17 +227,33 @@ def annotation_suspects(annotations: list, images_ok: dict, categories: set) -> 
     sizes = np.asarray([(image["width"], image["height"]) for image in images_ok.values()] + [(0, 0)], np.float64)
     width, height = sizes[rows, 0], sizes[rows, 1]
     suspect = ~known | (rows < 0) | (w <= 1) | (h <= 1) | (x < -1) | (y < -1) | (x + w > width + 1)
-    suspect |= y + h > height + 1
+    suspect |= (y + h > height + 1) | ~np.isfinite(np.stack([x, y, w, h])).all(0)
     segmentations = list(map(dict.get, annotations, repeat("segmentation")))
+    suspect |= np.fromiter(map(operator.is_, map(type, segmentations), repeat(dict)), bool, n)  # RLEs: sizes
     listed = np.flatnonzero(np.fromiter(map(operator.is_, map(type, segmentations), repeat(list)), bool, n))
     polygons = list(chain.from_iterable(map(segmentations.__getitem__, listed.tolist())))
     owners = np.repeat(listed, [len(segmentations[k]) for k in listed.tolist()])
     if set(map(type, polygons)) <= {list}:
         lengths = np.fromiter(map(len, polygons), np.int64, len(polygons))
         suspect[owners[(lengths < 6) | (lengths % 2 == 1)]] = True
+        try:  # NaN or infinite coordinates (and anything not a number) in a polygon
+            values = np.fromiter(chain.from_iterable(polygons), np.float64, int(lengths.sum()))
+            finite = np.isfinite(values)
+            if not finite.all():
+                suspect[owners[np.repeat(np.arange(len(polygons)), lengths)[~finite]]] = True
+        except (TypeError, ValueError):
+            suspect[listed] = True
     else:
         suspect[listed] = True
     return np.flatnonzero(suspect)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _listed(key, listed) -> bool:
@@ -249,6 +276,10 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
         report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: 'bbox' must be four "
                      f"numbers [x, y, width, height], got {bbox!r}")  # fmt: skip
         return None
+    if type(ann["category_id"]) is not int:
+        report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: category_id must be an integer "
+                     f"(one of {sorted(categories)}), got {ann['category_id']!r}")  # fmt: skip
+        return None
     if not _listed(ann["category_id"], categories):
         report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: category_id "
                      f"{ann['category_id']} is not in 'categories' {sorted(categories)}")  # fmt: skip
@@ -259,6 +290,18 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
                      f"{ann['image_id']} is not a usable image of this file")  # fmt: skip
         return None
     segmentation = ann.get("segmentation")
+    if type(segmentation) is list and not all(all(map(is_number, p)) for p in segmentation if isinstance(p, list)):
+        report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image {image['file_name']}): "
+                     "a polygon holds a coordinate that is not a finite number (NaN?)")  # fmt: skip
+        return None
+    if type(segmentation) is dict and list(segmentation.get("size") or []) != [image["height"], image["width"]]:
+        report.error(
+            f"{name} annotations[{i}]",
+            f"annotation id {ann.get('id', '?')} (image {image['file_name']}): its RLE mask is "
+            f"{'x'.join(map(str, segmentation.get('size') or ['?']))} (height x width) but the image is "
+            f"{image['height']}x{image['width']}: the mask cannot be placed (fix its 'size' and 'counts')",
+        )
+        return None
     if type(segmentation) is list and not all(map(is_polygon, segmentation)):
         short = [len(p) if isinstance(p, list) else 0 for p in segmentation if not is_polygon(p)]
         report.warning(
@@ -293,7 +336,7 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
 def check_image_size(image: torch.Tensor, info: dict, path: Path) -> None:
     """Annotations are in the pixel coordinates of the image they were made on: a resized or different file
     would misplace every box and mask silently, so the decoded size must be the one the file records."""
-    problem = size_problem((image.shape[-1], image.shape[-2]), (info["width"], info["height"]))
+    problem = size_problem((image.shape[-1], image.shape[-2]), (info["width"], info["height"]), path)
     if problem:
         raise DataValidationError(
             f"{path}: {problem} (image id {info['id']}). Use the images the annotations were made for, or rescale "
@@ -308,7 +351,8 @@ def validate_imagefolder(
     """Check ``split_dir/<class>/<images>``; return the report and the ``(path, class index)`` samples.
 
     Errors: class folders the training split lacks (with ``strict``), a training class without images it
-    can read (what the folder holds instead is named), empty files (read by ``sizes``, a stat per file:
+    can read (what the folder holds instead is named), a link to a folder it is in (a loop), empty files
+    (read by ``sizes``, a stat per file:
     the ``check`` command's; the datamodules' setup lists folders only and names an empty file when it
     reads it) and, with ``decode``, files that do not decode. Warnings: files in formats that are not
     read, an evaluation class without images.
@@ -323,11 +367,15 @@ def validate_imagefolder(
             f"of the {len(classes)} training classes",
         )
     listed = {}
+    loops: list[tuple[str, str]] = []
     for k, name in enumerate(classes):
         if k % 50 == 0:
             report_progress(f"{split_dir.name}: listing class folders", k, len(classes))
         folder = split_dir / name
-        listed[name] = scan_folder(folder) if folder.is_dir() else ([], Counter())
+        listed[name] = scan_folder(folder, loops) if folder.is_dir() else ([], Counter())
+    for link, target in loops:
+        report.error(link, f"links back to {target}, a folder it is in: a loop (followed, it lists the same images "
+                           f"dozens of times). Remove the link")  # fmt: skip
     every = [path for images, _ in listed.values() for path in images] if decode or sizes else []
     problems = iter(status_problem(s) for s in image_statuses(every, decode, f"{split_dir.name}: images"))
     samples: list[tuple[str, int]] = []

@@ -9,13 +9,15 @@ as detectron2 reads VOC. The devkits' evaluation works on inclusive pixels with 
 on continuous boxes the same overlaps come out without it (``datamodules``' consumers rely on that).
 
 What is wrong in a file is an :class:`AnnotationError` naming the file, the object and the fix: malformed
-XML, a missing ``<size>`` or ``<bndbox>``, coordinates that are not numbers, inverted boxes. Non-integer
+XML, a missing ``<size>`` or ``<bndbox>``, coordinates that are not finite numbers, inverted boxes, boxes in a
+file whose ``<size>`` is 0x0. Non-integer
 coordinates (seen in some re-exported files) are accepted and kept exact. An ``<object>`` without a
 ``<bndbox>`` (CLS-LOC's image-level labels) is returned with ``box=None``.
 """
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,16 @@ def read_xml(path: str | Path, base: int) -> XMLAnnotation:
                 raise AnnotationError(
                     f"{path}: <object> {index} ({name}): <bndbox> needs numeric xmin, ymin, xmax, ymax"
                 ) from None
+            if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
+                raise AnnotationError(
+                    f"{path}: <object> {index} ({name}): <bndbox> holds a coordinate that is not a finite number "
+                    f"({xmin}, {ymin}, {xmax}, {ymax})"
+                )
+            if width <= 0 or height <= 0:
+                raise AnnotationError(
+                    f"{path}: <size> records the image as {width}x{height}, so its boxes cannot be placed: write the "
+                    f"image's real width and height into <size>"
+                )
             if xmax < xmin or ymax < ymin:
                 raise AnnotationError(
                     f"{path}: <object> {index} ({name}): inverted box xmin={xmin} xmax={xmax} ymin={ymin} "

@@ -92,7 +92,7 @@ def read_xml_split(
             if bad:
                 continue
         if decode:
-            problem = status_problem(statuses[number - 1], size if size != (0, 0) else None)
+            problem = status_problem(statuses[number - 1], size if size != (0, 0) else None, jpeg)
             if problem:
                 report.error(str(jpeg), f"image {image}: {problem}")
                 continue

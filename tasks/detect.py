@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -181,13 +180,19 @@ class DetectionTask(BaseTask):
         box_head = self.detector.roi_heads.box_head
         return getattr(box_head, "res5", None)  # the C4 head runs the last stage per region
 
-    def on_fit_start(self) -> None:
-        hp = self.hparams
-        if hp.norm == "frozen_bn" and not (self.starts_from_weights() or self.trainer.ckpt_path):
-            rank_zero_warn(
-                "model.norm=frozen_bn without model.weights_backbone: BatchNorm stays at its initial statistics "
-                "(an identity) and the frozen stages at their random initialization. To train the backbone from "
-                "scratch use --model.norm bn (or sync_bn, gn) and --model.freeze_at 0."
+    @classmethod
+    def refuse_fit_arguments(cls, model: dict[str, Any]) -> None:
+        """Frozen BatchNorm or frozen stages with random weights train a random network (a loss of ~1e26 at the
+        first step, then NaN): refused, naming the flags that train a backbone from scratch."""
+        if model.get("weights") or model.get("weights_backbone"):
+            return
+        norm, freeze_at = model.get("norm", "frozen_bn"), model.get("freeze_at", 2)
+        if norm == "frozen_bn" or (freeze_at or 0) > 0:
+            raise ValueError(
+                f"model.norm={norm} and model.freeze_at={freeze_at} freeze BatchNorm statistics and the first stages, "
+                f"which suits trained weights only, and no model.weights or model.weights_backbone is given: a "
+                f"random network would train. From scratch, pass --model.norm bn --model.freeze_at 0 (or give "
+                f"--model.weights_backbone <file>)"
             )
 
     def label_to_category(self) -> list[int]:

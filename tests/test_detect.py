@@ -111,15 +111,15 @@ def test_coco_datamodule_handles_real_coco_quirks(coco):
 
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda p: p.stem)
 def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
-    # the configs fine-tune with frozen BN; without their pretrained weights that is flagged
-    with pytest.warns(UserWarning, match="model.norm=frozen_bn without model.weights_backbone.*--model.norm bn"):
-        cli = detect.main([
-            "fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2",
-            "--data.num_workers", "0", "--model.weights_backbone", "null",
-            "--model.min_size", "64", "--model.max_size", "96",
+    args = ["fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2", "--data.num_workers",
+            "0", "--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
             "--model.detector_args", json.dumps(SMALL), "--trainer.fast_dev_run", "true",
-            "--trainer.default_root_dir", str(tmp_path), *CPU,
-        ])  # fmt: skip
+            "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU]  # fmt: skip
+    # the configs fine-tune with frozen BN and stages: without their pretrained weights that is refused at once
+    with pytest.raises(ValueError, match=r"a random network would train.*--model.norm bn --model.freeze_at 0"):
+        detect.main(args)
+    assert not (tmp_path / "runs").exists()  # before anything was made
+    cli = detect.main([*args, "--model.norm", "bn", "--model.freeze_at", "0"])
     assert cli.config.fit.trainer.benchmark is False  # image shapes vary: no per-shape cuDNN search
 
 

@@ -293,14 +293,15 @@ def test_track_configs_parse_and_fit_one_step(tmp_path):
     ilsvrc = write_ilsvrc_det(tmp_path / "det", trainval=8, test=4)
     loc = generate_localization(tmp_path / "loc", train_per_class=3, val_per_class=1, size=64)
     quick = ["--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU]
+    # the configs fine-tune: from scratch, BatchNorm and every stage train
     small = ["--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
-             "--model.detector_args", SMALL, "--data.num_workers", "0"]  # fmt: skip
+             "--model.detector_args", SMALL, "--data.num_workers", "0",
+             "--model.norm", "bn", "--model.freeze_at", "0"]  # fmt: skip
     shapes = json.dumps(["circle", "square", "triangle", "star", "ring"])
-    with pytest.warns(UserWarning, match="frozen_bn without"):  # the configs fine-tune: warned without weights
-        detect.main(["fit", "--config", str(ROOT / "configs" / "voc0712_resnet101.yaml"), "--data.root", str(voc),
-                     "--data.train_sets", '["2007:trainval"]', "--data.classes", shapes, *small, *quick])  # fmt: skip
-        detect.main(["fit", "--config", str(ROOT / "configs" / "imagenet_det_resnet101.yaml"),
-                     "--data.root", str(ilsvrc), *small, *quick])  # fmt: skip
+    detect.main(["fit", "--config", str(ROOT / "configs" / "voc0712_resnet101.yaml"), "--data.root", str(voc),
+                 "--data.train_sets", '["2007:trainval"]', "--data.classes", shapes, *small, *quick])  # fmt: skip
+    detect.main(["fit", "--config", str(ROOT / "configs" / "imagenet_det_resnet101.yaml"),
+                 "--data.root", str(ilsvrc), *small, *quick])  # fmt: skip
     cli = localize.main(["fit", "--config", str(ROOT / "configs" / "imagenet_loc_resnet101.yaml"),
                          "--data.root", str(loc), "--model.weights_backbone", "null", "--data.image_size", "64",
                          "--data.eval_resize", "64", "--data.batch_size", "4", "--data.num_workers", "0",

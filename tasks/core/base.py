@@ -318,7 +318,8 @@ class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepS
     # -- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The task's record (``zoo_common.checkpoints``): its registry path, label set, backbone record and
-        the random states a resumed run needs."""
+        the random states a resumed run needs. Non-finite weights are never written."""
+        self.refuse_nonfinite_weights(checkpoint.get("state_dict") or {})
         checkpoints.write_task_record(
             checkpoint, task=self.registry_path(), class_names=self.class_names, category_ids=self.category_ids,
             backbone=self.backbone_record(),

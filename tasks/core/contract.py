@@ -91,6 +91,12 @@ class TaskContract:
         if self.supports_tta:
             self.tta = tta
 
+    # -- what a fit may not start with -------------------------------------------------------------------
+    @classmethod
+    def refuse_fit_arguments(cls, model: dict[str, Any]) -> None:
+        """Stop a ``fit`` whose model arguments cannot train, before its run directory or W&B run is made
+        (``model``: the parsed ``--model.*`` arguments). Nothing is refused by default."""
+
     # -- W&B samples ----------------------------------------------------------------------------------
     def sample_records(self, batch: dict, outputs: Any) -> list[dict]:
         """Validation images with their predictions, as ``wandb.Image`` keyword arguments (``image`` first)."""

@@ -56,3 +56,31 @@ class TaskGuards:
             f"Lower the learning rate or check these images, then resume with --ckpt_path {last or '<checkpoint>'}; "
             f"model.nonfinite_loss=skip skips such batches instead."
         )
+
+    def on_before_zero_grad(self, optimizer) -> None:
+        """With ``nonfinite_loss: skip``, the weights after each update are checked too: a finite loss can still
+        give non-finite weights (an exploding update), which every later batch would only skip. The run stops at
+        that step, naming it and the last good checkpoint; no checkpoint of such weights is written."""
+        if self.nonfinite_loss != "skip":
+            return
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params or bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+            return
+        bad = next(name for name, p in self.named_parameters() if p.requires_grad and not p.isfinite().all())
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+        raise NonFiniteLossError(
+            f"the weights became non-finite at step {self.global_step} (epoch {self.current_epoch}; {bad}, and "
+            f"maybe others): model.nonfinite_loss=skip skips non-finite losses, not a diverging run. "
+            f"{self._rate_in_effect()}Last good checkpoint: {last or 'none written yet'}; resume from it with a lower "
+            f"learning rate (--ckpt_path {last or '<checkpoint>'})."
+        )
+
+    def refuse_nonfinite_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Never write a checkpoint of non-finite weights as ``best`` or ``last``."""
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:
+            raise NonFiniteLossError(
+                f"not writing a checkpoint at step {self.global_step}: {bad[0]} (and {len(bad) - 1} more tensors) are "
+                f"not finite. Resume from the last good checkpoint with a lower learning rate."
+            )

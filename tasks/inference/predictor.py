@@ -140,7 +140,13 @@ def _pixels(image) -> torch.Tensor:
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        from torchvision.transforms.v2.functional import pil_to_tensor
+        from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grayscale (PIL's convert("RGB") would clip it to 255): scaled to 8 bits as the file
+            # decoder scales a 16-bit PNG (datamodules.images.read_image), then the gray repeated as RGB
+            values = np.asarray(image, dtype=np.int64).clip(0, 65535).astype(np.uint16)
+            gray = to_dtype(torch.from_numpy(values)[None], torch.uint8, scale=True)
+            return gray.expand(3, -1, -1).contiguous()
         return pil_to_tensor(image.convert("RGB"))
     raise TypeError(f"cannot predict on a {type(image).__name__}: give paths, PIL images or uint8 tensors")

@@ -30,6 +30,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo_common.checkpoints import WeightsError, torch_load_safe
 
+from .run_dirs import disk_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +74,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)  # atomic on POSIX: readers see the old file or the new one
+        except OSError as err:  # a full disk, a read-only folder: said in one line naming the folder
+            raise OSError(disk_problem(err, path.parent)) from None
+        except RuntimeError as err:  # torch.save reports a failed write as a RuntimeError wrapping the OSError
+            if "write" not in str(err).lower() and "space" not in str(err).lower():
+                raise
+            hint = "Free space, or point --trainer.default_root_dir elsewhere"
+            raise OSError(f"cannot write {path}: {err}. {hint}") from None
         finally:
-            partial.unlink(missing_ok=True)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass  # (a read-only folder: the error above is the one to show)
         try:  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY)
             try:

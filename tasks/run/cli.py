@@ -51,7 +51,7 @@ from . import slurm
 from .checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
 from .loggers import PROJECT, ResumableCSVLogger, generate_run_id, wandb_credentials_available
 from .parse_errors import OneLineErrors
-from .run_dirs import agree_on_run_dir, next_version
+from .run_dirs import RunDirectory, RunDirectoryBusy, agree_on_run_dir, next_version, writes_run_directory
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,13 @@ class TaskCLI(LightningCLI):
     """``LightningCLI(task_class, any LightningDataModule)`` with the defaults described above."""
 
     def __init__(self, model_class: type[pl.LightningModule], args: Any = None, **kwargs: Any) -> None:
+        self._run_directory: RunDirectory | None = None
         kwargs.setdefault("save_config_callback", LoggedSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", OneLineErrors)  # a missing data.root is one line, not a namespace dump
+        kind = getattr(model_class, "kind", "")
+        if kind:  # the hints name the command as users type it, not the file (python -m runs it as __main__)
+            kwargs.setdefault("parser_kwargs", {"prog": f"python -m tasks.{kind}"})
         if slurm.under_slurm():
             slurm.install_warning_handler()  # before anything slow: an early time-limit warning is kept
         datamodules.load_all()  # --data by its short name: every datamodule class known to the parser
@@ -150,6 +154,11 @@ class TaskCLI(LightningCLI):
         ``validate``/``predict`` build the network it holds. Here the file is read ``weights_only``, must be a
         checkpoint of this task (another task's says which wrote it), may not ask to build a class (jsonargparse
         would build it), and a resumed run may not change what it trains (:func:`checkpoint_conflicts`)."""
+        if path.suffix == ".safetensors":
+            raise WeightsError(
+                f"--ckpt_path {path} is a .safetensors weight file, not a checkpoint of a run: start a run from it "
+                f"with --model.weights {path} (a whole model) or --model.weights_backbone {path} (its backbone)"
+            )
         raw = torch_load_safe(path, f"checkpoint {path}")  # refuses pickled code, clearly
         if not is_task_checkpoint(raw):
             raise WeightsError(f"--ckpt_path {path}: {describe(raw)}; --ckpt_path takes a checkpoint of this task")
@@ -214,9 +223,14 @@ class TaskCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and hasattr(self.model_class, "refuse_fit_arguments"):
+            self.model_class.refuse_fit_arguments(cfg.model.as_dict())  # before anything is made
         name = self._run_name(cfg)
         run_dir = self._run_dir(cfg, name)
         cfg.trainer.default_root_dir = str(run_dir)
+        if writes_run_directory():  # one run, one directory: locked while it runs (tasks.run.run_dirs)
+            self._run_directory = RunDirectory(run_dir)
+            self._run_directory.claim()
         if self.subcommand == "fit" and not cfg.get("ckpt_path") and slurm.restarted_job():
             resume = slurm.resume_point(run_dir)  # a requeued job: its own run directory has checkpoints
             if resume is not None:
@@ -270,11 +284,19 @@ class TaskCLI(LightningCLI):
             else:
                 init.id = generate_run_id()
         if rank_zero_only.rank == 0 and not id_file.is_file():
-            created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
-            if created:
-                self._new_run_dir = created[-1]  # the top folder this run creates
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(init.id)
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, releasing the run directory (and removing what this run made there) when building the
+        model, the data or the trainer fails: a run that fails before writing anything leaves nothing behind."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            if self._run_directory is not None:
+                self._run_directory.remove_if_unused()
+                self._run_directory.release()
+            raise
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> pl.Trainer:
         # (private in LightningCLI; the public instantiate_trainer does not see the parsed config's plugins and
@@ -309,9 +331,12 @@ class TaskCLI(LightningCLI):
         except slurm.StoppedForRequeue:
             pass  # saved; the job is requeued below, once the loggers are closed
         except BaseException:
-            self._remove_unused_run_dir()
+            if self._run_directory is not None:
+                self._run_directory.remove_if_unused()
             raise
         finally:
+            if self._run_directory is not None:
+                self._run_directory.release()
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 os.environ.pop(RUN_DIR_ENV, None)
             if self.trainer.is_global_zero and any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
@@ -322,18 +347,6 @@ class TaskCLI(LightningCLI):
             for callback in self.trainer.callbacks:
                 if isinstance(callback, slurm.SlurmRequeue):
                     callback.requeue(self.trainer)  # last: SLURM ends this run of the job when it is requeued
-
-    def _remove_unused_run_dir(self) -> None:
-        """A run that failed before writing anything (a missing dataset folder, say) leaves none of the
-        folders it created behind, so the next attempt gets the same ``version_<n>``."""
-        import shutil
-
-        top = getattr(self, "_new_run_dir", None)
-        if top is None or not top.is_dir():
-            return
-        files = [p for p in top.rglob("*") if not p.is_dir()]
-        if [p.name for p in files] in ([], ["wandb_id"]):
-            shutil.rmtree(top, ignore_errors=True)
 
 
 #: model arguments a checkpoint's own values override without a word (nothing to compare: the weights come from
@@ -377,9 +390,10 @@ def script(main) -> None:
     (``zoo_common.command.run_command``; unreadable images and a non-finite loss count as user errors too);
     a run stopped by SIGTERM exits with 143, without a traceback.
     """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
-        run_command(main, (CorruptImageError, NonFiniteLossError))
+        run_command(main, (CorruptImageError, NonFiniteLossError, RunDirectoryBusy, OSError, MisconfigurationException))
     except SIGTERMException:
         sys.exit(128 + signal.SIGTERM)  # stopped by SIGTERM; InterruptCheckpoint has logged what it saved

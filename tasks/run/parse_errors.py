@@ -50,6 +50,12 @@ def one_line(message: str, options: list[str] = ()) -> str:
             f"--data is required: the datamodule class and its data.root, e.g. --data {names[0]} --data.root "
             f"/path/to/data (one of {', '.join(names)}, or any LightningDataModule)"
         )
+    url = re.search(r"Parser key \"config\": Path does not exist: '((?:https?|ftp)://[^']+)'", message)
+    if url:
+        return (
+            f"--config {url[1]}: configs are read from files only, never fetched from a URL (a file from the network "
+            f"would decide what the run builds). Download it, read it, and pass its path"
+        )
     key = re.search(r'Parser key "([\w.]+)"', message)
     prefix = key[1] if key else ""
     class_path = re.search(r"Problem with given class_path '([\w.]+)'", message)

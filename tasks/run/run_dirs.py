@@ -51,3 +51,95 @@ def agree_on_run_dir(root: Path, timeout: float = 300.0) -> Path:
             return Path(marker.read_text())
         time.sleep(0.2)
     raise TimeoutError(f"rank {os.environ['RANK']}: rank 0 did not announce the run directory in {marker}")
+
+
+def writes_run_directory() -> bool:
+    """Whether this process is the one that claims the run directory: rank 0 of an external launch (torchrun's
+    ``RANK``, SLURM's ``SLURM_PROCID``), not a process Lightning's DDP launcher started (``LOCAL_RANK``)."""
+    ranks = [os.environ.get(k, "0") for k in ("RANK", "LOCAL_RANK")]
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        ranks.append(os.environ.get("SLURM_PROCID", "0"))
+    return all(r == "0" for r in ranks)
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another run is writing into the run directory."""
+
+
+class RunDirectory:
+    """A run directory claimed for one run: created (remembering the top folder this run made, so that a run
+    that fails before writing anything can leave none behind), locked (``fcntl.flock`` on ``<run>/.lock``,
+    released when the run ends or its process dies, so a requeued job claims it again at once) and cleaned of
+    the staging files a killed checkpoint save left (``checkpoints/.<name>.ckpt.partial-<pid>``: nothing else
+    writes there while the lock is held)."""
+
+    LOCK = ".lock"
+    #: the open lock files, by run directory (not on the object: a run's objects are deep-copied -- the EMA
+    #: copies the task, which reaches the CLI through the Trainer -- and a file cannot be)
+    _held: dict[Path, object] = {}
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.created: Path | None = None
+
+    def claim(self) -> None:
+        import fcntl
+        import socket
+        import time
+
+        made = [d for d in (self.path, *self.path.parents) if not d.exists()]
+        self.created = made[-1] if made else None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / self.LOCK, "a+")
+        except OSError as err:
+            raise OSError(disk_problem(err, self.path)) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunDirectoryBusy(
+                f"{self.path} is in use by another run ({holder}): two runs would overwrite each other's config, "
+                f"metrics and checkpoints. Pass another --run_version (or --run_name), or wait for that run to end"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        RunDirectory._held[self.path] = handle
+        for partial in (self.path / "checkpoints").glob(".*.partial-*"):
+            partial.unlink(missing_ok=True)  # a save killed half-way (AtomicCheckpointIO's staging file)
+
+    def release(self) -> None:
+        handle = RunDirectory._held.pop(self.path, None)
+        if handle is not None:
+            handle.close()  # (closing the file releases the lock)
+
+    def remove_if_unused(self) -> None:
+        """Remove what this run created when it wrote nothing there (only its own bookkeeping files)."""
+        import shutil
+
+        top = self.created
+        if top is None or not top.is_dir():
+            return
+        files = [p.name for p in top.rglob("*") if not p.is_dir()]
+        if set(files) <= {"wandb_id", self.LOCK}:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+def disk_problem(err: OSError, folder: Path) -> str:
+    """What an ``OSError`` writing into ``folder`` means for the user: no space, read-only, no permission."""
+    import errno
+
+    reason = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EDQUOT: "the disk quota is exceeded",
+    }.get(err.errno, err.strerror or str(err))
+    return (
+        f"cannot write into the run directory {folder}: {reason}. Free space, or point --trainer.default_root_dir "
+        f"elsewhere"
+    )
