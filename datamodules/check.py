@@ -156,8 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     if known.config:
         section = (yaml.safe_load(Path(known.config).read_text()) or {}).get("data")
         if section is None:
-            parser.error(f"{known.config} has no data section")
+            raise ValueError(f"{known.config} has no data section to check")
         rest = ["--data", json.dumps(section), *rest]
+    elif not any(arg == "--data" or arg.startswith("--data=") for arg in rest) and "--help" not in rest:
+        given = next((arg for arg in rest if arg.startswith("--data.")), None)
+        names = ", ".join(
+            f"datamodules.{n}"
+            for n in ("ImageFolderDataModule", "CIFARDataModule", "COCODetectionDataModule", "VOCDetectionDataModule")
+        )
+        raise ValueError(
+            f"{given or '--data'} needs the datamodule's class first: --data <class> (one of {names}, ...), or "
+            f"--config <the task's config file>, whose data section is checked"
+        )
     args = parser.parse_args(rest)
     datamodule = parser.instantiate(args).data
     if hasattr(datamodule, "prepare_data"):

@@ -91,16 +91,38 @@ class EpochSeeded(Dataset):
             return self.dataset[index]
 
 
+class _LeaveSignalsToTheRun:
+    """A loader worker's ``worker_init_fn``: the worker ignores SIGTERM (and SLURM's SIGUSR1 warning), which a
+    cluster sends to every process of a job. The training process handles them -- it saves its checkpoint at a
+    step boundary and shuts its workers down in order; a worker dying of the signal first would make the
+    training process raise "DataLoader worker is killed by signal" in the middle of its step instead."""
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 class SharedHeapLoader(DataLoader):
-    """A DataLoader whose forked workers leave the training process's objects shared.
+    """A DataLoader whose forked workers leave the training process's objects shared, and its signals to it.
 
     A worker forked from the training process shares its memory until it writes to a page. Reading the
     flat records writes nothing, but a full garbage collection in the worker writes to every tracked object
     it visits -- all of the parent's (PyTorch's, Lightning's, the model's): each worker would copy them
     over an epoch. The workers are started with those objects frozen (``gc.freeze``: never collected), as
     Python's documentation of ``gc.freeze`` advises before a fork; the training process unfreezes them once
-    the workers are started, so nothing is kept from its own collections.
+    the workers are started, so nothing is kept from its own collections. The workers ignore SIGTERM and
+    SIGUSR1 (``_LeaveSignalsToTheRun``): the training process handles them.
     """
+
+    def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs) -> None:
+        super().__init__(*args, worker_init_fn=_LeaveSignalsToTheRun(worker_init_fn), **kwargs)
 
     def __iter__(self):
         if self.num_workers == 0:

@@ -88,7 +88,7 @@ class Report:
         return [p for p in self.problems if p.severity == "warning"]
 
     def summary(self) -> str:
-        checked = ", ".join(f"{n} {kind}" for kind, n in self.checked.items())
+        checked = ", ".join(f"{n} {kind}" for kind, n in self.checked.items()) or "nothing"
         return f"{self.subject}: {len(self.errors)} errors, {len(self.warnings)} warnings ({checked} checked)"
 
     def text(self, limit: int = 50) -> str:
@@ -123,6 +123,7 @@ def validate_coco(
     report = Report(str(annotation_file))
     name = annotation_file.name
     images_ok: dict[int, dict] = {}
+    unusable: dict[int, dict] = {}  # listed properly, but the file is missing, unreadable or of another size
     seen_files: set[str] = set()
     on_disk: set[str] | None = None
     if images_dir is not None:
@@ -141,7 +142,7 @@ def validate_coco(
     folder = on_disk is not None and images_dir.is_dir()
     for i, image in enumerate(images):
         if i % 65536 == 0:
-            report_progress(f"{name}: entries", i, entries)
+            report_progress(f"{name}: images and annotations", i, entries)
         if not isinstance(image, dict) or not isinstance(image.get("id"), int) or not image.get("file_name"):
             report.error(f"{name} images[{i}]", "an image needs an integer 'id' and a 'file_name'")
             continue
@@ -157,11 +158,13 @@ def validate_coco(
         if folder:
             if image["file_name"] not in on_disk and not (images_dir / image["file_name"]).exists():
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: the file does not exist")
+                unusable[image["id"]] = image
                 continue
             problem = status_problem(status.get(image["file_name"]), (image["width"], image["height"]),
                                      images_dir / image["file_name"])  # fmt: skip
             if problem:
                 report.error(str(images_dir / image["file_name"]), f"image id {image['id']}: {problem}")
+                unusable[image["id"]] = image
                 continue
         seen_files.add(image["file_name"])
         images_ok[image["id"]] = image
@@ -173,13 +176,21 @@ def validate_coco(
             report.error(f"{name} categories", f"category id {category_id} is listed {count} times "
                          f"({', '.join(names)}): one of those classes would never be trained and the names would "
                          "not say which")  # fmt: skip
-    report_progress(f"{name}: entries", len(images), entries)
+    report_progress(f"{name}: images and annotations", len(images), entries)
     suspects = annotation_suspects(annotations, images_ok, categories)
     annotations_ok = list(annotations)
+    left_out: Counter = Counter()  # annotations of the unusable images, per image
     for i in suspects.tolist():  # in file order: the report is the one a check of every entry would give
-        annotations_ok[i] = _check_annotation(report, name, i, annotations[i], categories, images_ok)
+        annotations_ok[i] = _check_annotation(report, name, i, annotations[i], categories, images_ok, unusable,
+                                              left_out)  # fmt: skip
     annotations_ok = [ann for ann in annotations_ok if ann is not None]
-    report_progress(f"{name}: entries", entries, entries)
+    if left_out:  # said once, not once per annotation; their own problems were still reported above
+        report.warning(
+            f"{name} annotations",
+            f"{sum(left_out.values())} annotations of the {len(left_out)} images that cannot be used (above) are left "
+            f"out with them",
+        )
+    report_progress(f"{name}: images and annotations", entries, entries)
     cleaned = dict(dataset)
     cleaned["images"] = list(images_ok.values())
     cleaned["annotations"] = [a for a in annotations_ok if a["bbox"][2] > 1 and a["bbox"][3] > 1]
@@ -264,9 +275,12 @@ def _listed(key, listed) -> bool:
         return False
 
 
-def _check_annotation(report: Report, name: str, i: int, ann, categories: set, images_ok: dict) -> dict | None:
+def _check_annotation(report: Report, name: str, i: int, ann, categories: set, images_ok: dict,
+                      unusable: dict | None = None, left_out: Counter | None = None) -> dict | None:  # fmt: skip
     """Annotation ``i`` checked one by one: its problems reported; ``None`` for an error, else the entry
-    (with ``area``/``iscrowd`` filled in when missing)."""
+    (with ``area``/``iscrowd`` filled in when missing). An annotation of an image listed properly but unusable
+    (``unusable``: its file is missing, unreadable or of another size) is checked for its own problems against
+    the listed size, counted in ``left_out`` and left out, without an error of its own."""
     if not isinstance(ann, dict) or not ann.keys() >= _ANNOTATION_KEYS:
         report.error(f"{name} annotations[{i}]", "an annotation needs 'image_id', 'category_id' and 'bbox'")
         return None
@@ -285,9 +299,12 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
                      f"{ann['category_id']} is not in 'categories' {sorted(categories)}")  # fmt: skip
         return None
     image = images_ok.get(ann["image_id"]) if _listed(ann["image_id"], images_ok) else None
-    if image is None:
+    lost = unusable is not None and _listed(ann["image_id"], unusable)
+    if image is None and lost:
+        image = unusable[ann["image_id"]]  # its own problems are still worth naming
+    elif image is None:
         report.error(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')}: image_id "
-                     f"{ann['image_id']} is not a usable image of this file")  # fmt: skip
+                     f"{ann['image_id']} is not an image of this file's 'images'")  # fmt: skip
         return None
     segmentation = ann.get("segmentation")
     if type(segmentation) is list and not all(all(map(is_number, p)) for p in segmentation if isinstance(p, list)):
@@ -320,7 +337,12 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
         )
         ann = {**ann, "area": ann.get("area", annotation_area(ann, image)), "iscrowd": ann.get("iscrowd", 0)}
     x, y, w, h = bbox
-    if w <= 1 or h <= 1:
+    if w < 0 or h < 0:
+        report.warning(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image "
+                       f"{image['file_name']}): box {bbox} has a negative {'width' if w < 0 else 'height'} (an "
+                       "inverted box): dropped for training; COCOeval scores the file as written, where no detection "
+                       "can match it")  # fmt: skip
+    elif w <= 1 or h <= 1:
         report.warning(f"{name} annotations[{i}]", f"annotation id {ann.get('id', '?')} (image "
                        f"{image['file_name']}): degenerate box {bbox} (dropped for training)")  # fmt: skip
     elif reaches_outside((x, y, x + w, y + h), image["width"], image["height"]):
@@ -330,6 +352,9 @@ def _check_annotation(report: Report, name: str, i: int, ann, categories: set, i
             f"annotation id {ann.get('id', '?')} (image {image['file_name']}): box {bbox} reaches outside the "
             f"{image['width']}x{image['height']} image (clipped)",
         )
+    if lost:
+        left_out[ann["image_id"]] += 1
+        return None
     return ann
 
 

@@ -380,7 +380,9 @@ class DetectionTask(BaseTask):
         for row in results:
             row["file_name"] = files[row["image_id"]]
         results.sort(key=lambda r: (r["image_id"], -r["score"]))
-        write_detections(results, self.output_path(self.detections_file, "detections.json"))
+        path = write_detections(results, self.output_path(self.detections_file, "detections.json"))
+        if self.draw_predictions:
+            print(f"drawings: {images_folder(path)} ({len(files)} images, boxes scoring {self.draw_threshold} or more)")
 
 
 main = entry_point(DetectionTask)

@@ -16,6 +16,7 @@ Channels and strides come from the backbone's ``feature_info``; nothing is hard-
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
@@ -192,6 +193,13 @@ def build_faster_rcnn(
         raise ValueError(f"the C4 head needs at least two stages, {body.name} has {stages}")
     trunk_stage, head_stage = stages[-2], stages[-1]
     head_channels = body.feature_info[head_stage].channels
+    if body.feature_info[trunk_stage].stride < 16:  # a CIFAR net: its stages are for 32-px images
+        warnings.warn(
+            f"the C4 head on {body.name}: the shared trunk ends at {trunk_stage} (stride "
+            f"{body.feature_info[trunk_stage].stride}, {body.feature_info[trunk_stage].channels} channels) and "
+            f"{head_stage} runs per region; the ResNet paper's C4 detector has a stride-16 trunk (an ImageNet net)",
+            stacklevel=2,
+        )
     body.select_outputs([trunk_stage])
     res5 = body.truncate(after=trunk_stage)
     backbone = C4Backbone(body)

@@ -7,6 +7,8 @@
 * :class:`RunCheckpoint` keeps ``best.ckpt`` by the task's metric and writes ``last.ckpt`` after every
   validation (Lightning 2.6's ``ModelCheckpoint`` writes it only when a best checkpoint is written at the
   same step, so a run whose metric stopped improving would resume from the epoch of its best);
+* :class:`ValidateAtEnd` validates after the last training step when the schedule would not, so every ``fit``
+  ends with its metrics and ``best.ckpt``;
 * :class:`InterruptCheckpoint` writes ``last.ckpt`` when a run is stopped by Ctrl-C or SIGTERM (Lightning
   turns SIGTERM into ``SIGTERMException`` at the next batch boundary).
 
@@ -107,6 +109,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
 
+class ValidateAtEnd(pl.Callback):
+    """Validate after the run's last training step when the schedule would not (``val_check_interval: 10000``
+    in a run shorter than that), so that every ``fit`` ends with its metrics logged and ``best.ckpt`` written.
+
+    Lightning validates after a step at which ``Trainer.should_stop`` is set (as for early stopping); this
+    sets it at the last step -- ``max_steps`` reached, or the last batch of the last epoch -- which ends the run
+    there anyway. A run whose schedule validates at that step validates once."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        last_epoch = 0 < epochs <= trainer.current_epoch + 1
+        if last_step or (last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch):
+            trainer.should_stop = True
+
+
 class InterruptCheckpoint(pl.Callback):
     """Save ``last.ckpt`` (next to the other checkpoints) when training is interrupted by Ctrl-C or SIGTERM."""
 
@@ -116,5 +134,5 @@ class InterruptCheckpoint(pl.Callback):
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         path = folder / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: a resumable checkpoint
         log.warning("interrupted (%s): saved %s; resume with --ckpt_path %s", type(exception).__name__, path, path)

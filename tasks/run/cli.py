@@ -27,6 +27,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ from zoo_common.command import run_command
 from .. import registry
 from ..core.guards import NonFiniteLossError
 from . import slurm
-from .checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint
-from .loggers import PROJECT, ResumableCSVLogger, generate_run_id, wandb_credentials_available
+from .checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint, ValidateAtEnd
+from .loggers import PROJECT, ResumableCSVLogger, ValidationLine, generate_run_id, wandb_credentials_available
 from .parse_errors import OneLineErrors
 from .run_dirs import RunDirectory, RunDirectoryBusy, agree_on_run_dir, next_version, writes_run_directory
 
@@ -76,11 +77,21 @@ class TaskCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", OneLineErrors)  # a missing data.root is one line, not a namespace dump
         kind = getattr(model_class, "kind", "")
+        parser_kwargs = {"allow_abbrev": False}  # --trainer.max_step is a typo ("did you mean"), not max_steps
         if kind:  # the hints name the command as users type it, not the file (python -m runs it as __main__)
-            kwargs.setdefault("parser_kwargs", {"prog": f"python -m tasks.{kind}"})
+            parser_kwargs["prog"] = f"python -m tasks.{kind}"
+        kwargs.setdefault("parser_kwargs", parser_kwargs)
         if slurm.under_slurm():
             slurm.install_warning_handler()  # before anything slow: an early time-limit warning is kept
+        else:  # Lightning's hint that srun is installed but not used says nothing to a run outside SLURM
+            warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+        # the project chooses where checkpoints go (the run directory): Lightning's note that a checkpoint from
+        # another folder was given says nothing to act on
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
         datamodules.load_all()  # --data by its short name: every datamodule class known to the parser
+        argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:]
+        if "--help" in argv or "-h" in argv:
+            OneLineErrors.data_class = named_data_class(argv)  # its arguments are listed right after the model's
         super().__init__(
             model_class,
             pl.LightningDataModule,
@@ -206,6 +217,12 @@ class TaskCLI(LightningCLI):
         if getattr(self, "_resume_dir", None) is not None and self.subcommand == "fit":
             os.environ[RUN_DIR_ENV] = str(self._resume_dir)
             return self._resume_dir  # resuming: same directory, same W&B run
+        if self._evaluates_a_checkpoint(cfg):
+            ckpt = Path(cfg.ckpt_path)
+            home = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+            run_dir = home / self.subcommand  # beside the checkpoint's run, not a new version_<n>
+            os.environ[RUN_DIR_ENV] = str(run_dir)
+            return run_dir
         root = Path(cfg.trainer.get("default_root_dir") or "runs") / name
         version = cfg.get("run_version")
         if not version and os.environ.get("SLURM_JOB_ID"):
@@ -220,6 +237,15 @@ class TaskCLI(LightningCLI):
             run_dir = root / next_version(root)
         os.environ[RUN_DIR_ENV] = str(run_dir)  # children of Lightning's launcher inherit it
         return run_dir
+
+    def _evaluates_a_checkpoint(self, cfg: Namespace) -> bool:
+        """``validate``, ``test`` or ``predict`` of a checkpoint without a ``--run_name`` or ``--run_version`` of
+        its own: it writes into ``<the checkpoint's run>/<subcommand>/`` and starts no W&B run (its metrics go to
+        that folder's ``metrics.csv``)."""
+        return (
+            self.subcommand in ("validate", "test", "predict") and bool(cfg.get("ckpt_path"))
+            and not cfg.get("run_name") and not cfg.get("run_version")
+        )  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
@@ -255,6 +281,15 @@ class TaskCLI(LightningCLI):
             and cfg.trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda")
         ):
             cfg.trainer.precision = "bf16-mixed"
+        devices = cfg.trainer.get("devices")
+        if (
+            str(devices).isdigit() and int(devices) > 1 and not torch.cuda.is_available()
+            and cfg.trainer.get("accelerator", "auto") in ("auto", "cpu")
+        ):  # fmt: skip
+            rank_zero_info(
+                f"--trainer.devices {devices} on a machine without GPUs: {devices} CPU processes (DDP over gloo), "
+                f"each with its share of the data and data.batch_size images a step"
+            )
         if cfg.trainer.get("benchmark") is None and not cfg.trainer.get("deterministic"):
             # (with --trainer.deterministic, cuDNN's search would make the run non-deterministic)
             cfg.trainer.benchmark = getattr(self.model_class, "cudnn_benchmark", None)
@@ -263,6 +298,12 @@ class TaskCLI(LightningCLI):
     def _configure_wandb(self, cfg: Namespace, name: str, run_dir: Path) -> None:
         logger = cfg.trainer.get("logger")
         if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("WandbLogger"):
+            return
+        if self._evaluates_a_checkpoint(cfg):  # no W&B run for evaluating a checkpoint: metrics.csv beside it
+            cfg.trainer.logger = Namespace(
+                class_path="tasks.run.loggers.ResumableCSVLogger",
+                init_args=Namespace(save_dir=str(run_dir), name="", version=""),
+            )
             return
         init = logger.init_args
         if init.get("save_dir") in (None, "."):
@@ -286,6 +327,14 @@ class TaskCLI(LightningCLI):
         if rank_zero_only.rank == 0 and not id_file.is_file():
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(init.id)
+
+    def _finish_wandb(self) -> None:
+        """Close the W&B run this run's WandbLogger started (it creates its run on first use), on rank 0."""
+        if self.trainer.is_global_zero and any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, releasing the run directory (and removing what this run made there) when building the
@@ -313,7 +362,7 @@ class TaskCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins = [*plugins, AtomicCheckpointIO()]
-        extra = [InterruptCheckpoint()]
+        extra = [InterruptCheckpoint(), ValidateAtEnd(), ValidationLine()]
         if slurm.under_slurm() and not any(hasattr(p, "main_address") for p in plugins):
             # SLURM's time-limit warning is handled at a step all ranks agree on (tasks.run.slurm), not in
             # Lightning's signal handler
@@ -332,21 +381,38 @@ class TaskCLI(LightningCLI):
             pass  # saved; the job is requeued below, once the loggers are closed
         except BaseException:
             if self._run_directory is not None:
-                self._run_directory.remove_if_unused()
+                self._run_directory.release()  # (closes the W&B run's files too: below)
+                self._finish_wandb()
+                self._run_directory.remove_if_unused(self.trainer.global_step)
             raise
         finally:
             if self._run_directory is not None:
                 self._run_directory.release()
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 os.environ.pop(RUN_DIR_ENV, None)
-            if self.trainer.is_global_zero and any(isinstance(lg, WandbLogger) for lg in self.trainer.loggers):
-                import wandb
-
-                if wandb.run is not None:  # started by this run's WandbLogger (it creates its run on first use)
-                    wandb.finish()
+            self._finish_wandb()
             for callback in self.trainer.callbacks:
                 if isinstance(callback, slurm.SlurmRequeue):
                     callback.requeue(self.trainer)  # last: SLURM ends this run of the job when it is requeued
+
+
+def named_data_class(argv: list[str]) -> type | None:
+    """The datamodule class a command line names: ``--data <class>``, or the ``data.class_path`` of a ``--config``
+    file (the last one given wins, as when parsing); ``None`` when none, or not one of the project's."""
+    named = None
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--data" and not value.startswith(("{", "-")):
+            named = value
+        elif flag in ("--config", "-c") and Path(value).is_file():
+            section = (yaml.safe_load(Path(value).read_text()) or {}).get("data")
+            if isinstance(section, dict) and section.get("class_path"):
+                named = section["class_path"]
+    if named is None:
+        return None
+    try:
+        return datamodules.resolve(named if "." in named else f"datamodules.{named}")
+    except ValueError:
+        return None
 
 
 #: model arguments a checkpoint's own values override without a word (nothing to compare: the weights come from

@@ -5,7 +5,8 @@ and, beside any logger, a ``metrics.csv`` in the run directory that a resumed ru
 * :func:`generate_run_id` -- a W&B-style run id, kept in the run directory so that a resumed run logs into
   the same W&B run;
 * :class:`ResumableCSVLogger` -- Lightning's ``CSVLogger``, except that a run resumed in its own directory
-  keeps its ``metrics.csv`` and appends to it (Lightning's deletes the file when its folder is not empty).
+  keeps its ``metrics.csv`` and appends to it (Lightning's deletes the file when its folder is not empty);
+* :class:`ValidationLine` -- one line per validation where the output is not a terminal (a cluster's log).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import sys
 
+import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -62,3 +65,30 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class ValidationLine(pl.Callback):
+    """One line per validation on standard output when it is not a terminal (a SLURM log, a pipe: where the
+    progress bar's metrics never appear): the epoch, the step, the metric ``best.ckpt`` is chosen by with its
+    best so far, and the split's other headline metrics."""
+
+    def __init__(self, always: bool = False) -> None:
+        self.always = always
+        self.best: float | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or (sys.stdout.isatty() and not self.always):
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))}
+        callback = trainer.checkpoint_callback
+        monitor = getattr(callback, "monitor", None) or getattr(pl_module, "monitor", "val/loss")
+        mode = getattr(callback, "mode", "max")
+        value = metrics.get(monitor)
+        if value is not None:
+            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
+            self.best = value if better else self.best
+        shown = [k for k in metrics if "/" not in k.split("/", 1)[1] and k != monitor][:6]  # no per-class entries
+        head = f"{monitor} {value:.4f} (best {self.best:.4f})" if value is not None else f"{monitor} not logged"
+        rest = ", ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+        print(f"validation: epoch {trainer.current_epoch}, step {trainer.global_step}: {head}"
+              + (f"; {rest}" if rest else ""), flush=True)  # fmt: skip

@@ -33,7 +33,11 @@ def _datamodule(class_path: str):
 
 
 def _close(word: str, options) -> str:
-    found = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    """``; did you mean ...?`` with the options ``word`` begins (``resnext50`` -> ``resnext50_32x4d``), then the
+    closest spellings, three at most."""
+    options = list(options)
+    starting = [o for o in options if o.startswith(word) and o != word]
+    found = list(dict.fromkeys([*starting, *difflib.get_close_matches(word, options, n=3, cutoff=0.6)]))[:3]
     return f"; did you mean {', '.join(found)}?" if found else ""
 
 
@@ -96,7 +100,53 @@ def _type_text(kind: str) -> str:
     return re.sub(r"<class '(\w+)'>", r"\1", kind).replace("typing.", "")
 
 
-class OneLineErrors(LightningArgumentParser):
+class TaskHelp:
+    """``fit --help`` as a user reads it: a short usage line, then the task's own arguments (``--model.*``), the
+    data's (the arguments of the datamodule class ``--config`` or ``--data`` names: ``data_class``), then the
+    run's, the checkpoint's and the Trainer's -- not Lightning's 900 lines with the model at line 500 and no
+    ``--data.*`` at all. Mixed into :class:`OneLineErrors`."""
+
+    #: the datamodule class the command line names (``TaskCLI`` sets it from ``--config`` or ``--data``)
+    data_class: type | None = None
+
+    def format_help(self) -> str:
+        groups = self._action_groups
+        model = [g for g in groups if getattr(g, "dest", None) == "model"]
+        if not model:  # the top parser (subcommands) or a parser of another kind: as it was
+            return super().format_help()
+        data = [g for g in groups if any(a.dest == "data" for a in g._group_actions)]
+        rest = [g for g in groups if g not in model and g not in data]
+        head = self._get_formatter()
+        head.add_usage(f"{self.prog.replace(' [options]', '')} [options]", [], [])
+        head.add_text(self.description)
+        parts = [head.format_help()]
+        parts += [self._section("The data: --data <class> and its arguments", g.description, g._group_actions)
+                  for g in data]  # fmt: skip
+        if self.data_class is not None:
+            parts.append(self._data_arguments())
+        parts += [self._section(g.title, g.description, g._group_actions) for g in [*model, *rest]]
+        return "\n".join(part.rstrip("\n") + "\n" for part in parts if part.strip())
+
+    def _section(self, title, description, actions) -> str:
+        formatter = self._get_formatter()
+        formatter.start_section(title)
+        formatter.add_text(description)
+        formatter.add_arguments(actions)
+        formatter.end_section()
+        return formatter.format_help()
+
+    def _data_arguments(self) -> str:
+        """The help of ``data_class``'s own arguments, as ``--data.<name>``."""
+        from jsonargparse import ArgumentParser
+
+        parser = ArgumentParser(prog="", add_help=False)
+        parser.add_class_arguments(self.data_class, "data", fail_untyped=False)
+        text = parser.format_help()
+        body = text.split("\n\n", 1)[1] if "\n\n" in text else text  # without its usage line
+        return f"{self.data_class.__module__.split('.')[0]}.{self.data_class.__name__}'s arguments:\n{body}"
+
+
+class OneLineErrors(TaskHelp, LightningArgumentParser):
     """LightningCLI's parser, whose errors are one line (:func:`one_line`) instead of the usage and dumps."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:

@@ -117,16 +117,17 @@ class RunDirectory:
         if handle is not None:
             handle.close()  # (closing the file releases the lock)
 
-    def remove_if_unused(self) -> None:
-        """Remove what this run created when it wrote nothing there (only its own bookkeeping files)."""
+    def remove_if_unused(self, steps_done: int = 0) -> None:
+        """Remove the folders this run created when it failed before anything worth keeping: before its first
+        training step ended, with no checkpoint written (a download or a refused weight file, a Trainer that
+        cannot start, a non-finite first loss). Its config, W&B offline run and logs go with them, so the next
+        try gets the same ``version_<n>``; a folder that existed before this run is never removed."""
         import shutil
 
         top = self.created
-        if top is None or not top.is_dir():
+        if top is None or not top.is_dir() or steps_done > 0 or any(top.rglob("*.ckpt")):
             return
-        files = [p.name for p in top.rglob("*") if not p.is_dir()]
-        if set(files) <= {"wandb_id", self.LOCK}:
-            shutil.rmtree(top, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def disk_problem(err: OSError, folder: Path) -> str:

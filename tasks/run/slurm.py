@@ -101,7 +101,7 @@ class SlurmRequeue(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(warned(), all=False):
             return
         self.checkpoint = next_hpc_checkpoint(Path(trainer.default_root_dir))
-        trainer.save_checkpoint(self.checkpoint)  # every rank, at this step
+        trainer.save_checkpoint(self.checkpoint, weights_only=False)  # every rank, at this step: resumable
         if trainer.is_global_zero:
             log.warning(
                 "SLURM's time-limit warning: saved %s at step %d; the job requeues itself when the run has closed",
