@@ -240,7 +240,10 @@ def annotation_suspects(annotations: list, images_ok: dict, categories: set) -> 
     suspect = ~known | (rows < 0) | (w <= 1) | (h <= 1) | (x < -1) | (y < -1) | (x + w > width + 1)
     suspect |= (y + h > height + 1) | ~np.isfinite(np.stack([x, y, w, h])).all(0)
     segmentations = list(map(dict.get, annotations, repeat("segmentation")))
-    suspect |= np.fromiter(map(operator.is_, map(type, segmentations), repeat(dict)), bool, n)  # RLEs: sizes
+    for k in np.flatnonzero(np.fromiter(map(operator.is_, map(type, segmentations), repeat(dict)), bool, n)):
+        size = segmentations[k].get("size")  # a crowd's RLE must be the image's size (crowds are ~1% of COCO)
+        if rows[k] < 0 or not isinstance(size, list) or size != [height[k], width[k]]:
+            suspect[k] = True
     listed = np.flatnonzero(np.fromiter(map(operator.is_, map(type, segmentations), repeat(list)), bool, n))
     polygons = list(chain.from_iterable(map(segmentations.__getitem__, listed.tolist())))
     owners = np.repeat(listed, [len(segmentations[k]) for k in listed.tolist()])

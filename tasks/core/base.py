@@ -64,6 +64,19 @@ def check_num_classes(given: int | None, found: int, source: str) -> int:
     return found
 
 
+def read_weights(source: str, backbone: str, flag: str) -> tuple[dict, dict]:
+    """``backbones.weights.read_state_dict``, a failed download naming the flag that takes a local file."""
+    try:
+        return read_state_dict(source, backbone)
+    except checkpoints.WeightsError as err:
+        if "could not download" not in str(err):
+            raise
+        raise checkpoints.WeightsError(
+            f"{flag}={source}: {err} On the command line: --{flag} <file> (a local copy), or --{flag} null to start "
+            f"from random weights (detection from scratch: --model.norm bn --model.freeze_at 0 too)"
+        ) from None
+
+
 class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepSeeded, pl.LightningModule):
     """Shared machinery of every task.
 
@@ -164,7 +177,7 @@ class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepS
         self.backbone_options: dict[str, Any] = {}
         self._weights: tuple[dict, dict] | None = None
         if weights:
-            state, meta = read_state_dict(weights, backbone)
+            state, meta = read_weights(weights, backbone, "model.weights")
             prefix = f"{self.network_attr}."
             if any(k.startswith(prefix) for k in state):  # a checkpoint of this task
                 state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -271,7 +284,7 @@ class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepS
             raise ValueError("set model.weights_backbone instead of model.backbone_args.weights")
         source, state, meta = hp.weights_backbone, None, {}
         if source:
-            state, meta = read_state_dict(source, hp.backbone)
+            state, meta = read_weights(source, hp.backbone, "model.weights_backbone")
         elif self._weights is not None:
             meta = self._weights[1]
         adopted = {}
@@ -320,10 +333,11 @@ class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepS
         """The task's record (``zoo_common.checkpoints``): its registry path, label set, backbone record and
         the random states a resumed run needs. Non-finite weights are never written."""
         self.refuse_nonfinite_weights(checkpoint.get("state_dict") or {})
-        checkpoints.write_task_record(
-            checkpoint, task=self.registry_path(), class_names=self.class_names, category_ids=self.category_ids,
-            backbone=self.backbone_record(),
-        )  # fmt: skip
+        with self.rng_outside_the_step():  # (a checkpoint written in the middle of a step: tasks.core.draws)
+            checkpoints.write_task_record(
+                checkpoint, task=self.registry_path(), class_names=self.class_names, category_ids=self.category_ids,
+                backbone=self.backbone_record(),
+            )  # fmt: skip
 
     @classmethod
     def registry_path(cls) -> str:

@@ -10,6 +10,8 @@ global generator seeded by the run's seed, the epoch, the batch and the rank -- 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,8 +41,27 @@ class StepSeeded:
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._outside_rng is not None:
-            cpu, cuda = self._outside_rng
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
+            _set(self._outside_rng)
             self._outside_rng = None
+
+    @contextlib.contextmanager
+    def rng_outside_the_step(self) -> Iterator[None]:
+        """The global generators as they were before the current step (a checkpoint written in the middle of a
+        step -- SLURM's warning, SIGTERM -- records those, not the step's seeded ones: a resumed run's seeds
+        and shuffles come from them)."""
+        if self._outside_rng is None:
+            yield
+            return
+        inside = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        _set(self._outside_rng)
+        try:
+            yield
+        finally:
+            _set(inside)
+
+
+def _set(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
