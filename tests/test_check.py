@@ -3,7 +3,8 @@ report as soon as it is done -- and, on one tree per format with one of each kin
 as the single-process check that came before (``tests/check_reports.txt``, written by the check of commit
 45c4ac0, since updated where the wording changed on purpose: VOC's box outside the image clipped for training
 only and kept as written for evaluation; one line for the annotations of an unusable image, each still checked
-for its own problems; a negative width said as such); the whole-list screen of COCO annotations gives the report of checking every one."""
+for its own problems; a negative width said as such); the whole-list screen of COCO annotations gives the
+report of checking every one."""
 
 from __future__ import annotations
 

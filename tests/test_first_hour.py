@@ -228,8 +228,11 @@ def test_the_checkers_coco_report_says_each_thing_once_in_the_users_terms(tmp_pa
     assert f"{len(mine) - 1} annotations of the 1 images that cannot be used (above) are left out with them" in out
     assert "category_id 99 is not in 'categories'" in out
     assert "has a negative width (an inverted box): dropped for training; COCOeval scores the file as written" in out
-    assert check_main(["--data", "datamodules.ImageFolderDataModule", "--data.root", str(tmp_path / "nowhere")]) == 1
-    assert "( checked)" not in capsys.readouterr().out
+    (tmp_path / "nowhere").mkdir()  # a wrong root: nothing in it to check, said in words
+    assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(tmp_path / "nowhere"),
+                       "--no_decode"]) == 1  # fmt: skip
+    out = capsys.readouterr().out
+    assert "( checked)" not in out and "(nothing checked)" in out
 
 
 # -- 9. logs for clusters ---------------------------------------------------------------------------------------
