@@ -95,6 +95,12 @@ def build_report(study: Study, root: Path, out_dir: Path, wandb_project: str | N
                 max((s for s, _ in data["test"]), default=0),
             )
         )
+    if not any(data["test"] or data["train"] for data in series.values()):
+        where = f"W&B project {wandb_project}" if wandb_project else f"{root}/{study.name}-<variant>/"
+        raise FileNotFoundError(
+            f"no runs of study {study.name} found in {where}: run them first (python -m studies run {study.name} "
+            f"...), or point --root at the folder they were written to"
+        )
     table = [
         f"# {study.name}: {study.question}",
         "",
