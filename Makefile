@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 # The default tier: every unit and integration test that runs in seconds, one pytest-xdist worker per core.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not slurm" -n $(WORKERS) --dist loadgroup --timeout=900 --durations=20
+	$(PY) -m pytest -q -m "not slow and not slurm" -n $(WORKERS) --dist load --timeout=900 --durations=20
 
 # The long tier: minutes-long training checks (slow) and the jobs on a real SLURM cluster (slurm).
 test-long: $(STAMP)

@@ -22,7 +22,8 @@ from .folders import LAYOUT_HELP, class_archives, find_classes, list_samples, lo
 from .gpu_decode import GPUAugment, GPUDecoding, collate_raw, is_packed
 from .image_checks import report_progress
 from .images import IMAGE_EXTENSIONS
-from .loading import CUDAPrefetcher, SplitLoaders, collate_skipping
+from .loading import SplitLoaders, collate_skipping
+from .prefetch import CUDAPrefetcher
 from .statistics import cached_pixel_mean
 from .transforms import (
     IMAGENET_MEAN,
@@ -99,7 +100,7 @@ class ImageFolderDataModule(SplitLoaders, pl.LightningDataModule):
             only read files and draw each crop from the file's header (the same draws as the CPU path,
             so resuming stays exact), so a few cores feed thousands of images per second.
         gpu_prefetch: with ``decode_device: cuda``, prepare the next training batches on a side stream
-            while the current one trains (``datamodules.loading.CUDAPrefetcher``).
+            while the current one trains (``datamodules.prefetch.CUDAPrefetcher``).
         cpu_share: with ``decode_device: cuda``, the fraction of training images the loader workers
             decode and augment themselves (the same draws as on the GPU), taking that share of the
             decoding off the GPU; 0 sends every JPEG to the GPU.

@@ -3,9 +3,10 @@ order, corrupt-sample skipping, and the split/stage logic of the datamodules' ho
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import gc
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -109,6 +110,22 @@ class _LeaveSignalsToTheRun:
             self.then(worker_id)
 
 
+#: the worker-backed iterators this process started. Their workers ignore SIGTERM, so ``multiprocessing``'s
+#: exit (``terminate``, then ``join``) would wait for ever on one still alive -- one whose iterator an
+#: exception's traceback kept from being collected and shutting its workers down
+_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register  # after torch's and multiprocessing's exit functions: atexit runs this one before them
+def _stop_workers_left_running() -> None:
+    for iterator in list(_ITERATORS):
+        iterator._shutdown_workers()  # the iterator's own orderly shutdown: the workers are told, then joined
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()  # SIGKILL: the one signal a worker cannot ignore
+                worker.join(timeout=5)
+
+
 class SharedHeapLoader(DataLoader):
     """A DataLoader whose forked workers leave the training process's objects shared, and its signals to it.
 
@@ -118,7 +135,8 @@ class SharedHeapLoader(DataLoader):
     over an epoch. The workers are started with those objects frozen (``gc.freeze``: never collected), as
     Python's documentation of ``gc.freeze`` advises before a fork; the training process unfreezes them once
     the workers are started, so nothing is kept from its own collections. The workers ignore SIGTERM and
-    SIGUSR1 (``_LeaveSignalsToTheRun``): the training process handles them.
+    SIGUSR1 (``_LeaveSignalsToTheRun``): the training process handles them, and kills any still running
+    when it exits (``_stop_workers_left_running``).
     """
 
     def __init__(self, *args, worker_init_fn: Callable[[int], None] | None = None, **kwargs) -> None:
@@ -129,9 +147,12 @@ class SharedHeapLoader(DataLoader):
             return super().__iter__()
         gc.freeze()
         try:
-            return super().__iter__()
+            iterator = super().__iter__()
         finally:
             gc.unfreeze()
+        if hasattr(iterator, "_workers"):
+            _ITERATORS.add(iterator)
+        return iterator
 
 
 class ResumableDataLoader(SharedHeapLoader):
@@ -352,88 +373,3 @@ class ImageListDataset(Dataset):
             "image_id": index + 1,
             "path": str(self.paths[index]),
         }
-
-
-class CUDAPrefetcher:
-    """Iterate a loader with the next batches prepared on a side CUDA stream, overlapping training.
-
-    A background thread takes each host batch (JPEG bytes) from ``loader`` and runs ``prepare`` on it
-    (copy, nvJPEG decode, crops) on its own stream, ``depth`` batches ahead; the consumer waits only on
-    that batch's event. Without this, decoding and training take turns and the GPU idles while it
-    decodes. ``sampler`` is the loader's, so Lightning's ``set_epoch`` reaches it.
-    """
-
-    def __init__(self, loader, prepare, device: torch.device, depth: int = 2) -> None:
-        self.loader = loader
-        self.prepare = prepare
-        self.device = device
-        self.depth = depth
-
-    @property
-    def sampler(self):
-        return self.loader.sampler
-
-    def state_dict(self) -> dict:  # the loader's position, for Lightning's checkpoints
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        import queue
-        import threading
-
-        ready: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-        cuda = self.device.type == "cuda"  # (on the CPU only the thread and the queue remain, for tests)
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        done = object()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            if cuda:
-                torch.cuda.set_device(self.device)
-            try:
-                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    for batch in self.loader:
-                        out = self.prepare(batch)
-                        event = torch.cuda.Event() if cuda else None
-                        if event is not None:
-                            event.record(stream)
-                        if not put((out, event)):
-                            return
-            except BaseException as err:  # re-raised in the consumer
-                put(err)
-            put(done)
-
-        thread = threading.Thread(target=produce, name="cuda-prefetch", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                out, event = item
-                if event is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    for value in out.values():
-                        if isinstance(value, torch.Tensor) and value.is_cuda:
-                            value.record_stream(current)  # the allocator must not reuse it before training is done
-                yield out
-        finally:
-            stop.set()
-            thread.join(timeout=10)

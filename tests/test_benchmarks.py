@@ -265,7 +265,7 @@ def test_prefetcher_keeps_order_reraises_and_stops():
     import threading
     import time
 
-    from datamodules.loading import CUDAPrefetcher
+    from datamodules.prefetch import CUDAPrefetcher
 
     batches = [{"x": torch.tensor([i])} for i in range(6)]
     double = CUDAPrefetcher(batches, lambda b: {"x": b["x"] * 2}, torch.device("cpu"))

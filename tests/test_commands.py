@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import once_per_session
 from datasets import write_coco, write_imagefolder
 
 from datamodules.shapes_xml import generate_localization
@@ -19,8 +20,6 @@ from tasks import load_predictor, registry
 from zoo_common.checkpoints import read_task_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-#: one pytest-xdist worker runs this module, so the four fits happen once (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group(name="commands")
 ort = pytest.importorskip("onnxruntime", reason='ONNX export is an extra: pip install -e ".[export]"')
 
 QUIET = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
@@ -57,15 +56,23 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
-    """Each task fitted by its command in a subprocess (two steps): its last checkpoint and its data flags."""
-    out = {}
-    for kind in registry.TASKS:
-        tmp = tmp_path_factory.mktemp(kind)
-        data = _data(kind, tmp)
-        result = _run([f"tasks.{kind}", "fit", *data, *QUIET, "--trainer.default_root_dir", str(tmp / "runs")], tmp)
-        assert result.returncode == 0, result.stderr[-3000:]
-        out[kind] = (next((tmp / "runs").rglob("last.ckpt")), data)
-    return out
+    """Each task fitted by its command in a subprocess (two steps), once for the session whatever the number
+    of workers: its last checkpoint and its data flags."""
+
+    def fit_each(folder: Path) -> dict[str, list]:
+        out = {}
+        for kind in registry.TASKS:
+            tmp = folder / kind
+            tmp.mkdir()
+            data = _data(kind, tmp)
+            command = [f"tasks.{kind}", "fit", *data, *QUIET, "--trainer.default_root_dir", str(tmp / "runs")]
+            result = _run(command, tmp)
+            assert result.returncode == 0, result.stderr[-3000:]
+            out[kind] = [str(next((tmp / "runs").rglob("last.ckpt"))), data]
+        return out
+
+    shared = once_per_session(tmp_path_factory, "fitted", fit_each)
+    return {kind: (Path(ckpt), data) for kind, (ckpt, data) in shared.items()}
 
 
 @pytest.mark.parametrize("kind", list(registry.TASKS))
@@ -177,3 +184,14 @@ def test_a_class_spec_planted_in_a_checkpoints_hyperparameters_builds_nothing(fi
     with pytest.raises(ValueError, match="asks to build"):
         load_predictor(planted)
     assert not target.exists()
+
+
+def test_validate_with_another_tasks_checkpoint_names_the_task_that_wrote_it(fitted, tmp_path):
+    ckpt, _ = fitted["detect"]
+    _, data = fitted["classify"]
+    result = _run(["tasks.classify", "validate", *data, *QUIET, "--ckpt_path", str(ckpt)], tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, result.stderr[-2000:]
+    assert f"is a checkpoint of {registry.TASKS['detect']}: run python -m tasks.detect" in error[0]

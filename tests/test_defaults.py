@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from commands import run_commands
 from datasets import CPU, write_coco, write_imagefolder
 
 from datamodules import ImageFolderDataModule
@@ -205,21 +203,16 @@ def test_eval_resize_follows_the_crop_and_small_images_are_seen_whole(tmp_path):
 
 
 def test_a_missing_data_root_is_one_line_naming_it(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.detect", "fit", "--config", str(ROOT / "configs" / "coco_resnet101.yaml")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    missing, typo = run_commands([
+        ["tasks.detect", "fit", "--config", str(ROOT / "configs" / "coco_resnet101.yaml")],
+        ["tasks.classify", "fit", "--model.backbone", "resnet5", "--data", "datamodules.ImageFolderDataModule",
+         "--data.root", "x"],
+    ], tmp_path)  # fmt: skip
+    lines = missing.stderr.strip().splitlines()
+    assert missing.returncode == 2 and len(lines) == 2, missing.stderr
     assert lines[0].startswith("error: data.root is required for datamodules.COCODetectionDataModule")
-    assert "<root>/annotations/instances_{train,val}2017.json" in lines[0] and "Namespace(" not in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "tasks.classify", "fit", "--model.backbone", "resnet5", "--data",
-         "datamodules.ImageFolderDataModule", "--data.root", "x"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
-    assert result.stderr.splitlines()[0].startswith("error: model.backbone='resnet5' is not an allowed value; did you")
+    assert "<root>/annotations/instances_{train,val}2017.json" in lines[0] and "Namespace(" not in missing.stderr
+    assert typo.stderr.splitlines()[0].startswith("error: model.backbone='resnet5' is not an allowed value; did you")
 
 
 # -- flags only: no optimizer, schedule or augmentation anywhere ------------------------------------

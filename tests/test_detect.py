@@ -20,6 +20,8 @@ DETECTION_CONFIGS = sorted(
     p for p in CONFIGS.glob("coco_*.yaml") if "fcn" not in p.stem and "torchvision" not in p.stem
 )
 SMALL = {"rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 200, "box_batch_size_per_image": 64}
+#: one step's wiring: few regions through the C4 head's per-region res5 (what a step costs)
+ONE_STEP = {"rpn_post_nms_top_n_train": 32, "rpn_post_nms_top_n_test": 16, "box_batch_size_per_image": 16}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def _targets(n: int = 2):
 @pytest.mark.parametrize("head", ["fpn", "c4"])
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "resnext50_32x4d", "preact_resnet50"])
 def test_both_heads_train_a_step_with_any_backbone(backbone, head):
-    task = DetectionTask(backbone=backbone, head=head, num_classes=2, min_size=64, max_size=64, detector_args=SMALL)
+    task = DetectionTask(backbone=backbone, head=head, num_classes=2, min_size=64, max_size=64, detector_args=ONE_STEP)
     task.detector.train()
     losses = task(list(torch.rand(2, 3, 64, 64)), _targets())
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -113,7 +115,7 @@ def test_coco_datamodule_handles_real_coco_quirks(coco):
 def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
     args = ["fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2", "--data.num_workers",
             "0", "--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
-            "--model.detector_args", json.dumps(SMALL), "--trainer.fast_dev_run", "true",
+            "--model.detector_args", json.dumps(ONE_STEP), "--trainer.fast_dev_run", "true",
             "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU]  # fmt: skip
     # the configs fine-tune with frozen BN and stages: without their pretrained weights that is refused at once
     with pytest.raises(ValueError, match=r"a random network would train.*--model.norm bn --model.freeze_at 0"):

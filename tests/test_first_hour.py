@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import run_commands
 from datasets import CPU, write_coco, write_imagefolder
 
 from datamodules.check import main as check_main
@@ -29,7 +30,7 @@ def _command(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-def _error_line(result: subprocess.CompletedProcess) -> str:
+def _error_line(result) -> str:
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-3000:]
@@ -48,11 +49,10 @@ def test_the_coco_command_without_downloadable_weights_says_which_flag_to_pass(t
               str(coco), *SMALL_DETECTOR]  # fmt: skip
     offline = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy":
                "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}  # fmt: skip
-    result = _command(config, tmp_path, env=offline)
-    line = _error_line(result)
+    download, scratch = run_commands([config, [*config, "--model.weights_backbone", "null"]], tmp_path, env=offline)
+    line = _error_line(download)
     assert "could not download" in line and "--model.weights_backbone <file>" in line, line
-    result = _command([*config, "--model.weights_backbone", "null"], tmp_path)
-    assert "--model.norm bn --model.freeze_at 0" in _error_line(result)
+    assert "--model.norm bn --model.freeze_at 0" in _error_line(scratch)
     assert not (tmp_path / "runs").exists()  # both refused before a run folder or a W&B run was made
 
 
@@ -116,14 +116,16 @@ def test_runs_that_fail_before_their_first_step_leave_no_run_folder(tmp_path, mo
 # -- 4. errors raised by Lightning: the same one line --------------------------------------------------------
 def test_lightnings_errors_and_the_hints_are_one_line_naming_the_command(tmp_path):
     root = write_imagefolder(tmp_path / "images", per_class=2, val_per_class=1, size=32)
-    result = _command(["tasks.classify", "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
-                       "--trainer.accelerator", "gpu"], tmp_path)  # fmt: skip
-    assert "gpu" in _error_line(result).lower() and len(result.stderr.strip().splitlines()) < 12
-    result = _command(["tasks.detect", "fit", "--model.backbone", "resnext101"], tmp_path)
-    assert "did you mean resnext101_32x4d, resnext101_32x8d, resnext101_64x4d?" in result.stderr
-    assert "(run python -m tasks.detect fit --help for every option)" in result.stderr
-    result = _command(["tasks.classify", "fit", "--trainer.max_step", "3"], tmp_path)
-    assert "--trainer.max_step is not an option; did you mean --trainer.max_steps" in _error_line(result)
+    gpu, typo, step = run_commands([
+        ["tasks.classify", "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+         "--trainer.accelerator", "gpu"],
+        ["tasks.detect", "fit", "--model.backbone", "resnext101"],
+        ["tasks.classify", "fit", "--trainer.max_step", "3"],
+    ], tmp_path)  # fmt: skip
+    assert "gpu" in _error_line(gpu).lower() and len(gpu.stderr.strip().splitlines()) < 12
+    assert "did you mean resnext101_32x4d, resnext101_32x8d, resnext101_64x4d?" in typo.stderr
+    assert "(run python -m tasks.detect fit --help for every option)" in typo.stderr
+    assert "--trainer.max_step is not an option; did you mean --trainer.max_steps" in _error_line(step)
     assert not (tmp_path / "runs").exists()
 
 
@@ -140,8 +142,10 @@ def test_sigterm_with_loader_workers_saves_and_exits_without_a_traceback(tmp_pat
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 240
-    while not steps.exists() and time.time() < deadline:
+    while not steps.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[1][-3000:]  # still training when the signal comes
+    assert steps.exists(), "no training step in 240 s"
     time.sleep(1.0)
     os.killpg(process.pid, signal.SIGTERM)  # as a cluster stops a job: every process of the group
     _, err = process.communicate(timeout=240)

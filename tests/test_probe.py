@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from commands import run_commands
 from datasets import CPU, voc_object, voc_xml, write_cifar, write_coco, write_imagefolder, write_voc_tree
 
 from datamodules import (
@@ -37,7 +39,7 @@ def _command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-def _one_line_error(result: subprocess.CompletedProcess) -> str:
+def _one_line_error(result) -> str:
     """The ``error: ...`` line of a command that failed as a user's mistake should: no traceback."""
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
@@ -259,6 +261,27 @@ def test_a_failed_checkpoint_write_names_the_folder_and_the_cause(tmp_path, monk
 
 
 # -- 6. skipping non-finite losses never ends with non-finite weights ---------------------------------------
+def test_a_run_exiting_with_its_loader_workers_still_running_exits(tmp_path):
+    """Found under load: a SIGTERM'd fit whose loader iterator an exception's traceback kept alive hung at
+    exit -- the workers ignore SIGTERM, and multiprocessing's exit terminates, then joins them for ever."""
+    script = tmp_path / "exits.py"
+    script.write_text(
+        "import sys\n"
+        "from datamodules.loading import SharedHeapLoader\n"
+        "loader = SharedHeapLoader(list(range(64)), batch_size=2, num_workers=2)\n"
+        "kept = iter(loader)  # alive to the exit, as a traceback keeps a failed fit's iterator\n"
+        "next(kept)\n"
+        "sys.exit(3)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit within 120 s with its loader workers alive")
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_skipped_nonfinite_losses_never_leave_nonfinite_weights(tmp_path, monkeypatch):
     from tasks.core.guards import NonFiniteLossError
 
@@ -352,7 +375,7 @@ def test_checkpoint_paths_that_are_not_checkpoints_of_the_task_are_one_line(tmp_
         (["tasks.classify", "fit", "--config", "http://127.0.0.1:9/recipe.yaml"],
          r"configs are read from files only, never fetched from a URL"),
     ]  # fmt: skip
-    for args, message in cases:
-        line = _one_line_error(_command(args, tmp_path))
-        assert __import__("re").search(message, line), (args, line)
+    for (args, message), result in zip(cases, run_commands([args for args, _ in cases], tmp_path), strict=True):
+        line = _one_line_error(result)
+        assert re.search(message, line), (args, line)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out.onnx").exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import run_commands
 from datasets import CATEGORY_IDS, CPU, write_coco, write_imagefolder
 
 from backbones import WeightsError, build_backbone, load_weights
@@ -511,29 +512,35 @@ def test_exported_weights_are_safetensors_that_load_back(tmp_path):
     assert all(torch.equal(net.state_dict()[k], v) for k, v in trained.items())
 
 
-@pytest.mark.parametrize(
-    ("task", "data", "message"),
-    [
-        ("classify", "datamodules.ImageFolderDataModule", "{root}/train does not exist"),
-        ("classify", "datamodules.CIFARDataModule", "cifar10: {root}/cifar-10-batches-py lacks data_batch_1"),
-        ("detect", "datamodules.COCODetectionDataModule", "image folder {root}/train2017 does not exist"),
-    ],
-)
-def test_cli_errors_are_one_clear_line_and_leave_no_run_behind(task, data, message, tmp_path):
+CLI_ERRORS = [
+    ("classify", "datamodules.ImageFolderDataModule", "{root}/train does not exist"),
+    ("classify", "datamodules.CIFARDataModule", "cifar10: {root}/cifar-10-batches-py lacks data_batch_1"),
+    ("detect", "datamodules.COCODetectionDataModule", "image folder {root}/train2017 does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_errors(tmp_path_factory) -> tuple[Path, list]:
+    """Every case's command, run as ``python -m`` runs it, in one interpreter (``tests/commands.py``)."""
+    cwd = tmp_path_factory.mktemp("cli_errors")
+    commands = []
+    for task, data, _ in CLI_ERRORS:
+        scratch = ["--model.norm", "bn", "--model.freeze_at", "0"] if task == "detect" else []  # (else refused first)
+        commands.append([f"tasks.{task}", "fit", "--data", data, "--data.root", str(cwd / "nowhere"),
+                         "--model.num_classes", "3", "--trainer.accelerator", "cpu", *scratch])  # fmt: skip
+    return cwd, run_commands(commands, cwd)
+
+
+@pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=lambda i: f"{CLI_ERRORS[i][0]}-{CLI_ERRORS[i][1]}")
+def test_cli_errors_are_one_clear_line_and_leave_no_run_behind(case, cli_errors):
     """A mistyped data.root stops before the W&B run starts: one line naming the path, no run directory."""
-    root = tmp_path / "nowhere"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    scratch = ["--model.norm", "bn", "--model.freeze_at", "0"] if task == "detect" else []  # (else refused first)
-    result = subprocess.run(
-        [sys.executable, "-m", f"tasks.{task}", "fit", "--data", data, "--data.root", str(root),
-         "--model.num_classes", "3", "--trainer.accelerator", "cpu", *scratch],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+    cwd, results = cli_errors
+    result, message = results[case], CLI_ERRORS[case][2]
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {message.format(root=root)}")
+    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {message.format(root=cwd / 'nowhere')}")
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "runs").exists()  # no version_0 taken, no crashed W&B run
-    assert not list(tmp_path.rglob("wandb"))
+    assert not (cwd / "runs").exists()  # no version_0 taken, no crashed W&B run
+    assert not list(cwd.rglob("wandb"))
 
 
 class _Unreadable(torch.utils.data.Dataset):
@@ -563,29 +570,30 @@ def test_errors_raised_in_loader_workers_keep_their_own_message(index):
     assert message(ValueError("plain")) == "plain"
 
 
-@pytest.mark.parametrize(
-    ("command", "message"),
-    [
-        (["backbones.export", "{tmp}/missing.ckpt", "{tmp}/out.safetensors"], "checkpoint {tmp}/missing.ckpt: not a"),
-        (
-            ["datamodules.check", "--data", "datamodules.ImageFolderDataModule", "--data.root", "{tmp}/nowhere"],
-            "{tmp}/nowhere/train does not exist",
-        ),
-        (
-            ["studies", "run", "degradation_cifar", "--data.root", "{tmp}/nowhere", "--trainer.max_epochs", "1"],
-            "cifar10: {tmp}/nowhere/cifar-10-batches-py lacks",
-        ),
-    ],
-    ids=["export", "check", "studies"],
-)
-def test_the_other_commands_also_answer_user_errors_in_one_line(command, message, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    args = [part.format(tmp=tmp_path) for part in command]
-    result = subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
-    )
+OTHER_COMMANDS = {
+    "export": (["backbones.export", "{tmp}/missing.ckpt", "{tmp}/out.safetensors"],
+               "checkpoint {tmp}/missing.ckpt: not a"),
+    "check": (["datamodules.check", "--data", "datamodules.ImageFolderDataModule", "--data.root", "{tmp}/nowhere"],
+              "{tmp}/nowhere/train does not exist"),
+    "studies": (["studies", "run", "degradation_cifar", "--data.root", "{tmp}/nowhere", "--trainer.max_epochs", "1"],
+                "cifar10: {tmp}/nowhere/cifar-10-batches-py lacks"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def other_commands(tmp_path_factory) -> tuple[Path, dict]:
+    cwd = tmp_path_factory.mktemp("other_commands")
+    names = list(OTHER_COMMANDS)
+    results = run_commands([[part.format(tmp=cwd) for part in OTHER_COMMANDS[n][0]] for n in names], cwd)
+    return cwd, dict(zip(names, results, strict=True))
+
+
+@pytest.mark.parametrize("name", list(OTHER_COMMANDS))
+def test_the_other_commands_also_answer_user_errors_in_one_line(name, other_commands):
+    cwd, results = other_commands
+    result, message = results[name], OTHER_COMMANDS[name][1]
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {message.format(tmp=tmp_path)}"), result.stderr
+    assert result.stderr.strip().splitlines()[-2].startswith(f"error: {message.format(tmp=cwd)}"), result.stderr
     assert "Traceback" not in result.stderr
 
 

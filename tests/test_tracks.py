@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from datasets import CPU, voc_object, voc_xml, write_voc_tree
 
 from datamodules import ILSVRCDetectionDataModule, VOCDetectionDataModule
@@ -230,6 +228,8 @@ def test_localization_errors():
 
 # -- training on the shapes in these layouts ----------------------------------------------------------
 SMALL = '{"rpn_post_nms_top_n_train": 300, "rpn_post_nms_top_n_test": 300, "box_batch_size_per_image": 128}'
+#: a config's one step: few regions through the C4 head's per-region res5 (what the step costs), the same wiring
+ONE_STEP = '{"rpn_post_nms_top_n_train": 32, "rpn_post_nms_top_n_test": 16, "box_batch_size_per_image": 16}'
 
 
 # Training runs of minutes on a CPU: `pytest -m slow tests/test_tracks.py`. Thresholds sit well below the
@@ -282,32 +282,32 @@ def test_localization_trains_on_cls_loc_layout_shapes(tmp_path):
 
 
 # -- the configs ------------------------------------------------------------------------------------
-def test_track_configs_parse_and_fit_one_step(tmp_path):
+@pytest.mark.parametrize("name", ["voc0712_resnet101", "imagenet_det_resnet101", "imagenet_loc_resnet101"])
+def test_track_configs_parse_and_fit_one_step(name, tmp_path):
     """As the COCO configs are tested: each new config fits one step on the shapes in its layout."""
     from datasets import write_ilsvrc_det
 
     from datamodules.shapes_xml import generate_localization, generate_voc
     from tasks import detect, localize
 
-    voc = generate_voc(tmp_path / "VOCdevkit", trainval=8, test=4, size=64)
-    ilsvrc = write_ilsvrc_det(tmp_path / "det", trainval=8, test=4)
-    loc = generate_localization(tmp_path / "loc", train_per_class=3, val_per_class=1, size=64)
+    config = ["fit", "--config", str(ROOT / "configs" / f"{name}.yaml")]
     quick = ["--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU]
     # the configs fine-tune: from scratch, BatchNorm and every stage train
     small = ["--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
-             "--model.detector_args", SMALL, "--data.num_workers", "0",
+             "--model.detector_args", ONE_STEP, "--data.num_workers", "0",
              "--model.norm", "bn", "--model.freeze_at", "0"]  # fmt: skip
-    shapes = json.dumps(["circle", "square", "triangle", "star", "ring"])
-    detect.main(["fit", "--config", str(ROOT / "configs" / "voc0712_resnet101.yaml"), "--data.root", str(voc),
-                 "--data.train_sets", '["2007:trainval"]', "--data.classes", shapes, *small, *quick])  # fmt: skip
-    detect.main(["fit", "--config", str(ROOT / "configs" / "imagenet_det_resnet101.yaml"),
-                 "--data.root", str(ilsvrc), *small, *quick])  # fmt: skip
-    cli = localize.main(["fit", "--config", str(ROOT / "configs" / "imagenet_loc_resnet101.yaml"),
-                         "--data.root", str(loc), "--model.weights_backbone", "null", "--data.image_size", "64",
-                         "--data.eval_resize", "64", "--data.batch_size", "4", "--data.num_workers", "0",
-                         *quick])  # fmt: skip
-    assert cli.model.hparams.head == "rpn" and cli.datamodule.num_classes == 5
-    for name in ("voc0712_resnet101", "imagenet_det_resnet101", "imagenet_loc_resnet101"):
-        comments = (ROOT / "configs" / f"{name}.yaml").read_text()
-        assert "Published" in comments
-    assert yaml and torch
+    if name == "voc0712_resnet101":
+        voc = generate_voc(tmp_path / "VOCdevkit", trainval=8, test=4, size=64)
+        shapes = json.dumps(["circle", "square", "triangle", "star", "ring"])
+        detect.main([*config, "--data.root", str(voc), "--data.train_sets", '["2007:trainval"]', "--data.classes",
+                     shapes, *small, *quick])  # fmt: skip
+    elif name == "imagenet_det_resnet101":
+        detect.main([*config, "--data.root", str(write_ilsvrc_det(tmp_path / "det", trainval=8, test=4)), *small,
+                     *quick])  # fmt: skip
+    else:
+        loc = generate_localization(tmp_path / "loc", train_per_class=3, val_per_class=1, size=64)
+        cli = localize.main([*config, "--data.root", str(loc), "--model.weights_backbone", "null",
+                             "--data.image_size", "64", "--data.eval_resize", "64", "--data.batch_size", "4",
+                             "--data.num_workers", "0", *quick])  # fmt: skip
+        assert cli.model.hparams.head == "rpn" and cli.datamodule.num_classes == 5
+    assert "Published" in (ROOT / "configs" / f"{name}.yaml").read_text()
