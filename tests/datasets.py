@@ -53,6 +53,17 @@ def write_imagefolder(root: Path, per_class: int = 4, val_per_class: int = 2, si
 CATEGORY_IDS = {"circle": 3, "square": 7, "triangle": 12, "star": 40, "ring": 90}
 
 
+def edit_coco(coco: Path, split: str, change) -> Path:
+    """``change(data)`` applied to ``<coco>/annotations/instances_<split>.json`` in place; the file's path."""
+    import json
+
+    path = coco / "annotations" / f"instances_{split}.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
 def write_coco(
     root: Path, train_images: int = 8, val_images: int = 6, size: tuple[int, int] = (96, 96), seed: int = 0, **kwargs
 ) -> Path:

@@ -111,20 +111,25 @@ def test_no_private_name_crosses_a_package_boundary():
     assert not found, found
 
 
+def _strings(path: Path) -> list[ast.Constant]:
+    """The string constants of a module's code, its docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(getattr(node, "body", None), list) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+    strings = [node for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    return [node for node in strings if id(node) not in docstrings]
+
+
 def test_backbones_name_no_task_attribute():
     """The networks' package knows nothing of the tasks, not even where they keep a backbone, as strings."""
     for path in (ROOT / "backbones").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        docstrings = {
-            id(node.body[0].value)
-            for node in ast.walk(tree)
-            if isinstance(getattr(node, "body", None), list) and node.body and isinstance(node.body[0], ast.Expr)
-        }
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-                text = node.value
-                assert not text.startswith(("backbone.", "model.", "detector.")), f"{path.name}: {text!r}"
-                assert "roi_heads" not in text and "box_head" not in text, f"{path.name}: {text!r}"
+        for node in _strings(path):
+            text = node.value
+            assert not text.startswith(("backbone.", "model.", "detector.")), f"{path.name}: {text!r}"
+            assert "roi_heads" not in text and "box_head" not in text, f"{path.name}: {text!r}"
 
 
 @pytest.mark.parametrize("package", ["tasks", "datamodules"])
@@ -198,14 +203,8 @@ def task_name_branches(root: Path) -> list[str]:
     for where in NO_TASK_NAMES:
         base = root / where
         for path in sorted([base] if base.is_file() else base.rglob("*.py")):
-            tree = ast.parse(path.read_text())
-            docstrings = {
-                id(node.body[0].value)
-                for node in ast.walk(tree)
-                if isinstance(getattr(node, "body", None), list) and node.body and isinstance(node.body[0], ast.Expr)
-            }
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Constant) and node.value in kinds and id(node) not in docstrings:
+            for node in _strings(path):
+                if node.value in kinds:
                     found.append(f"{path.relative_to(root)}:{node.lineno} names the task {node.value!r}")
     return found
 

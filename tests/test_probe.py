@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from commands import run_commands
-from datasets import CPU, voc_object, voc_xml, write_cifar, write_coco, write_imagefolder, write_voc_tree
+from datasets import CPU, edit_coco, voc_object, voc_xml, write_cifar, write_coco, write_imagefolder, write_voc_tree
 
 from datamodules import (
     CIFARDataModule,
@@ -75,14 +75,6 @@ def test_a_cifar_batch_that_would_shift_labels_or_crash_mid_run_is_refused(chang
     assert "data_batch_2" in capsys.readouterr().out
 
 
-def _coco_edit(coco: Path, split: str, change) -> Path:
-    path = coco / "annotations" / f"instances_{split}.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-    return path
-
-
 def _rle_of_other_size(data):
     crowd = next(a for a in data["annotations"] if a["iscrowd"])
     crowd["segmentation"] = {"size": [50, 60], "counts": [3000]}
@@ -104,7 +96,7 @@ def _rle_of_other_size(data):
 )  # fmt: skip
 def test_coco_annotations_that_would_train_wrongly_are_refused_and_named(change, message, tmp_path, capsys):
     coco = write_coco(tmp_path / "coco", train_images=4, val_images=2)
-    _coco_edit(coco, "train2017", change)
+    edit_coco(coco, "train2017", change)
     with pytest.raises(DataValidationError, match=message):
         COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
     assert check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--no_decode"]) == 1

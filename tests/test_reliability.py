@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import pickle
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from commands import run_commands
-from datasets import CATEGORY_IDS, CPU, write_coco, write_imagefolder
+from commands import Result, run_commands
+from conftest import once_per_session
+from datasets import CATEGORY_IDS, CPU, edit_coco, write_coco, write_imagefolder
 
 from backbones import WeightsError, build_backbone, load_weights
 from backbones.export import export
@@ -145,14 +147,6 @@ def coco(tmp_path) -> Path:
     return write_coco(tmp_path / "coco", train_images=6, val_images=4)
 
 
-def _edit(coco: Path, split: str, change) -> Path:
-    path = coco / "annotations" / f"instances_{split}.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-    return path
-
-
 def test_malformed_json_names_the_file(coco):
     path = coco / "annotations" / "instances_train2017.json"
     path.write_text(path.read_text()[:-40])
@@ -165,7 +159,7 @@ def test_wrong_category_id_names_the_annotation(coco, capsys):
     def change(data):
         data["annotations"][0]["category_id"] = 999
 
-    path = _edit(coco, "train2017", change)
+    path = edit_coco(coco, "train2017", change)
     with pytest.raises(DataValidationError, match=r"annotations\[0\]: annotation id 1: category_id 999 is not in"):
         COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
     dm = COCODetectionDataModule(str(coco), num_workers=0, drop_invalid=True)
@@ -184,7 +178,7 @@ def test_degenerate_and_out_of_image_boxes_are_reported_and_handled(coco, capsys
         data["annotations"][0]["bbox"] = [90.0, 90.0, 30.0, 30.0]  # the 96 x 96 image ends at 96
         data["annotations"][1]["bbox"] = [10.0, 10.0, -4.0, 5.0]
 
-    _edit(coco, "val2017", change)
+    edit_coco(coco, "val2017", change)
     check_main(["--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--no_decode"])
     out = capsys.readouterr().out
     assert "annotation id" in out and "reaches outside the 96x96 image (clipped)" in out
@@ -209,7 +203,7 @@ def test_annotations_without_area_or_iscrowd_are_named_and_fixed(coco, capsys):
                 del ann["area"]
         del data["annotations"][0]["iscrowd"]
 
-    path = _edit(coco, "val2017", strip)
+    path = edit_coco(coco, "val2017", strip)
     with pytest.raises(DataValidationError, match=r"lacks 'area' and 'iscrowd'; COCOeval sorts objects"):
         COCODetectionDataModule(str(coco), num_workers=0).setup("validate")
     with pytest.raises(DataValidationError, match=r"annotations lack 'area' or 'iscrowd'.*--fix"):
@@ -229,13 +223,13 @@ def test_training_categories_the_validation_file_lacks_stop_at_setup(coco):
         data["categories"] = [c for c in data["categories"] if c["name"] != "ring"]
         data["annotations"] = [a for a in data["annotations"] if a["category_id"] != CATEGORY_IDS["ring"]]
 
-    _edit(coco, "val2017", drop_ring)
+    edit_coco(coco, "val2017", drop_ring)
     with pytest.raises(DataValidationError, match=r"instances_train2017.json annotates categories \[90\] that .*val"):
         COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
     COCODetectionDataModule(str(coco), num_workers=0).setup("validate")  # evaluating needs only the val file
     # segmentation's class list comes from the first file read (training, for fit): a category only the
     # validation file has would be scored as background
-    _edit(coco, "train2017", drop_ring)
+    edit_coco(coco, "train2017", drop_ring)
     val = json.loads((coco / "annotations" / "instances_val2017.json").read_text())
     train = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
 
@@ -244,7 +238,7 @@ def test_training_categories_the_validation_file_lacks_stop_at_setup(coco):
         data["annotations"].append({**val["annotations"][0], "id": 999, "category_id": 90})
 
     assert all(a["category_id"] != 90 for a in train["annotations"])
-    _edit(coco, "val2017", ring_in_val)
+    edit_coco(coco, "val2017", ring_in_val)
     segmentation = COCOSegmentationDataModule(str(coco), categories="all", num_workers=0, cache_dir=str(coco / "c"))
     with pytest.raises(DataValidationError, match=r"instances_val2017.json annotates categories \[90\] that the class"):
         segmentation.setup("fit")
@@ -257,7 +251,7 @@ def test_missing_image_file_and_duplicates_are_named(coco):
     def change(data):
         data["images"].append(dict(data["images"][0]))  # listed twice
 
-    _edit(coco, "train2017", change)
+    edit_coco(coco, "train2017", change)
     with pytest.raises(DataValidationError) as err:
         COCODetectionDataModule(str(coco), num_workers=0).setup("fit")
     assert f"{missing}: image id 2: the file does not exist" in str(err.value)
@@ -519,16 +513,21 @@ CLI_ERRORS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cli_errors(tmp_path_factory) -> tuple[Path, list]:
-    """Every case's command, run as ``python -m`` runs it, in one interpreter (``tests/commands.py``)."""
-    cwd = tmp_path_factory.mktemp("cli_errors")
-    commands = []
-    for task, data, _ in CLI_ERRORS:
-        scratch = ["--model.norm", "bn", "--model.freeze_at", "0"] if task == "detect" else []  # (else refused first)
-        commands.append([f"tasks.{task}", "fit", "--data", data, "--data.root", str(cwd / "nowhere"),
-                         "--model.num_classes", "3", "--trainer.accelerator", "cpu", *scratch])  # fmt: skip
-    return cwd, run_commands(commands, cwd)
+@pytest.fixture(scope="session")
+def cli_errors(tmp_path_factory) -> tuple[Path, list[Result]]:
+    """Every case's command, run as ``python -m`` runs it, in one interpreter (``tests/commands.py``), once for
+    the session: the folder they ran in and their results."""
+
+    def run(cwd: Path) -> dict:
+        commands = []
+        for task, data, _ in CLI_ERRORS:
+            scratch = ["--model.norm", "bn", "--model.freeze_at", "0"] if task == "detect" else []  # (else refused)
+            commands.append([f"tasks.{task}", "fit", "--data", data, "--data.root", str(cwd / "nowhere"),
+                             "--model.num_classes", "3", "--trainer.accelerator", "cpu", *scratch])  # fmt: skip
+        return {"cwd": str(cwd), "results": [dataclasses.asdict(r) for r in run_commands(commands, cwd)]}
+
+    shared = once_per_session(tmp_path_factory, "cli_errors", run)
+    return Path(shared["cwd"]), [Result(**r) for r in shared["results"]]
 
 
 @pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=lambda i: f"{CLI_ERRORS[i][0]}-{CLI_ERRORS[i][1]}")
@@ -580,12 +579,15 @@ OTHER_COMMANDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def other_commands(tmp_path_factory) -> tuple[Path, dict]:
-    cwd = tmp_path_factory.mktemp("other_commands")
-    names = list(OTHER_COMMANDS)
-    results = run_commands([[part.format(tmp=cwd) for part in OTHER_COMMANDS[n][0]] for n in names], cwd)
-    return cwd, dict(zip(names, results, strict=True))
+@pytest.fixture(scope="session")
+def other_commands(tmp_path_factory) -> tuple[Path, dict[str, Result]]:
+    def run(cwd: Path) -> dict:
+        commands = [[part.format(tmp=cwd) for part in OTHER_COMMANDS[n][0]] for n in OTHER_COMMANDS]
+        return {"cwd": str(cwd), "results": [dataclasses.asdict(r) for r in run_commands(commands, cwd)]}
+
+    shared = once_per_session(tmp_path_factory, "other_commands", run)
+    results = [Result(**r) for r in shared["results"]]
+    return Path(shared["cwd"]), dict(zip(OTHER_COMMANDS, results, strict=True))
 
 
 @pytest.mark.parametrize("name", list(OTHER_COMMANDS))
