@@ -158,6 +158,22 @@ class StepRecorder(pl.Callback):
             trainer.should_stop = trainer.should_stop or self.stop
 
 
+class SigtermInValidation(pl.Callback):
+    """Sends this process SIGTERM after the first batch of the first validation of ``fit`` after its sanity
+    check (Lightning stops the validation at its next batch: give it two or more)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        import os
+        import signal
+
+        if not trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Pace(pl.Callback):
     """Sleeps after every training step of a SLURM job's first run (restart 0), so a time limit or a
     ``scontrol requeue`` finds it training; later runs of the job go at full speed. Only wall-clock time

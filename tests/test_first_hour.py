@@ -254,6 +254,28 @@ def test_a_redirected_log_has_one_line_per_validation(tmp_path):
 
 
 # -- 10. the README's numbers and promises hold ------------------------------------------------------------
+def test_a_step_limited_run_shows_no_negative_epoch_count_and_no_zero_flops(tmp_path, capsys):
+    """Lightning's bar said ``Epoch 0/-2`` for a ``max_steps`` run and its summary ``Total FLOPs: 0`` for every
+    task (FLOPs are counted only with an ``example_input_array``): neither is printed."""
+    from tasks.run.console import ParameterSummary, StepProgressBar
+
+    root = write_imagefolder(tmp_path / "images", per_class=2, val_per_class=1, size=32)
+    args = ["fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32",
+            "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20",
+            "--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    cli = classify.main(args)
+    kinds = [type(c) for c in cli.trainer.callbacks]
+    assert kinds.count(StepProgressBar) == 1 and kinds.count(ParameterSummary) == 1, kinds
+    assert not [k for k in kinds if k not in (StepProgressBar, ParameterSummary) and "Summary" in k.__name__]
+    bar = next(c for c in cli.trainer.callbacks if isinstance(c, StepProgressBar))
+    assert cli.trainer.max_epochs == -1 and bar._get_train_description(0).strip() == "Epoch 0"
+    text = capsys.readouterr().out
+    assert "Total params" in text and "FLOPs" not in text and "Epoch 0/" not in text, text
+    quiet = classify.main([*args, "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    assert not [c for c in quiet.trainer.callbacks if isinstance(c, (StepProgressBar, ParameterSummary))]
+
+
 def test_studies_report_with_no_runs_says_so_instead_of_a_blank_plot(tmp_path, capsys):
     from studies.__main__ import main as studies_main
 

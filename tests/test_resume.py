@@ -76,6 +76,30 @@ def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(name, tmp_pa
     assert not different, different[:5]
 
 
+@pytest.mark.parametrize(("per_class", "schedule"), [(3, []), (6, ["--trainer.val_check_interval", "3"])],
+                         ids=["at_the_epochs_end", "mid_epoch"])  # fmt: skip
+def test_sigterm_during_a_validation_of_fit_saves_last_ckpt_and_resumes_to_the_same_weights(
+    per_class, schedule, tmp_path
+):
+    """A signal in validation once saved nothing (the save was for training steps only): a cluster stopping a
+    job while it validated lost everything since the last checkpoint. The first validation comes after 3 steps,
+    at the end of the epoch or in its middle."""
+    root = write_imagefolder(tmp_path / "cls", per_class=per_class, val_per_class=2, size=32)  # 2 val batches
+    module, args = classify, ["--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
+                              "--data.image_size", "32", "--data.batch_size", "5", "--model.backbone", "cifar_resnet20",
+                              "--model.mixup_alpha", "0.2", *schedule]  # fmt: skip
+    whole = _fit(module, args, tmp_path / "a", "a", [])
+    with pytest.raises(SystemExit):
+        _fit(module, args, tmp_path / "b", "b", ["--trainer.callbacks+=datasets.SigtermInValidation"])
+    last = next((tmp_path / "b").rglob("last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = _fit(module, args, tmp_path / "b", "b", ["--ckpt_path", "last"])
+    assert resumed.trainer.global_step == whole.trainer.global_step
+    ours, reference = resumed.model.state_dict(), whole.model.state_dict()
+    different = [k for k in reference if not torch.equal(ours[k], reference[k])]
+    assert not different, different[:5]
+
+
 def test_resuming_with_another_batch_size_or_backbone_is_refused_naming_it(tmp_path):
     module, args = _case("mixup_cutmix", tmp_path)
     _fit(module, args, tmp_path / "runs", "r", ["--trainer.max_steps", "2"])

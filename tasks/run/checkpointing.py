@@ -28,6 +28,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo_common.checkpoints import WeightsError, torch_load_safe
@@ -126,13 +127,34 @@ class ValidateAtEnd(pl.Callback):
 
 
 class InterruptCheckpoint(pl.Callback):
-    """Save ``last.ckpt`` (next to the other checkpoints) when training is interrupted by Ctrl-C or SIGTERM."""
+    """Save ``last.ckpt`` (next to the other checkpoints) when ``fit`` is interrupted by Ctrl-C or SIGTERM --
+    in a training step or in one of its validations (a signal during validation once saved nothing)."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
             return
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         path = folder / "last.ckpt"
+        if trainer.validating:  # in one of fit's validations
+            _as_after_the_validation(trainer.fit_loop)
         trainer.save_checkpoint(path, weights_only=False)  # the whole state: a resumable checkpoint
         log.warning("interrupted (%s): saved %s; resume with --ckpt_path %s", type(exception).__name__, path, path)
+
+
+def _as_after_the_validation(fit_loop) -> None:
+    """The loops' counters as the end of the validation in progress leaves them (Lightning's ``_BatchProgress``
+    and epoch progress; a checkpoint of the state mid-validation resumes by training nothing): the validation
+    run to its end, the step after which it ran counted, and at an epoch's end the epoch processed -- the state
+    ``last.ckpt`` has when written after that validation. Its metrics are lost; the weights, the optimizer, the
+    schedule and the data order are those of the last training step."""
+    epoch_loop = fit_loop.epoch_loop
+    progress, batches = epoch_loop.val_loop.batch_progress, int(sum(epoch_loop.val_loop.max_batches))
+    for name in ("ready", "started", "processed", "completed"):
+        left = batches - getattr(progress.current, name)
+        setattr(progress.current, name, batches)
+        setattr(progress.total, name, getattr(progress.total, name) + left)
+    progress.is_last_batch = True
+    epoch_loop._batches_that_stepped += 1  # (training_epoch_loop.on_advance_end, after its validation)
+    if epoch_loop.batch_progress.is_last_batch:
+        fit_loop.epoch_progress.increment_processed()  # (fit_loop.on_advance_end)

@@ -51,6 +51,7 @@ from ..core.guards import NonFiniteLossError
 from . import slurm
 from .arguments import checkpoint_conflicts, named_data_class
 from .checkpointing import AtomicCheckpointIO, InterruptCheckpoint, RunCheckpoint, ValidateAtEnd
+from .console import console_callbacks
 from .loggers import PROJECT, ResumableCSVLogger, ValidationLine, generate_run_id, wandb_credentials_available
 from .parse_errors import OneLineErrors
 from .run_dirs import RunDirectory, RunDirectoryBusy, agree_on_run_dir, next_version, writes_run_directory
@@ -363,7 +364,7 @@ class TaskCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins = [*plugins, AtomicCheckpointIO()]
-        extra = [InterruptCheckpoint(), ValidateAtEnd(), ValidationLine()]
+        extra = [InterruptCheckpoint(), ValidateAtEnd(), ValidationLine(), *console_callbacks(config, callbacks)]
         if slurm.under_slurm() and not any(hasattr(p, "main_address") for p in plugins):
             # SLURM's time-limit warning is handled at a step all ranks agree on (tasks.run.slurm), not in
             # Lightning's signal handler
