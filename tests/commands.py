@@ -10,13 +10,18 @@ command that runs to the end (a fit, an export) still starts its own process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
+from conftest import once_per_session
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -78,3 +83,16 @@ def run_commands(commands: list[list[str]], cwd: Path, env: dict | None = None, 
             out, err = ((folder / f"{index}.{part}").read_text(errors="replace") for part in ("out", "err"))
             results.append(Result(command, int(code.read_text()), out, err))
     return results
+
+
+def run_commands_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, commands_in: Callable[[Path], list[list[str]]]
+) -> tuple[Path, list[Result]]:
+    """``run_commands(commands_in(folder), folder)`` once for the whole session (``conftest.once_per_session``),
+    however many pytest-xdist workers ask: the folder they ran in and their results."""
+
+    def run(cwd: Path) -> dict:
+        return {"cwd": str(cwd), "results": [dataclasses.asdict(r) for r in run_commands(commands_in(cwd), cwd)]}
+
+    shared = once_per_session(tmp_path_factory, name, run)
+    return Path(shared["cwd"]), [Result(**r) for r in shared["results"]]

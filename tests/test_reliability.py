@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import pickle
@@ -15,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from commands import Result, run_commands
-from conftest import once_per_session
+from commands import Result, run_commands_once
 from datasets import CATEGORY_IDS, CPU, edit_coco, write_coco, write_imagefolder
 
 from backbones import WeightsError, build_backbone, load_weights
@@ -518,16 +516,15 @@ def cli_errors(tmp_path_factory) -> tuple[Path, list[Result]]:
     """Every case's command, run as ``python -m`` runs it, in one interpreter (``tests/commands.py``), once for
     the session: the folder they ran in and their results."""
 
-    def run(cwd: Path) -> dict:
+    def commands_in(cwd: Path) -> list[list[str]]:
         commands = []
         for task, data, _ in CLI_ERRORS:
             scratch = ["--model.norm", "bn", "--model.freeze_at", "0"] if task == "detect" else []  # (else refused)
             commands.append([f"tasks.{task}", "fit", "--data", data, "--data.root", str(cwd / "nowhere"),
                              "--model.num_classes", "3", "--trainer.accelerator", "cpu", *scratch])  # fmt: skip
-        return {"cwd": str(cwd), "results": [dataclasses.asdict(r) for r in run_commands(commands, cwd)]}
+        return commands
 
-    shared = once_per_session(tmp_path_factory, "cli_errors", run)
-    return Path(shared["cwd"]), [Result(**r) for r in shared["results"]]
+    return run_commands_once(tmp_path_factory, "cli_errors", commands_in)
 
 
 @pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=lambda i: f"{CLI_ERRORS[i][0]}-{CLI_ERRORS[i][1]}")
@@ -581,13 +578,11 @@ OTHER_COMMANDS = {
 
 @pytest.fixture(scope="session")
 def other_commands(tmp_path_factory) -> tuple[Path, dict[str, Result]]:
-    def run(cwd: Path) -> dict:
-        commands = [[part.format(tmp=cwd) for part in OTHER_COMMANDS[n][0]] for n in OTHER_COMMANDS]
-        return {"cwd": str(cwd), "results": [dataclasses.asdict(r) for r in run_commands(commands, cwd)]}
+    def commands_in(cwd: Path) -> list[list[str]]:
+        return [[part.format(tmp=cwd) for part in OTHER_COMMANDS[n][0]] for n in OTHER_COMMANDS]
 
-    shared = once_per_session(tmp_path_factory, "other_commands", run)
-    results = [Result(**r) for r in shared["results"]]
-    return Path(shared["cwd"]), dict(zip(OTHER_COMMANDS, results, strict=True))
+    cwd, results = run_commands_once(tmp_path_factory, "other_commands", commands_in)
+    return cwd, dict(zip(OTHER_COMMANDS, results, strict=True))
 
 
 @pytest.mark.parametrize("name", list(OTHER_COMMANDS))
