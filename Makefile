@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" -n $(WORKERS) --dist load --timeout=900 --durations=20
 
-# The long tier: minutes-long training checks (slow) and the jobs on a real SLURM cluster (slurm).
+# The long tier: minutes-long training checks (slow) and the jobs on a real SLURM cluster (slurm), a module
+# per worker (the SLURM module's jobs run beside the other worker's training while its worker waits on them).
 test-long: $(STAMP)
-	$(PY) -m pytest -q -m "slow or slurm" --timeout=1800 --durations=20
+	$(PY) -m pytest -q -m "slow or slurm" -n $(WORKERS) --dist loadfile --timeout=1800 --durations=20
 
 # Where the time goes: both tiers, serially, every test's duration.
 durations: $(STAMP)

@@ -21,6 +21,13 @@ os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The real-SLURM tests first: their jobs train in SLURM's processes while the pytest worker that holds
+    them mostly waits, so under ``make test-long``'s two workers (``--dist loadfile``, which hands out modules
+    in this order) the other worker's training runs beside them instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -204,10 +204,11 @@ class WeightRecorder(pl.Callback):
 
 
 def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
-    """The W&B offline run under ``run_dir``, read once the W&B service has flushed it to disk.
+    """The W&B offline run under ``run_dir``, read once the W&B service has written all of it to disk.
 
     ``run.finish()`` returns when the W&B service has the records; the service writes the ``.wandb``
-    file from its own process, a moment later under load.
+    file from its own process, a moment later under load (a read in between saw 9 of a run's 10 epochs):
+    wait for the run's closing ``exit`` record, and after ``timeout`` return what is there.
     """
     import time
 
@@ -218,7 +219,7 @@ def logged_run(run_dir: Path, timeout: float = 30.0) -> dict:
     while True:
         try:
             run = read_offline_run(run_dir)
-            if run["history"] or time.monotonic() > deadline:
+            if run["exited"] or time.monotonic() > deadline:
                 return run
         except (FileNotFoundError, ValueError, DecodeError):  # not there yet, or its last record half written
             if time.monotonic() > deadline:

@@ -51,7 +51,9 @@ def _key(item) -> str:
 
 
 def read_offline_run(run: str | Path) -> dict:
-    """``{"id", "history": [{metric: value, ...} per logged step], "config", "summary", "tags", "group"}``.
+    """``{"id", "history": [{metric: value, ...} per logged step], "config", "summary", "tags", "group",
+    "exited"}``; ``exited`` says the file holds the run's closing ``exit`` record (``run.finish()`` was
+    written out: nothing more will come).
 
     ``run`` is an ``offline-run-*`` folder, its ``.wandb`` file, or a task's run directory (the newest
     offline run below it is read).
@@ -71,6 +73,7 @@ def read_offline_run(run: str | Path) -> dict:
         "summary": {},
         "tags": [],
         "group": "",
+        "exited": False,
     }
     for raw in _records(path):
         record = wandb_internal_pb2.Record()
@@ -84,6 +87,8 @@ def read_offline_run(run: str | Path) -> dict:
         elif kind == "run":
             out["tags"] = list(record.run.tags)
             out["group"] = record.run.run_group
+        elif kind == "exit":
+            out["exited"] = True
         elif kind == "summary":
             for item in record.summary.update:
                 out["summary"][_key(item)] = json.loads(item.value_json)
