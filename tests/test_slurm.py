@@ -166,8 +166,10 @@ def jobs(tmp_path_factory):
     cluster.acted = {
         "requeue": cluster.act_at_step("requeue", ["scontrol", "requeue", submitted["requeue"]]),
         "cancel": cluster.act_at_step("cancel", ["scancel", submitted["cancel"]]),
-        "crash": cluster.act_at_step("crash", ["pkill", "-KILL", "-f", "run_name crashed"], step=9,
-                                     then=(submitted["crash"], ["scontrol", "requeue", submitted["crash"]])),  # fmt: skip
+        "crash": cluster.act_at_step(
+            "crash", ["pkill", "-KILL", "-f", "run_name crashed"], step=9,
+            then=(submitted["crash"], ["scontrol", "requeue", submitted["crash"]]),
+        ),  # fmt: skip
     }
     releasing = cluster.release_requeued(list(submitted.values()))
     yield cluster, submitted
