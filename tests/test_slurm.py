@@ -167,7 +167,9 @@ def jobs(tmp_path_factory):
         "requeue": cluster.act_at_step("requeue", ["scontrol", "requeue", submitted["requeue"]]),
         "cancel": cluster.act_at_step("cancel", ["scancel", submitted["cancel"]]),
         "crash": cluster.act_at_step(
-            "crash", ["pkill", "-KILL", "-f", "run_name crashed"], step=9,
+            "crash",
+            ["pkill", "-KILL", "-f", "run_name crashed"],
+            step=9,
             then=(submitted["crash"], ["scontrol", "requeue", submitted["crash"]]),
         ),  # fmt: skip
     }
