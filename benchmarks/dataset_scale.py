@@ -23,6 +23,12 @@ Each measurement runs in a fresh process (``fork``), one JSON line each:
   ``--passes`` fresh processes (one builds the dataset and forks the worker): the median and each value --
   the growth varies by a few MiB from one process to the next (where the parent's freed memory lies) and
   hardly within one. The first segmentation pass rasterizes and caches the masks, the others read them.
+- ``worker_memory_full_pass`` (detection): one epoch of the training loader a run builds
+  (``train_dataloader()``: its aspect-ratio sampler, batches, collate, ``--full_pass_workers`` workers, 2 by
+  default) against the same loader over a paths-only dataset doing the same reading and transforms; each
+  worker's private memory read from the main process when the first and the last batch arrive (the growth
+  in between, per worker and their mean; ``excess_of_dataset``: ours less the reference's, as a share of what
+  the records added to the parent).
   Segmentation also beside a reference doing its per-sample work from paths alone (``same_work_*``: image
   and cached mask paths in numpy arrays, the same transforms), which tells the records' cost from the
   work's (resizing, cropping and PNG decoding warm up the worker's allocator).
@@ -263,6 +269,69 @@ def _median_growth(build, passes: int) -> dict:
             "dataset_mib": float(np.median([run["dataset_mib"] for run in runs]))}  # fmt: skip
 
 
+def _worker_private_kib(pid: int) -> int:
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean", "Private_Dirty")):
+                total += int(line.split()[1])
+    return total
+
+
+class PathsDetectionDataset(PathsDataset):
+    """The full pass's reference: paths in a numpy array, each image through the same training transforms
+    with a fixed one-box target, returned as ours returns a sample."""
+
+    def __init__(self, folder: Path, transform) -> None:
+        super().__init__(folder)
+        self.transform = transform
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+        from torchvision import tv_tensors
+
+        image = tv_tensors.Image(super().__getitem__(index))
+        box = tv_tensors.BoundingBoxes(torch.tensor([[1.0, 1.0, 9.0, 9.0]]), format="XYXY",
+                                       canvas_size=tuple(image.shape[-2:]))  # fmt: skip
+        image, target = self.transform(image, {"boxes": box, "labels": torch.tensor([1])})
+        return {"image": image.as_subclass(torch.Tensor), "image_id": index, "path": str(self.paths[index]),
+                "target": {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]}}  # fmt: skip
+
+
+def _full_pass(root: str, ours: bool, workers: int) -> dict:
+    """One epoch of the training loader a run uses -- ``COCODetectionDataModule.train_dataloader()``: its
+    sampler, batches and collate, ``workers`` forked workers -- or the same loader over
+    :class:`PathsDetectionDataset`. Each worker's private memory is read from this process
+    (``/proc/<worker>/smaps_rollup``) when the first batch arrives and when the last one does."""
+    import datamodules
+    from datamodules import COCODetectionDataModule
+    from datamodules.detection import detection_collate
+    from datamodules.loading import make_loader
+
+    datamodules.load_all()
+    dm = COCODetectionDataModule(root, num_workers=workers, persistent_workers=False)
+    parent = _private_kib()
+    if ours:
+        dm.setup("fit")
+        dataset = dm.datasets["train"]
+    else:
+        dataset = PathsDetectionDataset(Path(root) / "train2017", dm._transform(True))
+    added = _private_kib() - parent
+    dataset[0]  # lazy imports of the reading path happen here, not in the measured workers
+    loader = dm.train_dataloader() if ours else make_loader(
+        dataset, batch_size=dm.batch_size, num_workers=workers, train=True, collate_fn=detection_collate,
+        persistent_workers=False,
+    )  # fmt: skip
+    iterator, first, last = iter(loader), [], []
+    for k, _ in enumerate(iterator):
+        if k == 0:
+            first = [_worker_private_kib(w.pid) for w in iterator._workers]
+        if k == len(loader) - 1:
+            last = [_worker_private_kib(w.pid) for w in iterator._workers]
+    return {"growth_mib": [(b - a) / 1024 for a, b in zip(first, last)], "last_private_mib": [b / 1024 for b in last],
+            "dataset_mib": added / 1024, "batches": len(loader), "batch_size": dm.batch_size}  # fmt: skip
+
+
 def _dataset(root: str, kind: str, cache: str):
     from datamodules import COCODetectionDataModule, COCOSegmentationDataModule
 
@@ -319,9 +388,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                          "ratio": ours["s"] / reference["s"], "ratio_again": again["s"] / reference["s"],
                          "ours_added_mib": ours["peak_added_mib"],
                          "pycocotools_added_mib": reference["peak_added_mib"]})  # fmt: skip
-            paths = _median_growth(lambda: PathsDataset(Path(coco) / "train2017"), args.passes)
+            if "worker_memory" not in args.skip:
+                paths = _median_growth(lambda: PathsDataset(Path(coco) / "train2017"), args.passes)
             masks = str(root / "masks")
-            for kind in ("detection", "segmentation"):
+            for kind in ("detection", "segmentation") if "worker_memory" not in args.skip else ():
                 got = _median_growth(lambda kind=kind: _dataset(coco, kind, masks), args.passes)
                 allowed = paths["worker_growth_mib"] + 0.1 * got["dataset_mib"]
                 row = {"benchmark": "dataset_scale", "measure": "worker_memory", "dataset": kind,
@@ -337,6 +407,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                                 "same_work_passes_mib": work["passes_mib"], "same_work_allowed_mib": bound,
                                 "within_same_work": got["worker_growth_mib"] <= bound})  # fmt: skip
                 rows.append(row)
+            workers = args.full_pass_workers
+            ours, paths = (_in_child(_full_pass, coco, flag, workers) for flag in (True, False))
+            growth, reference = float(np.mean(ours["growth_mib"])), float(np.mean(paths["growth_mib"]))
+            rows.append({"benchmark": "dataset_scale", "measure": "worker_memory_full_pass", "dataset": "detection",
+                         "fraction": args.fraction, "image_size": list(SIZE), "workers": workers,
+                         "batch_size": ours["batch_size"], "batches": ours["batches"],
+                         "ours_worker_growth_mib": growth, "ours_workers_mib": ours["growth_mib"],
+                         "ours_last_private_mib": ours["last_private_mib"],
+                         "paths_worker_growth_mib": reference, "paths_workers_mib": paths["growth_mib"],
+                         "paths_last_private_mib": paths["last_private_mib"], "dataset_mib": ours["dataset_mib"],
+                         "excess_of_dataset": (growth - reference) / ours["dataset_mib"],
+                         "allowed_mib": reference + 0.1 * ours["dataset_mib"],
+                         "within": growth <= reference + 0.1 * ours["dataset_mib"]})  # fmt: skip
         if "check" not in args.skip:
             coco = str(root / "coco") if (root / "coco").is_dir() else str(write_coco(root / "coco", args.fraction))
             cores = len(os.sched_getaffinity(0))
@@ -369,7 +452,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--root", default=None, help="where to write the data (default: a temporary folder)")
     parser.add_argument("--classes", type=int, default=1000, help="ImageFolder classes")
     parser.add_argument("--passes", type=int, default=3, help="worker_memory: processes measured (median)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["coco", "check", "imagefolder"])
+    parser.add_argument("--full_pass_workers", type=int, default=2, help="worker_memory_full_pass: loader workers")
+    parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["coco", "worker_memory", "check", "imagefolder"],
+        help="worker_memory: the median-of-processes rows (the full pass is measured with coco)",
+    )
     parser.add_argument(
         "--image_size",
         nargs=2,

@@ -298,12 +298,18 @@ def test_dataset_scale_benchmark_runs_every_measure_beside_its_reference(tmp_pat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rows = dataset_scale.main(["--fraction", "0.0002", "--classes", "8", "--passes", "2", "--skip", "check",
                                "--root", str(tmp_path)])  # fmt: skip
-    setup, detection, segmentation, folder = rows
+    setup, detection, segmentation, full_pass, folder = rows
     assert setup["measure"] == "coco_setup" and setup["ours_s"] > 0 and setup["pycocotools_s"] > 0
+    # one epoch of the training loader itself, two workers, each worker measured
+    assert full_pass["measure"] == "worker_memory_full_pass" and full_pass["workers"] == 2
+    assert full_pass["batches"] == 24 // full_pass["batch_size"]  # drop_last, every training image once
+    assert len(full_pass["ours_workers_mib"]) == len(full_pass["paths_workers_mib"]) == 2
+    assert full_pass["ours_worker_growth_mib"] == sum(full_pass["ours_workers_mib"]) / 2
+    assert full_pass["allowed_mib"] == full_pass["paths_worker_growth_mib"] + 0.1 * full_pass["dataset_mib"]
     assert detection["samples"] == segmentation["samples"] == 24  # every training image has instances here
     for row in (detection, segmentation):
         assert len(row["ours_passes_mib"]) == len(row["paths_passes_mib"]) == 2
         assert row["allowed_mib"] == row["paths_worker_growth_mib"] + 0.1 * row["dataset_mib"]
     assert len(segmentation["same_work_passes_mib"]) == 2 and "same_work_worker_growth_mib" not in detection
     assert folder["measure"] == "imagefolder_setup" and folder["ratio"] > 0
-    assert capsys.readouterr().out.count('"benchmark": "dataset_scale"') == 4
+    assert capsys.readouterr().out.count('"benchmark": "dataset_scale"') == 5

@@ -152,8 +152,9 @@ def test_short_training_detects(tmp_path):
 
 
 def test_tests_logged_metrics_are_pycocotools_cocoeval_on_the_written_detections(tmp_path):
-    """A short fit (the learning itself is the slow test above), then ``test``: the six logged numbers are
-    pycocotools' COCOeval run directly on the detections file ``test`` wrote, in the dataset's category ids."""
+    """A short fit (the learning itself is the slow test above), then ``test``: the logged numbers are
+    pycocotools' COCOeval run directly on the detections file ``test`` wrote, in the dataset's category ids
+    -- its twelve numbers: the six APs and the six average recalls."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -176,7 +177,9 @@ def test_tests_logged_metrics_are_pycocotools_cocoeval_on_the_written_detections
     evaluator.summarize()
     metrics = tested.trainer.callback_metrics
     assert evaluator.stats[1] > 0  # something was found: the numbers compared are not all zeros
-    for i, name in enumerate(["mAP", "AP50", "AP75", "APs", "APm", "APl"]):
+    assert evaluator.stats[8] > 0  # AR100: something recalled
+    names = ["mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    for i, name in enumerate(names):  # COCOeval's twelve numbers, in its order
         assert metrics[f"test/{name}"].item() == pytest.approx(evaluator.stats[i], abs=1e-6), name
 
 

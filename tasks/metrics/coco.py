@@ -3,8 +3,9 @@
 Nothing is re-derived: detections are converted to COCO's results format (``image_id``,
 ``category_id``, ``bbox`` as ``[x, y, w, h]``, ``score``), loaded into the ground truth's ``COCO`` object
 with ``loadRes`` and evaluated by the library's ``COCOeval`` restricted to the images that were
-evaluated. The twelve standard numbers come back; the tasks log the first six as ``mAP``, ``AP50``,
-``AP75``, ``APs``, ``APm``, ``APl``, and each category's AP and AP50 from the same run's precision array.
+evaluated. The twelve standard numbers come back; the tasks log them as ``mAP``, ``AP50``, ``AP75``, ``APs``,
+``APm``, ``APl`` and ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``, ``ARl``, and each category's AP and AP50
+from the same run's precision array.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 Backend = Literal["faster_coco_eval", "pycocotools"]
 METRIC_NAMES: tuple[str, ...] = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
+#: ``stats[6:12]``: average recall at 1, 10 and 100 detections per image, and at 100 by object size
+RECALL_NAMES: tuple[str, ...] = ("AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 @lru_cache(maxsize=4)

@@ -3,7 +3,8 @@ names it logs and the scorer that computes them (detectron2 picks its evaluator 
 the same way).
 
 * ``coco`` -- COCOeval on the annotation file (``tasks.metrics.coco``): ``mAP`` (AP@[.5:.95]), ``AP50``,
-  ``AP75``, ``APs``, ``APm``, ``APl``, and per class ``AP/<class>``, ``AP50/<class>``;
+  ``AP75``, ``APs``, ``APm``, ``APl``, the average recalls ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``,
+  ``ARl``, and per class ``AP/<class>``, ``AP50/<class>``;
 * ``voc07``, ``voc``, ``ilsvrc`` -- the devkits' mean AP at IoU 0.5 (``tasks.metrics.devkits``) as ``mAP``
   and ``AP50``, and per class ``AP/<class>``.
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .coco import METRIC_NAMES, evaluate_coco
+from .coco import METRIC_NAMES, RECALL_NAMES, evaluate_coco
 from .devkits import evaluate_devkit
 
 
@@ -38,7 +39,7 @@ class Protocol:
 def _coco(datamodule: Any, split: str, results: list[dict], image_ids: list[int], names: dict[int, str],
           backend: str, iou_type: str = "bbox") -> dict[str, float]:  # fmt: skip
     stats, per_class = evaluate_coco(datamodule.annotation_file(split), results, image_ids, backend, iou_type)
-    metrics = dict(zip(METRIC_NAMES, stats))
+    metrics = dict(zip(METRIC_NAMES + RECALL_NAMES, stats))
     for cid, (ap, ap50) in per_class.items():
         metrics[f"AP/{names.get(cid, cid)}"], metrics[f"AP50/{names.get(cid, cid)}"] = ap, ap50
     return metrics
@@ -57,7 +58,7 @@ def _devkit(kind: str):
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "coco": Protocol("coco", METRIC_NAMES, _coco),
+    "coco": Protocol("coco", METRIC_NAMES + RECALL_NAMES, _coco),
     "voc07": Protocol("voc07", ("mAP", "AP50"), _devkit("voc07")),
     "voc": Protocol("voc", ("mAP", "AP50"), _devkit("voc")),
     "ilsvrc": Protocol("ilsvrc", ("mAP", "AP50"), _devkit("ilsvrc")),
