@@ -315,7 +315,8 @@ class TaskCLI(LightningCLI):
         if not init.get("offline") and "WANDB_MODE" not in os.environ and not wandb_credentials_available():
             init.offline = True
             rank_zero_info(
-                f"W&B: no API key found, logging offline to {run_dir}/wandb. Upload later with "
+                f"W&B: no credentials found (WANDB_API_KEY, a netrc entry for the W&B host, "
+                f"WANDB_IDENTITY_TOKEN_FILE), logging offline to {run_dir}/wandb. Upload later with "
                 f"`wandb sync {run_dir}/wandb/offline-run-*`, or run `wandb login` to log online."
             )
         # The run id lives next to the checkpoints, so a resumed run logs into the same W&B run.

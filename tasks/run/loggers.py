@@ -1,7 +1,7 @@
 """Where a run's metrics go: Weights & Biases (online when credentials are configured, offline otherwise)
 and, beside any logger, a ``metrics.csv`` in the run directory that a resumed run appends to.
 
-* :func:`wandb_credentials_available` -- whether W&B can log in without asking;
+* :func:`wandb_credentials_available` -- whether W&B can log in without asking (W&B's own lookup);
 * :func:`generate_run_id` -- a W&B-style run id, kept in the run directory so that a resumed run logs into
   the same W&B run;
 * :class:`ResumableCSVLogger` -- Lightning's ``CSVLogger``, except that a run resumed in its own directory
@@ -12,7 +12,6 @@ and, beside any logger, a ``metrics.csv`` in the run directory that a resumed ru
 from __future__ import annotations
 
 import csv
-import netrc
 import os
 import sys
 
@@ -20,17 +19,29 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 PROJECT = "residual-zoo"
 
 
 def wandb_credentials_available() -> bool:
-    """Whether W&B can log in without asking: an API key in the environment or in ~/.netrc."""
+    """Whether W&B can log in without asking, by W&B's own lookup (``wandb.login(prompt=False, verify=False)``,
+    what W&B names for this check): ``WANDB_API_KEY``, a netrc entry for the configured host (``WANDB_BASE_URL``:
+    a self-hosted server as well as api.wandb.ai; the file ``$NETRC`` names, or ``~/.netrc``), or an identity
+    token file (``WANDB_IDENTITY_TOKEN_FILE``). The key is not checked against the server.
+
+    On ranks other than 0 it answers without looking (only rank 0 logs to W&B, and the lookup starts W&B's
+    service process)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    if rank_zero_only.rank != 0:
+        return False
+    import wandb
+
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception as error:  # W&B's own lookup failed (a malformed netrc file, ...): say so, log offline
+        rank_zero_info(f"W&B: looking for credentials failed ({error}); logging offline")
         return False
 
 
