@@ -18,24 +18,20 @@ from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.segmentation.fcn import FCNHead
 
 from backbones import Backbone
 
 SegHeadKind = Literal["dilated", "skip"]
 
 
-class FCNHead(nn.Sequential):
-    """3x3 conv to ``in_channels // 4``, BN, ReLU, dropout, 1x1 classifier (torchvision's ``FCNHead``)."""
-
-    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.1) -> None:
-        inter = in_channels // 4
-        super().__init__(
-            nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
-            nn.BatchNorm2d(inter),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Conv2d(inter, num_classes, 1),
-        )
+def fcn_head(in_channels: int, num_classes: int, dropout: float = 0.1) -> nn.Sequential:
+    """torchvision's ``FCNHead`` (3x3 conv to ``in_channels // 4``, BN, ReLU, dropout, 1x1 classifier; its
+    layer names, so torchvision's FCN weights load), with the dropout probability ``dropout`` (torchvision's is
+    0.1)."""
+    head = FCNHead(in_channels, num_classes)
+    head[3].p = dropout
+    return head
 
 
 class DilatedFCN(nn.Module):
@@ -47,9 +43,9 @@ class DilatedFCN(nn.Module):
         self.out_stage, self.aux_stage = stages[-1], stages[-2]
         backbone.select_outputs([self.aux_stage, self.out_stage] if aux else [self.out_stage])
         self.backbone = backbone
-        self.classifier = FCNHead(backbone.feature_info[self.out_stage].channels, num_classes, dropout)
+        self.classifier = fcn_head(backbone.feature_info[self.out_stage].channels, num_classes, dropout)
         self.aux_classifier = (
-            FCNHead(backbone.feature_info[self.aux_stage].channels, num_classes, dropout) if aux else None
+            fcn_head(backbone.feature_info[self.aux_stage].channels, num_classes, dropout) if aux else None
         )
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -78,7 +74,7 @@ class SkipFCN(nn.Module):
         self.stages = stages
         self.backbone = backbone
         fine, mid, coarse = (backbone.feature_info[s].channels for s in stages)
-        self.classifier = FCNHead(coarse, num_classes, dropout)
+        self.classifier = fcn_head(coarse, num_classes, dropout)
         self.score_mid = nn.Conv2d(mid, num_classes, 1)
         self.score_fine = nn.Conv2d(fine, num_classes, 1)
         for layer in (self.score_mid, self.score_fine):  # start as FCN-32s
