@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.transforms import v2
 
 from datamodules.contract import SizedImages
@@ -30,6 +30,7 @@ from .core.contract import ExportSpec
 from .core.loops import EVAL_SPLITS
 from .core.optim import Recipe
 from .heads.exportable import Logits
+from .outputs.confusion import log_confusion
 from .outputs.writers import write_predictions
 from .run.cli import entry_point, script
 
@@ -108,6 +109,7 @@ class ClassificationTask(BaseTask):
         )
         self.train_metrics = metrics.clone(prefix="train/")
         self.eval_metrics = nn.ModuleDict({split: metrics.clone(prefix=f"{split}/") for split in EVAL_SPLITS})
+        self.confusion = nn.ModuleDict({split: MulticlassConfusionMatrix(num_classes=n) for split in EVAL_SPLITS})
 
     def _apply_mixing(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mixup_alpha, cutmix_alpha = self.mix
@@ -183,9 +185,20 @@ class ClassificationTask(BaseTask):
         loss = F.cross_entropy(logits, labels)
         metrics = self.eval_metrics[split]
         metrics.update(logits, labels)
+        self.confusion[split].update(logits.argmax(1), labels)
         self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels))
         self.log_dict(metrics, on_epoch=True, batch_size=len(labels))
         return logits
+
+    def reset_scores(self, split: str) -> None:
+        self.confusion[split].reset()
+
+    def epoch_scores(self, split: str) -> None:
+        """The split's confusion matrix over all ranks, as ``confusion/<split>.png`` and ``.csv`` in the run
+        directory and to W&B (top-1 accuracy and the loss are Lightning-reduced per batch)."""
+        matrix = self.confusion[split].compute()
+        self.confusion[split].reset()
+        log_confusion(self, split, matrix)
 
     def sample_records(self, batch: dict, logits: torch.Tensor) -> list[dict]:
         """Validation images with their top prediction and true label, for W&B (``tasks.outputs.media``)."""

@@ -31,6 +31,7 @@ from .heads.exportable import Logits
 from .heads.fcn import DilatedFCN, SegHeadKind, SkipFCN
 from .heads.tta import segment_with_tta
 from .metrics.confusion import confusion_scores
+from .outputs.confusion import log_confusion
 from .outputs.media import wandb_mask
 from .outputs.writers import write_mask, write_overlay
 from .run.cli import entry_point, script
@@ -199,8 +200,10 @@ class SegmentationTask(BaseTask):
         self.confusion[split].reset()
 
     def epoch_scores(self, split: str) -> None:
-        scores = confusion_scores(self.confusion[split].compute())  # synchronized across ranks
+        matrix = self.confusion[split].compute()  # synchronized across ranks
+        scores = confusion_scores(matrix)
         self.confusion[split].reset()
+        log_confusion(self, split, matrix)  # confusion/<split>.png and .csv in the run directory, and to W&B
         self.log(f"{split}/mIoU", scores["mIoU"].float(), sync_dist=False)
         self.log(f"{split}/pixel_acc", scores["pixel_acc"].float(), sync_dist=False)
         names = self.class_names or [str(i) for i in range(len(scores["iou"]))]

@@ -11,6 +11,7 @@ from datasets import CPU, logged_run, write_cifar, write_imagefolder
 from wandb_offline import metric_series
 
 from tasks.classify import ClassificationTask, main
+from tasks.outputs.confusion import read_counts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_CONFIGS = sorted(p for p in CONFIGS.glob("imagenet_*.yaml") if "ImageFolderDataModule" in p.read_text())
@@ -157,13 +158,19 @@ def test_validate_reproduces_fit_and_the_papers_test_views_average_softmax(tmp_p
     # 10-crop testing (ResNet Sec. 3.4): the reported accuracy is that of the ten crops' averaged softmax
     ten = validate("--data.eval_resize", "40", "--data.eval_crops", "ten")
     model, dm, hits = ten.model.eval(), ten.datamodule, 0
+    by_hand = torch.zeros(5, 5, dtype=torch.long)
     with torch.no_grad():
         for batch in dm.val_dataloader():
             views = dm.normalize(batch["image"])  # B x 10 x 3 x 32 x 32
             assert views.shape[1:] == (10, 3, 32, 32)
             probs = torch.stack([model(views[:, v]).softmax(1) for v in range(10)]).mean(0)
             hits += int((probs.argmax(1) == batch["label"]).sum())
+            by_hand.index_put_((batch["label"], probs.argmax(1)), torch.tensor(1), accumulate=True)
     assert ten.trainer.callback_metrics["val/acc1"].item() == pytest.approx(hits / n_val, abs=1e-6)
+    # the validation's confusion matrix, written into the run directory: the same predictions, counted by hand
+    names, counts = read_counts(Path(ten.trainer.default_root_dir) / "confusion" / "val.csv")
+    assert names == dm.class_names and torch.equal(counts, by_hand)
+    assert (Path(ten.trainer.default_root_dir) / "confusion" / "val.png").is_file()
 
     # fully-convolutional multi-scale testing (Sec. 3.4): whole images at several shorter sides, one by one
     multi = validate("--data.eval_crops", "multiscale", "--data.eval_scales", "[24, 32, 48]")

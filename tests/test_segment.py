@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, pycocotools_semantic_mask, write_coco
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassConfusionMatrix
 from wandb_offline import metric_series
@@ -18,6 +19,7 @@ from datamodules.coco_files import load_coco, read_validated
 from datamodules.masks import VOC_CATEGORY_IDS, InstanceRegions, category_classes, semantic_mask
 from tasks import segment
 from tasks.metrics.confusion import confusion_scores
+from tasks.outputs.confusion import read_counts
 from tasks.segment import SegmentationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -137,6 +139,12 @@ def test_every_fcn_config_fits_with_fast_dev_run(config, coco, tmp_path):
         "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path), *CPU,
     ])  # fmt: skip
     assert cli.config.fit.trainer.benchmark is False  # evaluation shapes vary: no per-shape cuDNN search
+    # the validation's confusion matrix beside the run, its mIoU the logged one
+    names, counts = read_counts(Path(cli.trainer.default_root_dir) / "confusion" / "val.csv")
+    assert len(names) == cli.model.hparams.num_classes
+    assert (Path(cli.trainer.default_root_dir) / "confusion" / "val.png").is_file()
+    logged = cli.trainer.callback_metrics["val/mIoU"].item()
+    assert confusion_scores(counts)["mIoU"].item() == pytest.approx(logged, abs=1e-6)
 
 
 def test_voc_refuses_a_file_whose_ids_are_not_cocos(coco, tmp_path):
@@ -190,6 +198,10 @@ def test_short_training_beats_the_all_background_baseline(tmp_path):
     assert max(miou) > baseline + 0.04, (miou, baseline)
     losses = metric_series(logged, "train/loss_epoch")
     assert losses[-1] < 0.7 * losses[0]
+    pictures = [row for row in logged["history"] if row.get("val/confusion/_type") == "images/separated"]
+    assert len(pictures) == 8  # the confusion picture, to W&B at each validation
+    with Image.open(Path(cli.trainer.default_root_dir) / "confusion" / "val.png") as picture:
+        assert pictures[-1]["val/confusion/width"] == picture.width
 
 
 def test_predict_writes_original_size_class_masks_and_overlays(coco, tmp_path):

@@ -61,7 +61,7 @@ def place_labels(boxes: list[tuple], sizes: list[tuple[float, float]], width: fl
     return placed
 
 
-def _font():
+def label_font():
     try:
         return ImageFont.load_default(size=FONT_SIZE)
     except TypeError:  # Pillow without FreeType sizes: its bitmap font
@@ -75,7 +75,7 @@ def plan_detections(boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Ten
     scale = upscale_factor(height, width)
     keep = [k for k in torch.argsort(scores, descending=True).tolist() if float(scores[k]) >= threshold]
     colors = class_colors(len(names))
-    font, canvas = _font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    font, canvas = label_font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
     texts = [f"{names[int(labels[k])]} {float(scores[k]):.2f}" for k in keep]
     sizes = []
     for text in texts:
@@ -106,7 +106,7 @@ def draw_detections(image: torch.Tensor, out: dict, names: list[str], threshold:
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
     if scale > 1:
         picture = picture.resize((width * scale, height * scale), Image.Resampling.NEAREST)
-    pen, font = ImageDraw.Draw(picture), _font()
+    pen, font = ImageDraw.Draw(picture), label_font()
     for item in drawn:
         pen.rectangle(item.box, outline=item.color, width=2)
     for item in drawn:  # labels over every box
@@ -126,7 +126,7 @@ def draw_overlay(image: torch.Tensor, mask: torch.Tensor, names: list[str]) -> I
     picture = Image.fromarray(blend.permute(1, 2, 0).numpy())
     if scale > 1:
         picture = picture.resize((width * scale, height * scale), Image.Resampling.NEAREST)
-    pen, font = ImageDraw.Draw(picture), _font()
+    pen, font = ImageDraw.Draw(picture), label_font()
     y = 2
     for k in mask.unique().tolist():
         name = names[k] if k < len(names) else str(k)
