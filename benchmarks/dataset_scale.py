@@ -130,9 +130,10 @@ def write_imagefolder(root: Path, fraction: float, classes: int = 1000) -> Path:
     return root
 
 
-def _private_kib() -> int:
+def _private_kib(pid: int | str = "self") -> int:
+    """Private memory (``Private_Clean`` + ``Private_Dirty``) of this process or of process ``pid``, in KiB."""
     total = 0
-    with open("/proc/self/smaps_rollup") as f:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             if line.startswith(("Private_Clean", "Private_Dirty")):
                 total += int(line.split()[1])
@@ -269,15 +270,6 @@ def _median_growth(build, passes: int) -> dict:
             "dataset_mib": float(np.median([run["dataset_mib"] for run in runs]))}  # fmt: skip
 
 
-def _worker_private_kib(pid: int) -> int:
-    total = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith(("Private_Clean", "Private_Dirty")):
-                total += int(line.split()[1])
-    return total
-
-
 class PathsDetectionDataset(PathsDataset):
     """The full pass's reference: paths in a numpy array, each image through the same training transforms
     with a fixed one-box target, returned as ours returns a sample."""
@@ -325,9 +317,9 @@ def _full_pass(root: str, ours: bool, workers: int) -> dict:
     iterator, first, last = iter(loader), [], []
     for k, _ in enumerate(iterator):
         if k == 0:
-            first = [_worker_private_kib(w.pid) for w in iterator._workers]
+            first = [_private_kib(w.pid) for w in iterator._workers]
         if k == len(loader) - 1:
-            last = [_worker_private_kib(w.pid) for w in iterator._workers]
+            last = [_private_kib(w.pid) for w in iterator._workers]
     return {"growth_mib": [(b - a) / 1024 for a, b in zip(first, last)], "last_private_mib": [b / 1024 for b in last],
             "dataset_mib": added / 1024, "batches": len(loader), "batch_size": dm.batch_size}  # fmt: skip
 
