@@ -135,7 +135,6 @@ class ClassificationTask(BaseTask):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         if self.mix is None:
             self.train_metrics.update(logits.detach(), labels)  # logged once, at the epoch's end
-        self.log_learning_rate()
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -229,7 +229,6 @@ class DetectionTask(BaseTask):
         n = len(batch["images"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, on_epoch=True, batch_size=n)
-        self.log_learning_rate()
         return loss
 
     # -- evaluation ---------------------------------------------------------------------------------

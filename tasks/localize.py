@@ -105,7 +105,6 @@ class LocalizationTask(BaseTask):
         n = len(labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log_dict({"train/loss_cls": cls, "train/loss_box": box}, on_step=True, on_epoch=True, batch_size=n)
-        self.log_learning_rate()
         return loss
 
     def _guesses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -163,7 +163,6 @@ class SegmentationTask(BaseTask):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         if "aux" in parts:
             self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True, batch_size=n)
-        self.log_learning_rate()
         return loss
 
     def evaluate_batch(self, batch: dict, split: str) -> torch.Tensor | None:

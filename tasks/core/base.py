@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
@@ -415,9 +416,16 @@ class BaseTask(TaskContract, TaskEvaluation, TaskOptimization, TaskGuards, StepS
         return Path(configured) if configured else Path(self.trainer.default_root_dir) / default
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        """W&B samples when ``log_samples > 0``; Lightning's ``LearningRateMonitor`` whenever a logger is on,
+        which writes the main group's rate as ``train/lr`` on the steps the loggers write
+        (``trainer.log_every_n_steps``; the scheduler is named ``train`` and the groups ``lr``, ``lr_no_decay``,
+        ... by ``tasks.core.optim``)."""
         from ..outputs.media import WandbSamples
 
-        return [WandbSamples(self.log_samples)] if self.log_samples > 0 else []
+        callbacks: list[pl.Callback] = [WandbSamples(self.log_samples)] if self.log_samples > 0 else []
+        if self._trainer is not None and self.trainer.loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return callbacks
 
     def forward(self, images: torch.Tensor):
         """The network on a batch of images, in the task's memory format (detection adds targets)."""

@@ -48,13 +48,19 @@ def parameter_groups(
     for (no_decay, scale), params in groups.items():
         if not params and (no_decay or scale != 1.0):
             continue
-        group: dict[str, Any] = {"params": params}
+        group: dict[str, Any] = {"params": params, "name": _group_name(no_decay, scale)}
         if no_decay:
             group["weight_decay"] = 0.0
         if scale != 1.0:
             group["lr_scale"] = scale
         out.append(group)
     return out
+
+
+def _group_name(no_decay: bool, scale: float) -> str:
+    """A parameter group's name, which ``LearningRateMonitor`` appends to the scheduler's (``train``): the
+    main group's rate is ``train/lr``, the others ``train/lr_no_decay``, ``train/lr_x10``, ..."""
+    return "lr" + ("_no_decay" if no_decay else "") + (f"_x{scale:g}" if scale != 1.0 else "")
 
 
 def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
@@ -184,7 +190,8 @@ class Recipe:
 
 class TaskOptimization:
     """The optimizer and schedule of a task (mixed into ``tasks.core.base.BaseTask``): the configured ones, or
-    the task's ``recipe`` scaled to the run; the learning rate's logging and its account of itself."""
+    the task's ``recipe`` scaled to the run, and its account of itself (the rate is logged by
+    ``LearningRateMonitor``, added in ``tasks.core.base.BaseTask.configure_callbacks``)."""
 
     def starts_from_weights(self) -> bool:
         """Whether the network starts from trained weights (``weights`` or ``weights_backbone``): the tasks
@@ -229,7 +236,8 @@ class TaskOptimization:
             scheduler, interval = self.scheduler_factory(optimizer), self.scheduler_interval
             if hasattr(scheduler, "set_total_iters"):
                 scheduler.set_total_iters(total if interval == "step" else self.trainer.max_epochs)
-        config = {"scheduler": scheduler, "interval": interval}
+        # "train" + the groups' names (parameter_groups): LearningRateMonitor logs the main rate as train/lr
+        config = {"scheduler": scheduler, "interval": interval, "name": "train"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.monitor  # "÷10 whenever the error plateaus" (ResNet Sec. 3.4)
         self.lr_warmup = getattr(scheduler, "warmup_iters", 0)  # named by the non-finite loss message
@@ -262,13 +270,3 @@ class TaskOptimization:
         if self.scheduler_factory is not None:
             text += " or lengthen the warm-up (--model.scheduler.warmup_iters)"
         return text + ". "
-
-    def log_learning_rate(self) -> None:
-        """``train/lr`` on the steps the loggers write (``trainer.log_every_n_steps``) only: handing it to
-        Lightning at every step costs about a millisecond of Python per step for a value nobody reads."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        if connector is not None and not connector.should_update_logs:
-            return
-        optimizer = self.optimizers()
-        optimizer = getattr(optimizer, "optimizer", optimizer)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
