@@ -35,6 +35,7 @@ from .heads.tta import detect_with_tta
 from .metrics.coco import Backend, to_coco_results
 from .metrics.protocols import protocol
 from .outputs.media import wandb_boxes
+from .outputs.pr_curves import log_pr_curves
 from .outputs.writers import draw_detections, images_folder, write_detections
 from .run.cli import entry_point, script
 
@@ -291,20 +292,31 @@ class DetectionTask(BaseTask):
         return results, sorted(seen)
 
     def epoch_scores(self, split: str) -> None:
-        """The split's official metrics on all ranks' detections, logged as ``<split>/<metric>``; the
-        test split's detections are written to ``detections_file`` too."""
+        """The split's official metrics on all ranks' detections, logged as ``<split>/<metric>``, and their
+        precision-recall curves drawn (``tasks.outputs.pr_curves``); the test split's detections are written
+        to ``detections_file`` too."""
         if split not in self._results:
             self.reset_scores(split)
         results, image_ids = self._gathered(split)
         scoring = protocol(self.trainer.datamodule.protocol)
         metrics = {name: 0.0 for name in scoring.metric_names}
+        curves: list = []
         if self.trainer.is_global_zero and image_ids:
             ids = self.label_to_category()[1:]
             names = {cid: self.class_name(k) for k, cid in enumerate(ids, start=1)}
             split_read = data_split(split)
             metrics.update(
-                scoring.score(self.trainer.datamodule, split_read, results, image_ids, names, self.hparams.evaluator)
+                scoring.score(
+                    self.trainer.datamodule,
+                    split_read,
+                    results,
+                    image_ids,
+                    names,
+                    self.hparams.evaluator,
+                    curves=curves,
+                )
             )
+            log_pr_curves(self, split, curves, names)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         self.log_dict({f"{split}/{name}": float(v) for name, v in metrics.items()}, sync_dist=False)
         self.last_results = results

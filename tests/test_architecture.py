@@ -151,7 +151,7 @@ WINGS: dict[str, tuple[set[str], bool]] = {
     "tasks.registry": (set(), False),  # strings only
 }
 #: what may sit directly in tasks/: the commands and the registry
-TOP_LEVEL = {"__init__", "registry", "classify", "detect", "segment", "localize", "export", "demo"}
+TOP_LEVEL = {"__init__", "registry", "classify", "detect", "segment", "localize", "export", "plot", "demo"}
 #: where code must not branch on which task it holds
 NO_TASK_NAMES = ("tasks/inference", "tasks/outputs", "tasks/export.py")
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import CPU, logged_run, write_cifar, write_imagefolder
-from wandb_offline import metric_series
+from PIL import Image
+from wandb_offline import media_rows, metric_series
 
+from tasks import plot
 from tasks.classify import ClassificationTask, main
 from tasks.outputs.confusion import read_counts
 
@@ -136,9 +140,18 @@ def test_validate_reproduces_fit_and_the_papers_test_views_average_softmax(tmp_p
     rates = metric_series(logged, "train/lr")
     assert len(rates) == 15 // 2
     assert rates[0] <= 0.05 and all(a > b for a, b in zip(rates, rates[1:]))  # the cosine decay
+    # 16 validation images a validation (the task's default log_samples), each captioned with its prediction
+    # and its true class
+    samples = media_rows(logged, "val/samples")
+    assert [s["step"] for s in samples] == [5, 10, 15] and all(s["count"] == 16 for s in samples)
+    assert all(re.fullmatch(r"pred: \w+ \(\d\.\d\d\) \| true: \w+", c) for s in samples for c in s["captions"])
     assert len(metric_series(logged, "train/acc1")) == 3  # once per epoch, over the epoch
     best = float(cli.trainer.checkpoint_callback.best_model_score)
     assert best == max(metric_series(logged, "val/acc1"))
+    # python -m tasks.plot on the run directory draws from metrics.csv what W&B got
+    curves = json.loads(Image.open(plot.main([str(_only_run_dir(runs))])).text["panels"])
+    assert curves["acc1"] == {"train/acc1": 3, "val/acc1": 3} and curves["lr"] == {"train/lr": len(rates)}
+    assert set(curves["loss"]) == {"train/loss_step", "train/loss_epoch", "val/loss"}
     n_val = 20
 
     # validate reproduces the accuracy recorded at the end of fit, from the saved checkpoint

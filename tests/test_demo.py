@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import CPU, logged_run
-from wandb_offline import metric_series
+from PIL import Image
+from wandb_offline import media_rows, metric_series
 
 from datamodules import ShapesClassificationDataModule, ShapesDetectionDataModule, ShapesSegmentationDataModule
 from datamodules.coco_files import load_coco
@@ -64,6 +65,13 @@ def test_make_demo_steps_end_to_end(tmp_path, monkeypatch):
     assert {"val/mAP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"} <= set(summary["metrics"])
     logged = logged_run(summary["wandb_run"])
     assert metric_series(logged, "val/mAP") and metric_series(logged, "train/loss_epoch")
+    # four validation images with their predicted and true boxes, through WandbLogger.log_image, once
+    (samples,) = media_rows(logged, "val/samples")
+    assert samples["_type"] == "images/separated" and samples["count"] == 4 and len(samples["box_data"]) == 4
+    assert all(Image.open(f).size == (samples["width"], samples["height"]) for f in samples["files"])
+    truth = [box for sets in samples["box_data"] for box in sets["ground_truth"]]
+    assert truth and {b["class_id"] for b in truth} <= {1, 2, 3, 4, 5}
+    assert all(0 <= b["position"]["minX"] < b["position"]["maxX"] <= samples["width"] for b in truth)
     drawn = sorted(Path(summary["drawn_images"]).glob("*.jpg"))
     assert len(drawn) == 8  # two predict batches of four images
     detections = json.loads(Path(summary["detections"]).read_text())

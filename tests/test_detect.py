@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, write_coco
+from PIL import Image
 from wandb_offline import metric_series
 
 from datamodules import COCODetectionDataModule
 from tasks import detect
 from tasks.detect import DetectionTask
+from tasks.outputs.pr_curves import read_pr_curves
 from tasks.run.cli import TaskCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -181,6 +183,22 @@ def test_tests_logged_metrics_are_pycocotools_cocoeval_on_the_written_detections
     names = ["mAP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
     for i, name in enumerate(names):  # COCOeval's twelve numbers, in its order
         assert metrics[f"test/{name}"].item() == pytest.approx(evaluator.stats[i], abs=1e-6), name
+
+    # the precision-recall curves test wrote: each curve's mean precision over COCO's 101 recall points is the
+    # logged AP (overall at 0.50:0.95, 0.50, 0.75; per class at 0.50:0.95 and 0.50); the picture is drawn
+    test_dir = Path(tested.trainer.default_root_dir)
+    curves = read_pr_curves(test_dir / "pr_curves" / "test.csv")
+    logged = {("all", "0.50:0.95"): "mAP", ("all", "0.50"): "AP50", ("all", "0.75"): "AP75"}
+    for (name, iou), (_, recall, precision) in curves.items():
+        assert len(recall) == 101 and recall[0] == 0.0 and recall[-1] == 1.0
+        key = logged.get((name, iou)) or {"0.50:0.95": f"AP/{name}", "0.50": f"AP50/{name}"}.get(iou)
+        if key is not None:
+            assert sum(precision) / 101 == pytest.approx(metrics[f"test/{key}"].item(), abs=1e-6), (name, iou)
+    classes = {name for name, _ in curves} - {"all"}
+    assert classes and classes <= set(CATEGORY_IDS) and len(curves) == 3 * (len(classes) + 1)
+    picture = Image.open(test_dir / "pr_curves" / "test.png")
+    assert picture.size == (1280, 560) and len(picture.convert("RGB").getcolors(1 << 24)) > 50  # drawn, not blank
+    assert (Path(cli.trainer.default_root_dir) / "pr_curves" / "val.png").is_file()  # fit's validation, too
 
 
 def test_category_ids_round_trip():

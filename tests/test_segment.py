@@ -12,7 +12,7 @@ from datasets import CATEGORY_IDS, CPU, classify_checkpoint, logged_run, pycocot
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassConfusionMatrix
-from wandb_offline import metric_series
+from wandb_offline import media_rows, metric_series
 
 from datamodules import COCOSegmentationDataModule
 from datamodules.coco_files import load_coco, read_validated
@@ -195,6 +195,12 @@ def test_short_training_beats_the_all_background_baseline(tmp_path):
     logged = logged_run(Path(cli.trainer.default_root_dir) / "wandb")
     miou = metric_series(logged, "val/mIoU")
     assert len(miou) == 8
+    # W&B samples (WandbLogger.log_image): four images a validation, each with predicted and true masks,
+    # the true one holding the image's classes
+    samples = media_rows(logged, "val/samples")
+    assert len(samples) == 8 and all(s["count"] == 4 and len(s["all_masks"]) == 4 for s in samples)
+    truth = Image.open(logged["dir"] / "files" / samples[-1]["all_masks"][0]["ground_truth"]["path"])
+    assert set(np.unique(np.asarray(truth)).tolist()) == set(dm.datasets["val"].mask(0).unique().tolist())
     assert max(miou) > baseline + 0.04, (miou, baseline)
     losses = metric_series(logged, "train/loss_epoch")
     assert losses[-1] < 0.7 * losses[0]

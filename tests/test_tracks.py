@@ -180,10 +180,16 @@ def test_voc_ap_difficult_duplicates_and_the_two_definitions():
     truth = {1: (np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]), np.array([1, 1, 1]), np.zeros(3, bool))}
     rows = [(1, 1, (0, 0, 10, 10), 0.9), (1, 1, (90, 90, 99, 99), 0.8), (1, 1, (20, 0, 30, 10), 0.7),
             (1, 1, (60, 60, 70, 70), 0.6), (1, 1, (40, 0, 50, 10), 0.5)]  # fmt: skip
+    curves = []
     voc07 = evaluate_devkit(_results(rows), truth, CATS[:1], "voc07", [1])
-    area = evaluate_devkit(_results(rows), truth, CATS[:1], "voc", [1])
+    area = evaluate_devkit(_results(rows), truth, CATS[:1], "voc", [1], curves=curves)
     assert voc07["mAP"] == pytest.approx(8.4 / 11) and area["mAP"] == pytest.approx((1 + 2 / 3 + 0.6) / 3)
     assert voc07["AP/a"] == voc07["mAP"] == voc07["AP50"]
+    # the curve drawn is the devkit's rec and prec, one point a ranked detection, and its AP the class's
+    (curve,) = curves
+    assert (curve.name, curve.iou, curve.ap) == ("1", "0.50", area["AP/a"])
+    assert curve.recall == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3, 1])
+    assert curve.precision == pytest.approx([1, 1 / 2, 2 / 3, 1 / 2, 3 / 5])
 
 
 def test_ties_keep_the_listed_order_and_classes_without_truth_are_left_out():
@@ -255,6 +261,17 @@ def test_detection_trains_on_voc_layout_shapes(tmp_path):
     print(f"VOC-layout detection: val/AP50 (VOC07 11-point) {metrics['val/AP50']:.3f}")
     assert metrics["val/AP50"] == metrics["val/mAP"] > VOC_THRESHOLD, metrics
     assert {f"val/AP/{name}" for name in ("circle", "square", "triangle", "star", "ring")} <= set(metrics)
+    # the devkit's curves, one a class: the VOC07 11-point AP of each is the logged AP of the class
+    from tasks.metrics.devkits import voc07_ap
+    from tasks.outputs.pr_curves import read_pr_curves
+
+    curves = read_pr_curves(Path(cli.trainer.default_root_dir) / "pr_curves" / "val.csv")
+    assert {name for name, _ in curves} == {"circle", "square", "triangle", "star", "ring"}
+    for (name, iou), (_, recall, precision) in curves.items():
+        assert iou == "0.50" and voc07_ap(np.array(recall), np.array(precision)) == pytest.approx(
+            metrics[f"val/AP/{name}"], abs=1e-6
+        )
+    assert (Path(cli.trainer.default_root_dir) / "pr_curves" / "val.png").stat().st_size > 10_000
 
 
 def _mean_box_error(root: Path) -> float:

@@ -52,8 +52,8 @@ def _key(item) -> str:
 
 def read_offline_run(run: str | Path) -> dict:
     """``{"id", "history": [{metric: value, ...} per logged step], "config", "summary", "tags", "group",
-    "exited"}``; ``exited`` says the file holds the run's closing ``exit`` record (``run.finish()`` was
-    written out: nothing more will come).
+    "exited", "dir"}``; ``dir`` is the offline run's folder (its media under ``files/``); ``exited`` says the
+    file holds the run's closing ``exit`` record (``run.finish()`` was written out: nothing more will come).
 
     ``run`` is an ``offline-run-*`` folder, its ``.wandb`` file, or a task's run directory (the newest
     offline run below it is read).
@@ -74,6 +74,7 @@ def read_offline_run(run: str | Path) -> dict:
         "tags": [],
         "group": "",
         "exited": False,
+        "dir": path.parent,
     }
     for raw in _records(path):
         record = wandb_internal_pb2.Record()
@@ -98,3 +99,24 @@ def read_offline_run(run: str | Path) -> dict:
 def metric_series(run: dict, name: str) -> list[float]:
     """Every logged value of ``name``, in logging order."""
     return [row[name] for row in run["history"] if name in row]
+
+
+def media_rows(run: dict, key: str) -> list[dict]:
+    """Each logged media value of ``key`` (``wandb.Image`` lists: ``_type``, ``count``, ``filenames``,
+    ``captions``, ``all_boxes``, ``all_masks``, ...), with ``files``: its images' paths on disk and
+    ``box_data``: each image's box sets read back (``{"predictions": [...], "ground_truth": [...]}``)."""
+    prefix = key + "/"
+    rows = []
+    for row in run["history"]:
+        if prefix + "_type" not in row:
+            continue
+        value = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+        value["step"] = row.get("trainer/global_step")
+        files = run["dir"] / "files"
+        value["files"] = [files / name for name in value.get("filenames", [])]
+        value["box_data"] = [
+            {name: json.loads((files / meta["path"]).read_text())["box_data"] for name, meta in sets.items()}
+            for sets in value.get("all_boxes", [])
+        ]
+        rows.append(value)
+    return rows

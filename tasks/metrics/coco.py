@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from .curves import PRCurve
+
 Backend = Literal["faster_coco_eval", "pycocotools"]
 METRIC_NAMES: tuple[str, ...] = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 #: ``stats[6:12]``: average recall at 1, 10 and 100 detections per image, and at 100 by object size
@@ -74,8 +76,10 @@ def evaluate_coco(
     image_ids: list[int],
     backend: Backend = "faster_coco_eval",
     iou_type: str = "bbox",
+    curves: list[PRCurve] | None = None,
 ) -> tuple[list[float], dict[int, tuple[float, float]]]:
-    """``COCOeval(...).stats`` (12 numbers) and, from the same run, each category's ``(AP, AP50)``.
+    """``COCOeval(...).stats`` (12 numbers) and, from the same run, each category's ``(AP, AP50)``; given a
+    ``curves`` list, the run's precision-recall curves are appended to it (:func:`precision_recall_curves`).
 
     The per-category numbers are what COCOeval's ``summarize`` averages: the precision array
     ``eval["precision"][T, R, K, A, M]`` at all areas and 100 detections, over the IoU thresholds
@@ -101,6 +105,8 @@ def evaluate_coco(
         evaluator.accumulate()
         evaluator.summarize()
     precision = evaluator.eval["precision"]  # T x R x K x A x M
+    if curves is not None:
+        curves.extend(precision_recall_curves(precision, evaluator.params.recThrs, evaluator.params.catIds))
     per_class = {}
     for k, category in enumerate(evaluator.params.catIds):
         everything = precision[:, :, k, 0, -1]
@@ -111,3 +117,30 @@ def evaluate_coco(
                 float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else 0.0,
             )
     return [float(v) for v in evaluator.stats[:12]], per_class
+
+
+#: the curves' IoU thresholds: their label, and which of COCOeval's ten (0.50, 0.55, ..., 0.95) they average
+CURVE_IOUS: tuple[tuple[str, slice], ...] = (("0.50:0.95", slice(None)), ("0.50", slice(0, 1)), ("0.75", slice(5, 6)))
+
+
+def precision_recall_curves(precision, recall_points, category_ids) -> list[PRCurve]:
+    """COCOeval's precision array ``T x R x K x A x M`` as curves over its recall points ``recall_points``: for
+    every category with ground truth (COCOeval's -1 marks those without) and over all of them (``all``: the
+    mean over those categories), at each of :data:`CURVE_IOUS`, at all areas and 100 detections. A curve's
+    ``ap`` is its mean precision: what ``summarize`` averages for the same IoUs and categories."""
+    import numpy as np
+
+    at = np.asarray(precision)[:, :, :, 0, -1]  # T x R x K
+    has_truth = (at > -1).all(axis=(0, 1))
+    recall = [float(r) for r in recall_points]
+    out = []
+    for label, ious in CURVE_IOUS:
+        mean_iou = at[ious].mean(axis=0)  # R x K
+        if has_truth.any():
+            overall = mean_iou[:, has_truth].mean(axis=1)
+            out.append(PRCurve("all", label, recall, overall.tolist(), float(overall.mean())))
+        for k, category in enumerate(category_ids):
+            if has_truth[k]:
+                curve = mean_iou[:, k]
+                out.append(PRCurve(str(int(category)), label, recall, curve.tolist(), float(curve.mean())))
+    return out

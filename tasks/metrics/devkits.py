@@ -25,6 +25,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .curves import PRCurve
+
 
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """IoU of one ``x1, y1, x2, y2`` box with each row of ``boxes`` (continuous pixel coordinates)."""
@@ -62,9 +64,17 @@ def ilsvrc_thresholds(boxes: np.ndarray) -> np.ndarray:
     return np.minimum(0.5, w * h / ((w + 10) * (h + 10)))
 
 
-def class_ap(detections: list[tuple[int, float, np.ndarray]], truth: dict, protocol: str) -> float | None:
-    """AP of one class: ``detections`` as ``(image id, score, box)``; ``truth`` maps an image id to its
-    ``(boxes, difficult)`` of the class. ``None`` when there is nothing to find."""
+def protocol_ap(recall: np.ndarray, precision: np.ndarray, protocol: str) -> float:
+    """The devkit's AP of one class's curve: 11-point (``voc07``) or the envelope's area (``voc``, ``ilsvrc``)."""
+    return voc07_ap(recall, precision) if protocol == "voc07" else area_ap(recall, precision)
+
+
+def class_curve(
+    detections: list[tuple[int, float, np.ndarray]], truth: dict, protocol: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """One class's recall and precision after each ranked detection (the devkit's ``rec``, ``prec``):
+    ``detections`` as ``(image id, score, box)``; ``truth`` maps an image id to its ``(boxes, difficult)`` of
+    the class. ``None`` when there is nothing to find."""
     positives = sum(
         int((~difficult).sum()) if protocol != "ilsvrc" else len(boxes) for boxes, difficult in truth.values()
     )
@@ -100,7 +110,7 @@ def class_ap(detections: list[tuple[int, float, np.ndarray]], truth: dict, proto
     tp, fp = np.cumsum(tp), np.cumsum(fp)
     recall = tp / positives
     precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return voc07_ap(recall, precision) if protocol == "voc07" else area_ap(recall, precision)
+    return recall, precision
 
 
 def evaluate_devkit(
@@ -110,6 +120,7 @@ def evaluate_devkit(
     protocol: str,
     image_ids: list[int],
     blacklist: set[tuple[int, int]] | None = None,
+    curves: list[PRCurve] | None = None,
 ) -> dict[str, float]:
     """``mAP`` (also as ``AP50``: it is the AP at IoU 0.5) and ``AP/<class name>`` of COCO-format
     ``results`` on ``ground_truth`` (``{image id: (boxes, category ids, difficult)}``), over ``image_ids``.
@@ -117,7 +128,8 @@ def evaluate_devkit(
     ``protocol``: ``voc07``, ``voc`` or ``ilsvrc`` (see the module docstring). ``blacklist``: ``(image id,
     category id)`` pairs left out as ILSVRC's ``eval_detection.m`` leaves out its validation blacklist's: the
     image's detections of that class are neither true nor false positives, and its objects of that class are
-    not counted among the positives.
+    not counted among the positives. Given a ``curves`` list, each class's curve (:func:`class_curve`, named by
+    its category id, its ``ap`` the class's AP) is appended to it.
     """
     blacklist = {(int(i), int(c)) for i, c in blacklist or ()}
     if protocol not in ("voc07", "voc", "ilsvrc"):
@@ -141,8 +153,12 @@ def evaluate_devkit(
             boxes, labels, difficult = ground_truth.get(image, (np.zeros((0, 4)), np.zeros(0), np.zeros(0, bool)))
             mine = labels == cid
             truth[image] = (np.asarray(boxes, dtype=np.float64)[mine], np.asarray(difficult, dtype=bool)[mine])
-        ap = class_ap(by_class.get(cid, []), truth, protocol)
-        if ap is not None:
+        curve = class_curve(by_class.get(cid, []), truth, protocol)
+        if curve is not None:
+            ap = protocol_ap(*curve, protocol)
+            if curves is not None:
+                iou = "0.50" if protocol != "ilsvrc" else "ilsvrc"
+                curves.append(PRCurve(str(cid), iou, curve[0].tolist(), curve[1].tolist(), ap))
             out[f"AP/{category['name']}"] = ap
             aps.append(ap)
     out["mAP"] = float(np.mean(aps)) if aps else 0.0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .coco import METRIC_NAMES, RECALL_NAMES, evaluate_coco
+from .curves import PRCurve
 from .devkits import evaluate_devkit
 
 
@@ -28,7 +29,9 @@ class Protocol:
 
     ``score(datamodule, split, results, image_ids, names, backend)``: COCO-format ``results`` of the images
     ``image_ids`` of ``split``, ``names`` mapping each category id to its class name, ``backend`` the
-    COCOeval implementation -- to ``{metric name: value}``, per-class entries included.
+    COCOeval implementation -- to ``{metric name: value}``, per-class entries included; with ``curves=<list>``
+    the precision-recall curves behind those APs are appended to the list (``tasks.metrics.curves``, each
+    named by its category id or ``all``).
     """
 
     name: str
@@ -37,8 +40,10 @@ class Protocol:
 
 
 def _coco(datamodule: Any, split: str, results: list[dict], image_ids: list[int], names: dict[int, str],
-          backend: str, iou_type: str = "bbox") -> dict[str, float]:  # fmt: skip
-    stats, per_class = evaluate_coco(datamodule.annotation_file(split), results, image_ids, backend, iou_type)
+          backend: str, iou_type: str = "bbox", curves: list[PRCurve] | None = None) -> dict[str, float]:  # fmt: skip
+    stats, per_class = evaluate_coco(
+        datamodule.annotation_file(split), results, image_ids, backend, iou_type, curves=curves
+    )
     metrics = dict(zip(METRIC_NAMES + RECALL_NAMES, stats))
     for cid, (ap, ap50) in per_class.items():
         metrics[f"AP/{names.get(cid, cid)}"], metrics[f"AP50/{names.get(cid, cid)}"] = ap, ap50
@@ -47,11 +52,11 @@ def _coco(datamodule: Any, split: str, results: list[dict], image_ids: list[int]
 
 def _devkit(kind: str):
     def score(datamodule: Any, split: str, results: list[dict], image_ids: list[int], names: dict[int, str],
-              backend: str) -> dict[str, float]:  # fmt: skip
+              backend: str, curves: list[PRCurve] | None = None) -> dict[str, float]:  # fmt: skip
         categories = [{"id": cid, "name": name} for cid, name in names.items()]
         blacklist = datamodule.evaluation_blacklist(split)
         return evaluate_devkit(
-            results, datamodule.ground_truth(split), categories, kind, image_ids, blacklist=blacklist
+            results, datamodule.ground_truth(split), categories, kind, image_ids, blacklist=blacklist, curves=curves
         )
 
     return score

@@ -1,7 +1,8 @@
 """Pictures of what a model predicts: W&B sample media for every task, written once.
 
 :class:`WandbSamples` (added by every task through ``configure_callbacks`` when ``log_samples > 0``)
-collects a few validation images per epoch and logs them to each W&B logger as ``val/samples``. A task
+collects a few validation images per epoch and logs them to each W&B logger as ``val/samples``
+(``WandbLogger.log_image``, at the trainer's global step). A task
 describes one image's prediction as the keyword arguments of ``wandb.Image`` (``sample_records``); the
 helpers below build the boxes and masks parts.
 """
@@ -83,8 +84,11 @@ class WandbSamples(pl.Callback):
         loggers = pl_module.wandb_loggers()
         if not records or not loggers or trainer.sanity_checking:
             return
-        import wandb
-
-        images = [wandb.Image(to_display(r.pop("image")).numpy(), **r) for r in records]
+        images = [to_display(r.pop("image")).numpy() for r in records]
+        keys = sorted({k for r in records for k in r})
+        missing = [k for k in keys if any(k not in r for r in records)]
+        if missing:
+            raise ValueError(f"{type(pl_module).__name__}.sample_records gave {missing} for some images only")
         for logger in loggers:
-            logger.experiment.log({"val/samples": images, "trainer/global_step": trainer.global_step})
+            parts = {k: [r[k] for r in records] for k in keys}
+            logger.log_image("val/samples", images, step=trainer.global_step, **parts)

@@ -32,7 +32,7 @@ def _datamodule(class_path: str):
         return None
 
 
-def _close(word: str, options) -> str:
+def did_you_mean(word: str, options) -> str:
     """``; did you mean ...?`` with the options ``word`` begins (``resnext50`` -> ``resnext50_32x4d``), then the
     closest spellings, three at most."""
     options = list(options)
@@ -73,11 +73,11 @@ def one_line(message: str, options: list[str] = ()) -> str:
         if unknown := re.search(r"Option '(\w+)' is not accepted", message):
             cls = _datamodule(path)
             accepted = list(inspect.signature(cls).parameters) if cls is not None else []
-            close = _close(unknown[1], accepted).replace("mean ", f"mean {prefix}.").replace(", ", f", {prefix}.")
+            close = did_you_mean(unknown[1], accepted).replace("mean ", f"mean {prefix}.").replace(", ", f", {prefix}.")
             return f"{prefix}.{unknown[1]} is not an option of {path}{close}"
         if re.search(r"has no attribute '(\w+)'|No module named", message):
             known = [f"datamodules.{n}" for n in (*DATAMODULES, "ShapesDetectionDataModule")]
-            return f"{prefix}: {path} does not exist{_close(path, known)}"
+            return f"{prefix}: {path} does not exist{did_you_mean(path, known)}"
         inner = re.search(r'Parser key "([\w.]+)":\s*Expected a (.+?)\. Got value: (.+)', message)
         if inner:
             return f"{prefix}.{inner[1]} must be {_type_text(inner[2])}, not {inner[3].strip()!r}"
@@ -86,12 +86,13 @@ def one_line(message: str, options: list[str] = ()) -> str:
         literal = re.fullmatch(r"typing\.Literal\[(.*)\]", kind)
         if literal:
             values = [v.strip(" '\"") for v in literal[1].split(",")]
-            hint = _close(value, values) or f"; one of {', '.join(values[:12])}{' ...' if len(values) > 12 else ''}"
+            listed = f"; one of {', '.join(values[:12])}{' ...' if len(values) > 12 else ''}"
+            hint = did_you_mean(value, values) or listed
             extra = " (python -m backbones lists them)" if prefix.endswith("backbone") else ""
             return f"{prefix}={value!r} is not an allowed value{hint}{extra}"
         return f"{prefix} must be {_type_text(kind)}, not {value!r}"
     if unknown := re.search(r"unrecognized arguments: (--[\w.]+)", message, re.IGNORECASE):
-        return f"{unknown[1]} is not an option{_close(unknown[1], options)}"
+        return f"{unknown[1]} is not an option{did_you_mean(unknown[1], options)}"
     kept = [line for line in message.splitlines() if line.strip() and not line.strip().startswith("Given value")]
     return " ".join(line.strip() for line in kept[:6])
 
