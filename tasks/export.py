@@ -23,17 +23,24 @@ arguments), ``zoo.input``, ``zoo.outputs``, ``zoo.backbone``. The batch N may va
 and W vary too, without it the graph is for ``--size`` (default: the evaluation size the checkpoint's
 datamodule used).
 
-``torch.export`` of a detector runs under its task's ``export_context`` (``tasks.heads.exportable``: batched
-NMS, resize and padding without branches on data-dependent sizes, the same boxes and pixels); the program
-keeps the numbers of proposals and detections free. With ``--dynamic`` its tracing takes minutes on a CPU.
+Both formats are traced by ``torch.export`` (ONNX by ``torch.onnx.export(dynamo=True)``, which translates the
+exported program with onnxscript); a detector is traced under its task's ``export_context``
+(``tasks.heads.exportable``: batched NMS, resize and padding without branches on data-dependent sizes, the
+same boxes and pixels), and the graph keeps the numbers of proposals and detections free. Each stage prints
+its start and its time on standard error: with ``--dynamic`` a detector's tracing takes about a minute on a
+CPU.
 
-ONNX export needs the optional extra: ``pip install -e ".[export]"`` (``onnx``, ``onnxruntime``).
+ONNX export needs the optional extra: ``pip install -e ".[export]"`` (``onnx``, ``onnxscript``,
+``onnxruntime``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,26 +75,41 @@ def example_input(size: tuple[int, int], batched: bool) -> torch.Tensor:
     return torch.rand(shape, generator=generator)
 
 
+def dynamic_shapes(batched: bool, dynamic: bool) -> tuple:
+    """``torch.export``'s ``dynamic_shapes`` for the one input: the batch always varies, the height and width
+    with ``--dynamic``; export finds each one's range (``Dim.AUTO``)."""
+    auto = torch.export.Dim.AUTO
+    if batched:
+        return ({0: auto, 2: auto, 3: auto} if dynamic else {0: auto},)
+    return ({1: auto, 2: auto} if dynamic else None,)
+
+
+@contextlib.contextmanager
+def stage(text: str):
+    """``text ...`` on standard error, then how long it took: tracing a dynamic detector takes minutes."""
+    print(f"{text} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{text}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
 def export_onnx(module: nn.Module, example: torch.Tensor, out: Path, outputs, batched: bool, dynamic: bool,
-                meta: dict[str, str], opset: int = 17) -> Path:  # fmt: skip
+                meta: dict[str, str], opset: int = 18) -> Path:  # fmt: skip
+    """The module as ONNX through ``torch.export`` (``torch.onnx.export(dynamo=True)``), its metadata added."""
     try:
         import onnx
+        import onnxscript  # noqa: F401  (the dynamo exporter's translation library)
     except ImportError:
         raise ExportError('ONNX export needs the optional extra: pip install -e ".[export]"') from None
-    # the batch (or the number of detections) always varies; the height and width with --dynamic
-    axes = {name: {0: "batch" if batched else "detections"} for name in outputs}
-    if batched:
-        axes["image"] = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
-    elif dynamic:
-        axes["image"] = {1: "height", 2: "width"}
     staging = out.with_name(f".{out.name}.partial")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on torchvision's code, not the user's to act on
-        torch.onnx.export(
-            module, (example,), str(staging), input_names=["image"], output_names=list(outputs),
-            dynamic_axes=axes, opset_version=opset, dynamo=False,
+    with torch.no_grad(), warnings.catch_warnings(), stage(f"tracing and translating to ONNX (opset {opset})"):
+        # torchvision's NMS shape rule uses a name torch deprecated: its note, not the user's to act on
+        warnings.filterwarnings("ignore", message="`create_unbacked_symint` is deprecated", category=FutureWarning)
+        program = torch.onnx.export(
+            module, (example,), input_names=["image"], output_names=list(outputs),
+            dynamic_shapes=dynamic_shapes(batched, dynamic), opset_version=opset, dynamo=True, verbose=False,
         )  # fmt: skip
-    model = onnx.load(str(staging))
+    model = program.model_proto
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -98,13 +120,10 @@ def export_onnx(module: nn.Module, example: torch.Tensor, out: Path, outputs, ba
 
 def export_program(module: nn.Module, example: torch.Tensor, out: Path, batched: bool, dynamic: bool,
                    meta: dict[str, str]) -> Path:  # fmt: skip
-    # the batch always varies, the height and width with --dynamic; export finds each one's range
-    auto = torch.export.Dim.AUTO
-    shapes = {"image": ({0: auto, 2: auto, 3: auto} if dynamic else {0: auto}) if batched else None}
-    if dynamic and not batched:
-        shapes = {"image": {1: auto, 2: auto}}
-    with torch.no_grad():
-        program = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=False)
+    """The module as a ``torch.export`` program with the metadata as the extra file ``zoo.json``."""
+    with torch.no_grad(), warnings.catch_warnings(), stage("tracing with torch.export"):
+        warnings.filterwarnings("ignore", message="`create_unbacked_symint` is deprecated", category=FutureWarning)
+        program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes(batched, dynamic), strict=False)
     staging = out.with_name(f".{out.name}.partial")
     torch.export.save(program, str(staging), extra_files={"zoo.json": json.dumps(meta)})
     staging.replace(out)
@@ -136,13 +155,14 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", size: 
     meta = metadata(trained, spec)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if format == "onnx":
-        return export_onnx(spec.module.eval(), example, out, spec.outputs, spec.batched, dynamic, meta)
+    module = spec.module.eval()
     if spec.warm_up:
         with torch.no_grad():
-            spec.module(example)  # e.g. the RoI pooler's level scales, fixed by the first image, stay constants
+            module(example)  # e.g. the RoI pooler's level scales, fixed by the first image, stay constants
     with task.export_context():
-        return export_program(spec.module.eval(), example, out, spec.batched, dynamic, meta)
+        if format == "onnx":
+            return export_onnx(module, example, out, spec.outputs, spec.batched, dynamic, meta)
+        return export_program(module, example, out, spec.batched, dynamic, meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
