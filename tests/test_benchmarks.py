@@ -65,6 +65,20 @@ def test_coco_eval_benchmark_backends_agree():
     assert row["detections"] == 800 and row["max_stat_difference"] < 1e-9 and 0 < row["mAP"] < 1
 
 
+def test_decoders_benchmark_times_ours_and_keeps_the_stored_orientation():
+    """Without TorchCodec installed (it is not a dependency) ours is timed alone and the row says so; the
+    EXIF-rotated JPEG comes out as stored (32 high, 64 wide), the orientation COCO-style boxes are on."""
+    from benchmarks import decoders
+
+    rows = decoders.main(["--images", "3", "--size", "64", "48", "--passes", "1"])
+    assert [r.get("format") for r in rows[:2]] == ["JPEG", "PNG"] and all(r["ours_ms"] > 0 for r in rows[:2])
+    assert rows[2]["exif_rotated_64x32_jpeg"]["ours"] == [32, 64]
+    if decoders.torchcodec_decoder() is None:
+        assert "torchcodec not installed" in rows[0]["reference"]
+    else:
+        assert rows[0]["max_pixel_difference"] <= 1 and rows[0]["ratio"] > 0
+
+
 def _jpeg_folder(tmp_path):
     root = write_imagefolder(tmp_path / "jpegs", per_class=2, val_per_class=2, size=96)
     return [str(p) for p in list_images(root / "val")]

@@ -108,9 +108,12 @@ def media_rows(run: dict, key: str) -> list[dict]:
     prefix = key + "/"
     rows = []
     for row in run["history"]:
-        if prefix + "_type" not in row:
+        if isinstance(row.get(key), dict) and "_type" in row[key]:
+            value = dict(row[key])  # one JSON value (older wandb releases)
+        elif prefix + "_type" in row:
+            value = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}  # nested keys
+        else:
             continue
-        value = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
         value["step"] = row.get("trainer/global_step")
         files = run["dir"] / "files"
         value["files"] = [files / name for name in value.get("filenames", [])]
