@@ -6,8 +6,9 @@ named on the command line) to its declared lower bound: what `.ci/minimum_versio
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 requirements = list(project["dependencies"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import time
 from pathlib import Path
 
 from .catalog import STUDIES, Study
@@ -78,9 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tasks import classify
 
-    for name in chosen:
-        print(f"== {study.name}: {name}", flush=True)
-        classify.main(fit_args(study, name, extra))
+    started = time.perf_counter()
+    for done, name in enumerate(chosen, start=1):
+        print(f"== {study.name}: {name} ({done} of {len(chosen)})", flush=True)
+        start = time.perf_counter()
+        cli = classify.main(fit_args(study, name, extra))
+        best = cli.trainer.checkpoint_callback.best_model_score if cli.trainer.checkpoint_callback else None
+        line = f"== {study.name}: {name} done in {time.perf_counter() - start:.0f} s"
+        line += f", best val/acc1 {float(best):.4f}" if best is not None else ""
+        if done < len(chosen):  # the variants are the same recipe on networks of a size: the mean is a fair guess
+            left = (time.perf_counter() - started) / done * (len(chosen) - done)
+            line += f"; {len(chosen) - done} to go, about {left / 60:.0f} min"
+        print(line, flush=True)
     return 0
 
 

@@ -220,7 +220,7 @@ def test_c4_proposals_follow_detectron2_and_aligned_roialign_is_an_option():
 
 
 # -- (7) the per-pixel mean -----------------------------------------------------------------------------
-def test_the_per_pixel_mean_is_the_training_images_mean_and_cached(tmp_path, monkeypatch):
+def test_the_per_pixel_mean_is_the_training_images_mean_and_cached(tmp_path, monkeypatch, caplog):
     from datamodules import ImageFolderDataModule
     from datamodules.folders import list_samples
     from datamodules.images import read_image
@@ -229,8 +229,12 @@ def test_the_per_pixel_mean_is_the_training_images_mean_and_cached(tmp_path, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = write_imagefolder(tmp_path / "images", per_class=3, val_per_class=1, size=40)
     dm = ImageFolderDataModule(root=str(root), image_size=32, normalize="pixel_mean", batch_size=5, num_workers=0)
-    dm.prepare_data()
+    with caplog.at_level("INFO", logger="datamodules.statistics"):
+        dm.prepare_data()
     paths = [p for p, _ in list_samples(root / "train", dm.classes)]
+    # the decoding's progress: at every tenth of the images (here each one of 15), with the time left
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("per-pixel mean: ")]
+    assert len(progress) == len(paths) == 15 and progress[-1].startswith("per-pixel mean: 15/15 images, ")
     from torchvision.transforms import v2
 
     view = v2.Compose([v2.Resize(32, antialias=True), v2.CenterCrop(32)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ def test_runner_and_report_end_to_end(tmp_path, monkeypatch, capsys):
                   "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.max_steps", "6",
                   "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
                   "--trainer.default_root_dir", str(runs), *CPU])  # fmt: skip
+    said = capsys.readouterr().out  # each variant announced, then its time and score, and what is left
+    assert "== degradation_cifar: plain20 (1 of 2)" in said and "== degradation_cifar: resnet20 (2 of 2)" in said
+    assert re.search(r"== degradation_cifar: plain20 done in \d+ s, best val/acc1 [01]\.\d{4}; 1 to go, about", said)
     for variant in ("plain20", "resnet20"):
         logged = logged_run(next((runs / f"degradation_cifar-{variant}").glob("*/wandb")))
         assert logged["tags"] == ["degradation_cifar", variant] and logged["group"] == "degradation_cifar"
