@@ -6,9 +6,8 @@ named on the command line) to its declared lower bound: what `.ci/minimum_versio
 
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 requirements = list(project["dependencies"])

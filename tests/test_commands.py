@@ -124,14 +124,15 @@ def test_load_from_checkpoint_the_lightning_way_gives_the_trained_network(kind, 
 
 
 def test_a_checkpoint_recorded_as_main_still_loads_and_nothing_it_names_is_imported(fitted, tmp_path):
-    """Checkpoints written before this version recorded ``__main__.DetectionTask``: they still load. A class
-    outside the registry is refused before anything is imported."""
-    ckpt, _ = fitted["detect"]
+    """Checkpoints written before this version recorded ``__main__.<Task>`` (a classifier here: any task's
+    record is read the same way, and its export is the quickest): they still load, in the predictor and in a
+    command. A class outside the registry is refused before anything is imported."""
+    ckpt, _ = fitted["classify"]
     raw = torch.load(ckpt, weights_only=True)
-    raw["task"] = "__main__.DetectionTask"
+    raw["task"] = "__main__.ClassificationTask"
     old = tmp_path / "old.ckpt"
     torch.save(raw, old)
-    assert load_predictor(old)(torch.zeros(3, 32, 32, dtype=torch.uint8))["boxes"].shape[1] == 4
+    assert len(load_predictor(old)(torch.zeros(3, 32, 32, dtype=torch.uint8))["classes"]) == 5
     result = _run(["tasks.export", str(old), str(tmp_path / "old.onnx")], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     planted = tmp_path / "planted_module.py"

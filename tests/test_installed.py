@@ -10,9 +10,8 @@ import importlib.metadata
 import pkgutil
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("zoo_common", "backbones", "datamodules", "tasks", "benchmarks", "studies")

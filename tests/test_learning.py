@@ -58,7 +58,6 @@ def test_a_few_steps_on_one_batch_lower_the_training_loss(make, tmp_path, monkey
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)  # no Trainer to log to
     monkeypatch.setattr(task, "log_dict", lambda *args, **kwargs: None)
-    monkeypatch.setattr(task, "log_learning_rate", lambda: None)
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
     task.train()
     losses = []

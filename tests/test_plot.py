@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from tasks import plot
 from tasks.outputs.training_curves import read_metrics
 from tasks.run.loggers import ResumableCSVLogger
 
@@ -45,7 +47,7 @@ def test_plot_draws_each_quantity_in_one_panel_and_keeps_a_resumed_runs_values(t
     assert len(picture.convert("RGB").getcolors(1 << 24)) > 50  # drawn, not blank
     # named metrics, another file
     out = tmp_path / "iou.png"
-    assert _plot(str(run_dir / "metrics.csv"), "--metrics", "val/IoU/circle", "--out", str(out)).returncode == 0
+    assert plot.main([str(run_dir / "metrics.csv"), "--metrics", "val/IoU/circle", "--out", str(out)]) == out
     assert json.loads(Image.open(out).text["panels"]) == {"IoU/circle": {"val/IoU/circle": 2}}
 
 
@@ -54,6 +56,8 @@ def test_plot_errors_name_the_file_and_the_fix(tmp_path):
     _log(run_dir, range(5), offset=0.0)
     typo = _plot(str(run_dir), "--metrics", "val/acc")
     assert typo.returncode == 1 and "--metrics val/acc:" in typo.stderr and "did you mean val/acc1?" in typo.stderr
-    missing = _plot(str(tmp_path / "runs"))
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert f"{tmp_path / 'runs' / 'metrics.csv'}: no such file; run directories below it: {run_dir}" in missing.stderr
+    with pytest.raises(FileNotFoundError) as missing:
+        plot.main([str(tmp_path / "runs")])
+    assert (
+        str(missing.value) == f"{tmp_path / 'runs' / 'metrics.csv'}: no such file; run directories below it: {run_dir}"
+    )
