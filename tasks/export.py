@@ -102,9 +102,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, out: Path, outputs, ba
     except ImportError:
         raise ExportError('ONNX export needs the optional extra: pip install -e ".[export]"') from None
     staging = out.with_name(f".{out.name}.partial")
-    with torch.no_grad(), warnings.catch_warnings(), stage(f"tracing and translating to ONNX (opset {opset})"):
-        # torchvision's NMS shape rule uses a name torch deprecated: its note, not the user's to act on
-        warnings.filterwarnings("ignore", message="`create_unbacked_symint` is deprecated", category=FutureWarning)
+    with torch.no_grad(), stage(f"tracing and translating to ONNX (opset {opset})"):
         program = torch.onnx.export(
             module, (example,), input_names=["image"], output_names=list(outputs),
             dynamic_shapes=dynamic_shapes(batched, dynamic), opset_version=opset, dynamo=True, verbose=False,
@@ -121,8 +119,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, out: Path, outputs, ba
 def export_program(module: nn.Module, example: torch.Tensor, out: Path, batched: bool, dynamic: bool,
                    meta: dict[str, str]) -> Path:  # fmt: skip
     """The module as a ``torch.export`` program with the metadata as the extra file ``zoo.json``."""
-    with torch.no_grad(), warnings.catch_warnings(), stage("tracing with torch.export"):
-        warnings.filterwarnings("ignore", message="`create_unbacked_symint` is deprecated", category=FutureWarning)
+    with torch.no_grad(), stage("tracing with torch.export"):
         program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes(batched, dynamic), strict=False)
     staging = out.with_name(f".{out.name}.partial")
     torch.export.save(program, str(staging), extra_files={"zoo.json": json.dumps(meta)})
@@ -159,7 +156,9 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "onnx", size: 
     if spec.warm_up:
         with torch.no_grad():
             module(example)  # e.g. the RoI pooler's level scales, fixed by the first image, stay constants
-    with task.export_context():
+    with task.export_context(), warnings.catch_warnings():
+        # torchvision's NMS shape rule uses a name torch deprecated: its note, not the user's to act on
+        warnings.filterwarnings("ignore", message="`create_unbacked_symint` is deprecated", category=FutureWarning)
         if format == "onnx":
             return export_onnx(module, example, out, spec.outputs, spec.batched, dynamic, meta)
         return export_program(module, example, out, spec.batched, dynamic, meta)

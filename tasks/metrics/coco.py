@@ -83,7 +83,8 @@ def evaluate_coco(
 
     The per-category numbers are what COCOeval's ``summarize`` averages: the precision array
     ``eval["precision"][T, R, K, A, M]`` at all areas and 100 detections, over the IoU thresholds
-    (AP) or at IoU 0.5 (AP50), over the recall points, skipping COCOeval's -1 (no ground truth).
+    (AP) or at IoU 0.5 (AP50), over the recall points, skipping COCOeval's -1 (no ground truth): the mean
+    precision of the category's curves at IoU 0.50:0.95 and 0.50.
     With no detections at all every AP is 0 (there is nothing to rank); images without ground truth
     are part of ``image_ids`` like any other, as in COCOeval.
     """
@@ -104,18 +105,11 @@ def evaluate_coco(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    precision = evaluator.eval["precision"]  # T x R x K x A x M
+    found = precision_recall_curves(evaluator.eval["precision"], evaluator.params.recThrs, evaluator.params.catIds)
     if curves is not None:
-        curves.extend(precision_recall_curves(precision, evaluator.params.recThrs, evaluator.params.catIds))
-    per_class = {}
-    for k, category in enumerate(evaluator.params.catIds):
-        everything = precision[:, :, k, 0, -1]
-        at_50 = precision[0, :, k, 0, -1]
-        if (everything > -1).any():
-            per_class[int(category)] = (
-                float(everything[everything > -1].mean()),
-                float(at_50[at_50 > -1].mean()) if (at_50 > -1).any() else 0.0,
-            )
+        curves.extend(found)
+    ap = {(c.name, c.iou): c.ap for c in found if c.name != "all"}  # a curve's mean precision is its AP
+    per_class = {int(name): (value, ap[name, "0.50"]) for (name, iou), value in ap.items() if iou == "0.50:0.95"}
     return [float(v) for v in evaluator.stats[:12]], per_class
 
 
