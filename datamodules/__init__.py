@@ -12,8 +12,8 @@ Floors, from the ground up (each module imports only from the floors below it):
    (semantic masks from instances, and their cache);
 4. datasets and datamodules -- ``loading`` (loaders, samplers, the stage logic), ``gpu_decode``,
    ``imagefolder``, ``cifar``, ``detection`` (what every detection format shares), ``coco_detection``,
-   ``voc_detection`` (PASCAL VOC, ILSVRC DET), ``coco_segmentation``, ``localization`` (ILSVRC CLS-LOC),
-   ``shapes``, ``shapes_xml`` (the embedded data in every format);
+   ``coco_instances`` (COCO's instances with their masks), ``voc_detection`` (PASCAL VOC, ILSVRC DET),
+   ``coco_segmentation``, ``localization`` (ILSVRC CLS-LOC), ``shapes``, ``shapes_xml`` (the embedded data in every format);
 5. the command -- ``check`` (``python -m datamodules.check``).
 """
 
@@ -24,12 +24,14 @@ import importlib
 _HOMES = {
     "CIFARDataModule": "cifar",
     "COCODetectionDataModule": "coco_detection",
+    "COCOInstanceDataModule": "coco_instances",
     "COCOSegmentationDataModule": "coco_segmentation",
     "ILSVRCDetectionDataModule": "voc_detection",
     "ILSVRCLocalizationDataModule": "localization",
     "ImageFolderDataModule": "imagefolder",
     "ShapesClassificationDataModule": "shapes",
     "ShapesDetectionDataModule": "shapes",
+    "ShapesInstanceDataModule": "shapes",
     "ShapesLocalizationDataModule": "shapes_xml",
     "ShapesSegmentationDataModule": "shapes",
     "ShapesVOCDataModule": "shapes_xml",

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 def coco_records(dataset: dict, dropped: Counter | None = None) -> DetectionRecords:
     """The images of an annotation file's dict with their training boxes (no crowds, no boxes a pixel thin
     or less, no unknown categories: each counted in ``dropped``), sorted by image id, each image's boxes in
-    file order. Built with whole-array operations: one pass over the annotations collects their fields."""
+    file order; ``sources`` holds each box's annotation row in :class:`datamodules.masks.InstanceRegions` of
+    the same dict (where its mask is). Built with whole-array operations: one pass over the annotations
+    collects their fields."""
     dropped = Counter() if dropped is None else dropped
     images = sorted(dataset["images"], key=lambda image: image["id"])
     ids = np.asarray([image["id"] for image in images], dtype=np.int64)
@@ -51,13 +53,16 @@ def coco_records(dataset: dict, dropped: Counter | None = None) -> DetectionReco
         if count:
             dropped[kind] += int(count)
     keep = np.flatnonzero(known & thick)
-    keep = keep[np.argsort(rows[keep], kind="stable")]  # by image, file order within one
+    by_image = np.argsort(rows, kind="stable")  # by image, file order within one: InstanceRegions' rows
+    region_row = np.empty(len(anns), dtype=np.int64)
+    region_row[by_image] = np.arange(len(anns))
+    keep = keep[np.argsort(rows[keep], kind="stable")]
     names, name_offsets = pack([image["file_name"].encode() for image in images])
     return DetectionRecords(
         ids=ids, names=names, name_offsets=name_offsets, widths=sizes[:, 0].astype(np.int32),
         heights=sizes[:, 1].astype(np.int32), box_offsets=offsets(np.bincount(rows[keep], minlength=len(ids))),
         boxes=np.stack([x1, y1, x2, y2], axis=1)[keep].astype(np.float32), labels=categories[keep],
-        difficult=np.zeros(len(keep), dtype=bool),
+        difficult=np.zeros(len(keep), dtype=bool), sources=region_row[keep],
     )  # fmt: skip
 
 
@@ -109,6 +114,10 @@ class COCODetectionDataModule(COCOSplits, DetectionDataModule):
                 f"list; the detector's classes come from the validation file's list. Give both files the same "
                 f"'categories' (COCO's share theirs)."
             )
+        return self._dataset(images, dataset, train)
+
+    def _dataset(self, images: Path, dataset: dict, train: bool) -> COCODetectionDataset:
+        """The split's dataset from its annotation file's dict (instance segmentation's carries masks)."""
         return COCODetectionDataset(images, dataset, train, self._transform(train), self.hparams.skip_corrupt)
 
     def _records(self, split: str) -> DetectionRecords:

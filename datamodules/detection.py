@@ -106,6 +106,11 @@ class DetectionDataset(Dataset):
     def path(self, index: int) -> Path:
         return Path(self.images_dir) / self.records.name(index)
 
+    def object_targets(self, index: int, height: int, width: int) -> dict[str, torch.Tensor]:
+        """More per-object targets of image ``index`` (as ``tv_tensors``, so that the transforms move them
+        with the boxes): none here; instance segmentation adds each object's mask."""
+        return {}
+
     def __getitem__(self, index: int) -> dict | None:
         path = self.path(index)
         image = read_image_or_skip(path, self.skip_corrupt)
@@ -121,13 +126,14 @@ class DetectionDataset(Dataset):
                 torch.from_numpy(boxes.copy()), format="XYXY", canvas_size=tuple(image.shape[-2:])
             ),
             "labels": torch.from_numpy(labels.copy()),
+            **self.object_targets(index, *image.shape[-2:]),
         }
         image = tv_tensors.Image(image)
         if self.transform is not None:
             image, target = self.transform(image, target)
         return {
             "image": image.as_subclass(torch.Tensor),
-            "target": {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"]},
+            "target": {key: value.as_subclass(torch.Tensor) for key, value in target.items()},
             "image_id": image_id,
             "path": str(path),
         }
@@ -144,6 +150,7 @@ def _without(records: DetectionRecords, keep: np.ndarray) -> dict:
         "boxes": records.boxes[keep],
         "labels": records.labels[keep],
         "difficult": records.difficult[keep],
+        "sources": None if records.sources is None else records.sources[keep],
     }
 
 

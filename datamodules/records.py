@@ -69,6 +69,9 @@ class DetectionRecords:
     boxes: np.ndarray  # float32 [m, 4]
     labels: np.ndarray  # int64 [m]
     difficult: np.ndarray  # bool [m]
+    #: int64 [m] or None: each object's row in another per-object table of the split (COCO: its annotation's
+    #: row in ``datamodules.masks.InstanceRegions``, where instance segmentation reads its mask)
+    sources: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -124,7 +127,7 @@ class DetectionRecords:
         return DetectionRecords(
             ids=self.ids[keep], names=names, name_offsets=name_offsets, widths=self.widths[keep],
             heights=self.heights[keep], box_offsets=box_offsets, boxes=self.boxes[rows], labels=self.labels[rows],
-            difficult=self.difficult[rows],
+            difficult=self.difficult[rows], sources=None if self.sources is None else self.sources[rows],
         )  # fmt: skip
 
     def ground_truth(self) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .coco_detection import COCODetectionDataModule
+from .coco_instances import COCOInstanceDataModule
 from .coco_segmentation import COCOSegmentationDataModule
 from .imagefolder import ImageFolderDataModule
 
@@ -295,6 +296,11 @@ class ShapesDetectionDataModule(_GeneratedCOCO, COCODetectionDataModule):
     ) -> None:
         super().__init__(root=root, **kwargs)
         self.generation = _coco_generation(num_train_images, num_val_images, size, seed)
+
+
+class ShapesInstanceDataModule(ShapesDetectionDataModule, COCOInstanceDataModule):
+    """The generated shapes with their polygons, for ``tasks.instance_segment``: the detection demo's files and
+    arguments (:class:`ShapesDetectionDataModule`), each object's mask in its samples."""
 
 
 class ShapesSegmentationDataModule(_GeneratedCOCO, COCOSegmentationDataModule):

@@ -34,7 +34,7 @@ from .heads.faster_rcnn import HeadKind, build_faster_rcnn
 from .heads.tta import detect_with_tta
 from .metrics.coco import Backend, to_coco_results
 from .metrics.protocols import protocol
-from .outputs.media import wandb_boxes
+from .outputs.media import class_map, wandb_boxes, wandb_mask
 from .outputs.pr_curves import log_pr_curves
 from .outputs.writers import draw_detections, images_folder, write_detections
 from .run.cli import entry_point, script
@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 #: torchvision weights trained with ``FrozenBatchNorm2d(eps=0)``: torchvision's builders set eps to 0 when
 #: loading them (``overwrite_eps``), and so do we, to reproduce their outputs exactly.
-ZERO_EPS_WEIGHTS: frozenset[str] = frozenset({"FasterRCNN_ResNet50_FPN_Weights.COCO_V1"})
+ZERO_EPS_WEIGHTS: frozenset[str] = frozenset(
+    {"FasterRCNN_ResNet50_FPN_Weights.COCO_V1", "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"}
+)
 
 
 class DetectionTask(BaseTask):
@@ -111,6 +113,12 @@ class DetectionTask(BaseTask):
 
     default_scheduler_interval = "step"
     default_channels_last = False
+    #: the network's builder (``tasks.heads``): instance segmentation's adds the mask branch
+    build_detector = staticmethod(build_faster_rcnn)
+    #: what each detection holds, the outputs of the exported graph in this order
+    detection_keys: tuple[str, ...] = ("boxes", "labels", "scores")
+    #: the COCOeval runs of a COCO-scored split: ``(iouType, prefix of the metric names)``
+    coco_iou_types: tuple[tuple[str, str], ...] = (("bbox", ""),)
     output_options = ("detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip")
 
     def __init__(
@@ -154,7 +162,7 @@ class DetectionTask(BaseTask):
         hp = self.hparams
         body = self.make_backbone(norm=hp.norm)
         body.freeze(hp.freeze_at)
-        return build_faster_rcnn(
+        return self.build_detector(
             body,
             head=hp.head,
             num_classes=hp.num_classes + 1,
@@ -224,7 +232,7 @@ class DetectionTask(BaseTask):
         self.count_skipped(batch)
         if not batch["images"]:
             return None
-        targets = [{"boxes": t["boxes"], "labels": self._labels_for(t["labels"])} for t in batch["targets"]]
+        targets = [{**t, "labels": self._labels_for(t["labels"])} for t in batch["targets"]]  # (and masks)
         losses = self(batch["images"], targets)
         loss = self.guard_loss(sum(losses.values()), batch)
         n = len(batch["images"])
@@ -251,34 +259,48 @@ class DetectionTask(BaseTask):
         for image_id, out in zip(batch["image_ids"], outputs):
             self._image_ids[split].append(int(image_id))
             self._results[split].extend(
-                to_coco_results(out["boxes"], out["scores"], out["labels"], image_id, self.label_to_category())
+                to_coco_results(
+                    out["boxes"], out["scores"], out["labels"], image_id, self.label_to_category(), out.get("masks")
+                )
             )
 
     def predictions(self, batch: dict) -> list[dict]:
         """Each image's ``path`` and detections: ``boxes`` (``K x 4``, x1 y1 x2 y2 in the original image's
         pixels), ``labels`` (network classes, 1-based), ``classes`` (their names) and ``scores``, best
-        first. ``predict`` and ``tasks.inference.predictor`` both use it."""
+        first; with a mask branch, ``masks`` too (``K x H x W`` booleans at the image's size: the pixels whose
+        mask probability is above 0.5). ``predict`` and ``tasks.inference.predictor`` both use it."""
         outputs = self.detect(batch["images"])
-        return [
-            {
+        rows = []
+        for path, out in zip(batch["paths"], outputs):
+            row = {
                 "path": path,
                 "boxes": out["boxes"].float().cpu(),
                 "labels": out["labels"].cpu(),
                 "classes": [self.class_name(int(k)) for k in out["labels"]],
                 "scores": out["scores"].float().cpu(),
             }
-            for path, out in zip(batch["paths"], outputs)
-        ]
+            if "masks" in out:
+                row["masks"] = out["masks"][:, 0].cpu() > 0.5
+            rows.append(row)
+        return rows
 
     def sample_records(self, batch: dict, outputs: list[dict]) -> list[dict]:
-        """Validation images with the boxes scoring above 0.3 and the ground truth, for W&B."""
+        """Validation images with the boxes scoring above 0.3 and the ground truth, for W&B; with a mask
+        branch, those boxes' masks and the true ones too (each pixel the class of the last instance over it)."""
         names = {k + 1: n for k, n in enumerate(self.class_names or [])}
         records = []
         for image, out, target in zip(batch["images"], outputs, batch["targets"]):
             keep = out["scores"] > 0.3
-            predicted = wandb_boxes(out["boxes"][keep].cpu(), out["labels"][keep].cpu(), names, out["scores"][keep])
-            truth = wandb_boxes(target["boxes"].cpu(), self._labels_for(target["labels"]).cpu(), names)
-            records.append({"image": image.cpu(), "boxes": {"predictions": predicted, "ground_truth": truth}})
+            labels, true_labels = out["labels"][keep].cpu(), self._labels_for(target["labels"]).cpu()
+            predicted = wandb_boxes(out["boxes"][keep].cpu(), labels, names, out["scores"][keep])
+            truth = wandb_boxes(target["boxes"].cpu(), true_labels, names)
+            record = {"image": image.cpu(), "boxes": {"predictions": predicted, "ground_truth": truth}}
+            if "masks" in out and "masks" in target:
+                record["masks"] = {
+                    "predictions": wandb_mask(class_map(out["masks"][keep].cpu()[:, 0] > 0.5, labels), names),
+                    "ground_truth": wandb_mask(class_map(target["masks"].cpu().bool(), true_labels), names),
+                }
+            records.append(record)
         return records
 
     def _gathered(self, split: str) -> tuple[list[dict], list[int]]:
@@ -294,29 +316,26 @@ class DetectionTask(BaseTask):
     def epoch_scores(self, split: str) -> None:
         """The split's official metrics on all ranks' detections, logged as ``<split>/<metric>``, and their
         precision-recall curves drawn (``tasks.outputs.pr_curves``); the test split's detections are written
-        to ``detections_file`` too."""
+        to ``detections_file`` too. A COCO-scored split is evaluated once per :attr:`coco_iou_types` (boxes;
+        and masks, as ``mask_<metric>``, for instance segmentation)."""
         if split not in self._results:
             self.reset_scores(split)
         results, image_ids = self._gathered(split)
         scoring = protocol(self.trainer.datamodule.protocol)
-        metrics = {name: 0.0 for name in scoring.metric_names}
-        curves: list = []
+        runs = self.coco_iou_types if scoring.name == "coco" else (("bbox", ""),)
+        metrics = {f"{prefix}{name}": 0.0 for _, prefix in runs for name in scoring.metric_names}
         if self.trainer.is_global_zero and image_ids:
             ids = self.label_to_category()[1:]
             names = {cid: self.class_name(k) for k, cid in enumerate(ids, start=1)}
-            split_read = data_split(split)
-            metrics.update(
-                scoring.score(
-                    self.trainer.datamodule,
-                    split_read,
-                    results,
-                    image_ids,
-                    names,
-                    self.hparams.evaluator,
-                    curves=curves,
-                )
-            )
-            log_pr_curves(self, split, curves, names)
+            for iou_type, prefix in runs:
+                curves: list = []
+                options = {"iou_type": iou_type} if iou_type != "bbox" else {}
+                found = scoring.score(
+                    self.trainer.datamodule, data_split(split), results, image_ids, names, self.hparams.evaluator,
+                    curves=curves, **options,
+                )  # fmt: skip
+                metrics.update({f"{prefix}{name}": value for name, value in found.items()})
+                log_pr_curves(self, split, curves, names, prefix=prefix)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         self.log_dict({f"{split}/{name}": float(v) for name, v in metrics.items()}, sync_dist=False)
         self.last_results = results
@@ -327,28 +346,29 @@ class DetectionTask(BaseTask):
                 write_detections(results, self.output_path(self.detections_file, "detections.json"))
 
     def _per_class_table(self, prefix: str, metrics: dict[str, float]) -> None:
-        """Each class's AP as a W&B table (and printed after ``test``)."""
-        rows = [
-            [name[3:], v, metrics.get(f"AP50/{name[3:]}", v)] for name, v in metrics.items() if name.startswith("AP/")
-        ]
+        """Each class's AP as a W&B table (and printed after ``test``), its mask AP beside it when scored."""
+        kinds = [p for _, p in self.coco_iou_types if any(n.startswith(f"{p}AP/") for n in metrics)] or [""]
+        columns = ["class"] + [f"{p}{m}" for p in kinds for m in ("AP", "AP50")]
+        rows = []
+        for name in metrics:
+            if name.startswith("AP/"):
+                c = name[3:]
+                rows.append([c] + [metrics.get(f"{p}{m}/{c}", 0.0) for p in kinds for m in ("AP", "AP50")])
         if not rows:
             return
         for logger in self.wandb_loggers():
-            logger.log_table(
-                f"{prefix}/AP_per_class", columns=["class", "AP", "AP50"], data=rows, step=self.global_step
-            )
+            logger.log_table(f"{prefix}/AP_per_class", columns=columns, data=rows, step=self.global_step)
         if prefix == "test":
             width = max(len(r[0]) for r in rows)
-            print(
-                "\n".join([f"{'class':{width}s}  AP     AP50"] + [f"{c:{width}s}  {a:.4f} {b:.4f}" for c, a, b in rows])
-            )
+            header = f"{'class':{width}s}" + "".join(f"  {c:9s}" for c in columns[1:])
+            print("\n".join([header] + [f"{r[0]:{width}s}" + "".join(f"  {v:.4f}   " for v in r[1:]) for r in rows]))
 
     # -- export ---------------------------------------------------------------------------------------
     def export_spec(self, data: dict[str, Any]) -> ExportSpec:
         """One ``3 x H x W`` image in [0, 1] (resized and normalized inside the graph) to its detections."""
         hp = self.hparams
         return ExportSpec(
-            OneImageDetector(self.detector), ("boxes", "labels", "scores"), batched=False,
+            OneImageDetector(self.detector, self.detection_keys), self.detection_keys, batched=False,
             input="float32 3 x H x W, RGB in [0, 1]; resized and normalized inside the graph",
             preprocessing={"in_graph": True, "min_size": hp.min_size, "max_size": hp.max_size}, warm_up=True,
         )  # fmt: skip

@@ -19,6 +19,7 @@ TASKS: dict[str, str] = {
     "detect": "tasks.detect.DetectionTask",
     "segment": "tasks.segment.SegmentationTask",
     "localize": "tasks.localize.LocalizationTask",
+    "instance_segment": "tasks.instance_segment.InstanceSegmentationTask",
 }
 
 #: modules that moved into the wings, by their old names: a config or script naming

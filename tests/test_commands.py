@@ -35,11 +35,12 @@ def _data(kind: str, tmp: Path) -> list[str]:
         root = write_imagefolder(tmp / "cls", per_class=2, val_per_class=1, size=32)
         return ["--data", "datamodules.ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32",
                 "--data.batch_size", "4", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20"]  # fmt: skip
-    if kind in ("detect", "segment"):
+    if kind in ("detect", "segment", "instance_segment"):
         root = write_coco(tmp / "coco", train_images=4, val_images=2, size=(64, 64), object_size=(16, 30))
-        if kind == "detect":
-            return ["--data", "datamodules.COCODetectionDataModule", "--data.root", str(root), "--data.batch_size",
-                    "2", "--data.num_workers", "0", *DETECTOR]  # fmt: skip
+        if kind != "segment":
+            data = "datamodules.COCODetectionDataModule" if kind == "detect" else "datamodules.COCOInstanceDataModule"
+            return ["--data", data, "--data.root", str(root), "--data.batch_size", "2", "--data.num_workers", "0",
+                    *DETECTOR]  # fmt: skip
         return ["--data", "datamodules.COCOSegmentationDataModule", "--data.root", str(root), "--data.categories",
                 "all", "--data.min_area", "0", "--data.base_size", "64", "--data.crop_size", "48",
                 "--data.batch_size", "2", "--data.num_workers", "0", "--data.cache_dir", str(tmp / "masks"),
@@ -95,14 +96,17 @@ def test_export_command_then_onnx_runtime_and_the_predictor_on_what_fit_wrote(ki
     assert meta["zoo.task"] == kind
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     shape = session.get_inputs()[0].shape
-    side = 64 if kind in ("detect", "segment") else 32
+    side = 64 if kind in ("detect", "segment", "instance_segment") else 32
     image = torch.rand(3, side, side) if len(shape) == 3 else torch.rand(1, 3, side, side)
     outputs = session.run(None, {"image": image.numpy()})
     assert [o.name for o in session.get_outputs()] == meta["zoo.outputs"] and len(outputs) == len(meta["zoo.outputs"])
     predict = load_predictor(ckpt)
     found = predict(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
-    expected = {"classify": "classes", "detect": "boxes", "segment": "mask", "localize": "boxes"}[kind]
+    expected = {"classify": "classes", "detect": "boxes", "segment": "mask", "localize": "boxes",
+                "instance_segment": "masks"}[kind]  # fmt: skip
     assert expected in found
+    if kind == "instance_segment":  # one boolean mask per instance, at the image's size
+        assert found["masks"].dtype == torch.bool and found["masks"].shape == (len(found["boxes"]), 40, 40)
     if kind == "segment":
         assert found["mask"].shape == (40, 40)
     if kind == "localize":

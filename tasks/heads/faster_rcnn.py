@@ -130,6 +130,68 @@ class StageBoxHead(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.res5(regions), 1), 1)
 
 
+def rcnn_parts(
+    body: Backbone,
+    *,
+    head: HeadKind,
+    num_classes: int,
+    anchor_sizes: Sequence[int] | None = None,
+    fpn_channels: int = 256,
+    aligned: bool = False,
+) -> tuple[nn.Module, dict]:
+    """What Faster R-CNN and Mask R-CNN share: ``body`` attached through ``head`` (the detector's ``backbone``)
+    and the keyword arguments of torchvision's ``FasterRCNN``/``MaskRCNN`` that build its RPN and box head
+    (``num_classes`` or the C4 head's own ``box_head`` and ``box_predictor``, and the C4 head's proposal
+    counts). Arguments as :func:`build_faster_rcnn`'s."""
+    ratios = (0.5, 1.0, 2.0)
+    if head == "fpn":
+        backbone: nn.Module = FPNBackbone(body, fpn_channels)
+        sizes = list(anchor_sizes) if anchor_sizes else [8 * s for s in backbone.strides]
+        if len(sizes) != len(backbone.strides):
+            raise ValueError(
+                f"anchor_sizes: the FPN head needs one size per level ({len(backbone.strides)}), got {sizes}"
+            )
+        return backbone, {
+            "num_classes": num_classes,
+            "rpn_anchor_generator": AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes)),
+            "rpn_head": RPNHead(backbone.out_channels, len(ratios)),
+            "box_roi_pool": RoIAlignPooler(["0", "1", "2", "3"], output_size=7, sampling_ratio=2, aligned=aligned),
+        }
+    if head != "c4":
+        raise ValueError(f"head={head!r} is not one of 'c4', 'fpn'")
+    stages = [name for name in body.stage_names if name != "stem"]
+    if len(stages) < 2:
+        raise ValueError(f"the C4 head needs at least two stages, {body.name} has {stages}")
+    trunk_stage, head_stage = stages[-2], stages[-1]
+    head_channels = body.feature_info[head_stage].channels
+    if body.feature_info[trunk_stage].stride < 16:  # a CIFAR net: its stages are for 32-px images
+        warnings.warn(
+            f"the C4 head on {body.name}: the shared trunk ends at {trunk_stage} (stride "
+            f"{body.feature_info[trunk_stage].stride}, {body.feature_info[trunk_stage].channels} channels) and "
+            f"{head_stage} runs per region; the ResNet paper's C4 detector has a stride-16 trunk (an ImageNet net)",
+            stacklevel=3,
+        )
+    body.select_outputs([trunk_stage])
+    res5 = body.truncate(after=trunk_stage)
+    backbone = C4Backbone(body)
+    sizes = list(anchor_sizes) if anchor_sizes else [backbone.stride * k for k in (2, 4, 8, 16, 32)]
+    return backbone, {
+        "rpn_anchor_generator": AnchorGenerator((tuple(sizes),), (ratios,)),
+        "rpn_head": RPNHead(backbone.out_channels, len(sizes) * len(ratios)),
+        "box_roi_pool": RoIAlignPooler(["0"], output_size=14, sampling_ratio=0, aligned=aligned),
+        "box_head": StageBoxHead(res5, head_channels),
+        "box_predictor": FastRCNNPredictor(head_channels, num_classes),
+        **C4_PROPOSALS,
+    }
+
+
+#: the C4 head's region proposals: detectron2's C4 configs (see :func:`build_faster_rcnn`)
+C4_PROPOSALS = {
+    "rpn_pre_nms_top_n_train": 12000, "rpn_pre_nms_top_n_test": 6000,
+    "rpn_post_nms_top_n_train": 2000, "rpn_post_nms_top_n_test": 1000,
+}  # fmt: skip
+
+
 def build_faster_rcnn(
     body: Backbone,
     *,
@@ -165,60 +227,11 @@ def build_faster_rcnn(
             2,000 / 1,000 after it come out (torchvision's 2,000 / 1,000 before NMS are meant per FPN
             level); the ResNet paper's detector kept 300 at test time (``rpn_post_nms_top_n_test: 300``).
     """
-    ratios = (0.5, 1.0, 2.0)
-    if head == "fpn":
-        backbone: nn.Module = FPNBackbone(body, fpn_channels)
-        sizes = list(anchor_sizes) if anchor_sizes else [8 * s for s in backbone.strides]
-        if len(sizes) != len(backbone.strides):
-            raise ValueError(
-                f"anchor_sizes: the FPN head needs one size per level ({len(backbone.strides)}), got {sizes}"
-            )
-        anchors = AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(sizes))
-        return FasterRCNN(
-            backbone,
-            num_classes=num_classes,
-            rpn_anchor_generator=anchors,
-            rpn_head=RPNHead(backbone.out_channels, len(ratios)),
-            box_roi_pool=RoIAlignPooler(["0", "1", "2", "3"], output_size=7, sampling_ratio=2, aligned=aligned),
-            min_size=min_size,
-            max_size=max_size,
-            image_mean=list(image_mean),
-            image_std=list(image_std),
-            **detector_kwargs,
-        )
-    if head != "c4":
-        raise ValueError(f"head={head!r} is not one of 'c4', 'fpn'")
-    stages = [name for name in body.stage_names if name != "stem"]
-    if len(stages) < 2:
-        raise ValueError(f"the C4 head needs at least two stages, {body.name} has {stages}")
-    trunk_stage, head_stage = stages[-2], stages[-1]
-    head_channels = body.feature_info[head_stage].channels
-    if body.feature_info[trunk_stage].stride < 16:  # a CIFAR net: its stages are for 32-px images
-        warnings.warn(
-            f"the C4 head on {body.name}: the shared trunk ends at {trunk_stage} (stride "
-            f"{body.feature_info[trunk_stage].stride}, {body.feature_info[trunk_stage].channels} channels) and "
-            f"{head_stage} runs per region; the ResNet paper's C4 detector has a stride-16 trunk (an ImageNet net)",
-            stacklevel=2,
-        )
-    body.select_outputs([trunk_stage])
-    res5 = body.truncate(after=trunk_stage)
-    backbone = C4Backbone(body)
-    sizes = list(anchor_sizes) if anchor_sizes else [backbone.stride * k for k in (2, 4, 8, 16, 32)]
-    anchors = AnchorGenerator((tuple(sizes),), (ratios,))
-    proposals = {
-        "rpn_pre_nms_top_n_train": 12000, "rpn_pre_nms_top_n_test": 6000,
-        "rpn_post_nms_top_n_train": 2000, "rpn_post_nms_top_n_test": 1000,
-    }  # fmt: skip
+    backbone, parts = rcnn_parts(
+        body, head=head, num_classes=num_classes, anchor_sizes=anchor_sizes, fpn_channels=fpn_channels,
+        aligned=aligned,
+    )  # fmt: skip
     return FasterRCNN(
-        backbone,
-        rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(backbone.out_channels, len(sizes) * len(ratios)),
-        box_roi_pool=RoIAlignPooler(["0"], output_size=14, sampling_ratio=0, aligned=aligned),
-        box_head=StageBoxHead(res5, head_channels),
-        box_predictor=FastRCNNPredictor(head_channels, num_classes),
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(image_mean),
-        image_std=list(image_std),
-        **{**proposals, **detector_kwargs},
-    )
+        backbone, min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
+        **{**parts, **detector_kwargs},
+    )  # fmt: skip

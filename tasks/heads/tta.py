@@ -4,7 +4,8 @@ scales, and the views' predictions are merged in the image's own coordinates.
 - Detection, as detectron2's ``GeneralizedRCNNWithTTA``: the detector runs on each view (its shorter-side
   target ``min_size`` and ``max_size`` times the scale, the image mirrored or not); a mirrored view's boxes
   are mirrored back; all views' boxes are pooled and merged by per-class NMS at the detector's own
-  threshold, keeping its ``detections_per_img`` best.
+  threshold, keeping its ``detections_per_img`` best. A Mask R-CNN's masks (pasted at the image's size by
+  each view) are mirrored back with their boxes and kept with them.
 - Segmentation, as MMSegmentation's and torchvision's multi-scale evaluation: the class probabilities of
   each view, mirrored back and resized to the input, are averaged; the result is returned as their log
   (argmax and cross-entropy as for logits).
@@ -37,7 +38,8 @@ def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
 
 
 def detect_with_tta(detector, images: list[Tensor], scales: Sequence[float], flip: bool) -> list[dict]:
-    """torchvision's Faster R-CNN ``detector`` (in eval mode) on ``images`` with each view, merged."""
+    """torchvision's Faster R-CNN or Mask R-CNN ``detector`` (in eval mode) on ``images`` with each view,
+    merged."""
     transform, heads = detector.transform, detector.roi_heads
     min_size, max_size = transform.min_size, transform.max_size
     found: list[list[dict]] = [[] for _ in images]
@@ -47,15 +49,20 @@ def detect_with_tta(detector, images: list[Tensor], scales: Sequence[float], fli
             transform.max_size = round(max_size * scale)
             outputs = detector([im.flip(-1) for im in images] if mirrored else images)
             for k, (out, image) in enumerate(zip(outputs, images)):
-                boxes = mirror_boxes(out["boxes"], image.shape[-1]) if mirrored else out["boxes"]
-                found[k].append({"boxes": boxes, "labels": out["labels"], "scores": out["scores"]})
+                view = dict(out)
+                if mirrored:
+                    view["boxes"] = mirror_boxes(out["boxes"], image.shape[-1])
+                    if "masks" in out:  # Mask R-CNN's, pasted at the image's size: mirrored back too
+                        view["masks"] = out["masks"].flip(-1)
+                found[k].append(view)
     finally:
         transform.min_size, transform.max_size = min_size, max_size
     merged = []
     for outs in found:
-        boxes, labels, scores = (torch.cat([o[key] for o in outs]) for key in ("boxes", "labels", "scores"))
-        keep = batched_nms(boxes, scores, labels, heads.nms_thresh)[: heads.detections_per_img]
-        merged.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+        pooled = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
+        keep = batched_nms(pooled["boxes"], pooled["scores"], pooled["labels"], heads.nms_thresh)
+        keep = keep[: heads.detections_per_img]
+        merged.append({key: value[keep] for key, value in pooled.items()})
     return merged
 
 

@@ -1,10 +1,12 @@
-"""COCO detection metrics from ``COCOeval`` against the annotation file (pycocotools or faster-coco-eval).
+"""COCO detection and instance segmentation metrics from ``COCOeval`` against the annotation file
+(pycocotools or faster-coco-eval).
 
 Nothing is re-derived: detections are converted to COCO's results format (``image_id``,
-``category_id``, ``bbox`` as ``[x, y, w, h]``, ``score``), loaded into the ground truth's ``COCO`` object
+``category_id``, ``bbox`` as ``[x, y, w, h]``, ``score``, and for instance masks ``segmentation`` as a
+compressed RLE at the image's size), loaded into the ground truth's ``COCO`` object
 with ``loadRes`` and evaluated by the library's ``COCOeval`` restricted to the images that were
-evaluated. The twelve standard numbers come back; the tasks log them as ``mAP``, ``AP50``, ``AP75``, ``APs``,
-``APm``, ``APl`` and ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``, ``ARl``, and each category's AP and AP50
+evaluated (``iouType`` ``bbox`` or ``segm``). The twelve standard numbers come back; the tasks log them as
+``mAP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` and ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``, ``ARl``, and each category's AP and AP50
 from the same run's precision array.
 """
 
@@ -43,12 +45,19 @@ def ground_truth(path: str | Path, backend: Backend = "faster_coco_eval"):
 
 
 def to_coco_results(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, image_id: int, label_to_category: list[int]
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    image_id: int,
+    label_to_category: list[int],
+    masks: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One image's detections (``x1, y1, x2, y2`` boxes, contiguous labels) as COCO result entries."""
+    """One image's detections (``x1, y1, x2, y2`` boxes, contiguous labels) as COCO result entries; with
+    ``masks`` (``K x 1 x H x W`` probabilities at the image's size, Mask R-CNN's), each entry also carries its
+    mask cut at 0.5 as ``segmentation``, a compressed RLE (:func:`encode_masks`)."""
     boxes = boxes.detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    return [
+    rows = [
         {
             "image_id": int(image_id),
             "category_id": int(label_to_category[int(label)]),
@@ -57,6 +66,32 @@ def to_coco_results(
         }
         for box, score, label in zip(xywh, scores.detach().float().cpu().tolist(), labels.cpu().tolist())
     ]
+    if masks is not None:
+        for row, rle in zip(rows, encode_masks(masks)):
+            row["segmentation"] = rle
+    return rows
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict]:
+    """``K x 1 x H x W`` mask probabilities (or ``K x H x W`` booleans) as COCO's compressed RLE, one per
+    mask (``size`` ``[H, W]``, ``counts`` as text): the pixels above 0.5, encoded by pycocotools."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    masks = masks.detach().cpu()
+    binary = (masks[:, 0] > 0.5) if masks.dim() == 4 else masks.bool()
+    if not len(binary):
+        return []
+    encoded = mask_utils.encode(np.asfortranarray(binary.permute(1, 2, 0).numpy().astype(np.uint8)))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in encoded]
+
+
+def result_rows(results: list[dict], iou_type: str) -> list[dict]:
+    """The entries COCOeval's ``iou_type`` reads: for ``bbox`` without ``segmentation``, for ``segm`` without
+    ``bbox`` (``loadRes`` takes a row with a ``bbox`` as a box result, and its area from the box, which would
+    sort masks into the wrong size ranges)."""
+    drop = "segmentation" if iou_type == "bbox" else "bbox"
+    return [{k: v for k, v in r.items() if k != drop} for r in results if iou_type == "bbox" or "segmentation" in r]
 
 
 def evaluate_detections(
@@ -92,7 +127,7 @@ def evaluate_coco(
     if not results:
         return [0.0] * 12, {}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys to the dicts it gets
+        dt = gt.loadRes(result_rows(results, iou_type))  # new dicts: loadRes adds keys to the ones it gets
         if backend == "pycocotools":
             from pycocotools.cocoeval import COCOeval
 

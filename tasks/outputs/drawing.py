@@ -96,12 +96,26 @@ def _text_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
 
 def draw_detections(image: torch.Tensor, out: dict, names: list[str], threshold: float = 0.5) -> Image.Image:
     """``image`` (``3 x H x W``, uint8 or floats in [0, 1]) with ``out``'s boxes (``boxes``, ``labels``,
-    ``scores``) scoring at least ``threshold`` drawn; ``names`` indexed by label."""
+    ``scores``) scoring at least ``threshold`` drawn; ``names`` indexed by label. With ``masks`` (instance
+    segmentation: ``K x H x W`` booleans, or ``K x 1 x H x W`` probabilities cut at 0.5), each drawn
+    detection's mask is blended in first, half opaque, in its box's class color
+    (``torchvision.utils.draw_segmentation_masks``)."""
     image = image.detach().cpu()
     if image.dtype != torch.uint8:
         image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
     height, width = image.shape[-2:]
     boxes, labels, scores = (out[k].detach().cpu() for k in ("boxes", "labels", "scores"))
+    if "masks" in out and len(boxes):
+        from torchvision.utils import draw_segmentation_masks
+
+        kept = scores >= threshold
+        masks = out["masks"].detach().cpu()
+        masks = (masks[:, 0] > 0.5 if masks.dim() == 4 else masks.bool())[kept]
+        if len(masks):
+            colors = class_colors(len(names))
+            image = draw_segmentation_masks(
+                image, masks, alpha=0.5, colors=[colors[int(k) % len(colors)] for k in labels[kept]]
+            )
     scale, drawn = plan_detections(boxes, labels, scores, names, height, width, threshold)
     picture = Image.fromarray(image.permute(1, 2, 0).numpy())
     if scale > 1:

@@ -59,6 +59,15 @@ def wandb_mask(mask: torch.Tensor, names: dict[int, str]) -> dict:
     return {"mask_data": mask.numpy().astype("uint8"), "class_labels": names}
 
 
+def class_map(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Instance masks (``K x H x W`` booleans) as one class-index map: each pixel the label of the last
+    instance covering it, 0 where none does."""
+    out = torch.zeros(masks.shape[-2:], dtype=torch.long)
+    for mask, label in zip(masks, labels.tolist()):
+        out[mask] = int(label)
+    return out
+
+
 class WandbSamples(pl.Callback):
     """Log ``count`` validation images with the task's predictions to W&B once per validation epoch.
 

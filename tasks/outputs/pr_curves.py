@@ -67,13 +67,16 @@ def read_pr_curves(path: Path) -> dict[tuple[str, str], tuple[float, list[float]
     return out
 
 
-def log_pr_curves(task, split: str, curves: list, names: dict[int, str]) -> None:
+def log_pr_curves(task, split: str, curves: list, names: dict[int, str], prefix: str = "") -> None:
     """On rank 0: write ``split``'s curves (category ids renamed to ``names``) into the run directory's
-    ``pr_curves/`` and log the picture to the task's W&B loggers (``<split>/pr_curves``)."""
+    ``pr_curves/`` and log the picture to the task's W&B loggers (``<split>/pr_curves``). ``prefix``
+    ``mask_``: the curves of instance masks (``pr_curves/<split>_mask.png``, ``<split>/mask_pr_curves``)."""
     if not task.trainer.is_global_zero or not curves:
         return
     named = [c if c.name == "all" else dataclasses.replace(c, name=names.get(int(c.name), c.name)) for c in curves]
-    title = f"{split} precision-recall, epoch {task.current_epoch}, step {task.global_step}"
-    path = write_pr_curves(named, Path(task.trainer.default_root_dir) / "pr_curves", split, title)
+    what = f" ({prefix.rstrip('_')}s)" if prefix else ""
+    title = f"{split} precision-recall{what}, epoch {task.current_epoch}, step {task.global_step}"
+    stem = f"{split}_{prefix.rstrip('_')}" if prefix else split
+    path = write_pr_curves(named, Path(task.trainer.default_root_dir) / "pr_curves", stem, title)
     for logger in task.wandb_loggers():
-        logger.log_image(key=f"{split}/pr_curves", images=[str(path)], step=task.global_step)
+        logger.log_image(key=f"{split}/{prefix}pr_curves", images=[str(path)], step=task.global_step)
