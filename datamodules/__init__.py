@@ -13,7 +13,8 @@ Floors, from the ground up (each module imports only from the floors below it):
 4. datasets and datamodules -- ``loading`` (loaders, samplers, the stage logic), ``gpu_decode``,
    ``imagefolder``, ``cifar``, ``detection`` (what every detection format shares), ``coco_detection``,
    ``coco_instances`` (COCO's instances with their masks), ``voc_detection`` (PASCAL VOC, ILSVRC DET),
-   ``coco_segmentation``, ``localization`` (ILSVRC CLS-LOC), ``shapes``, ``shapes_xml`` (the embedded data in every format);
+   ``coco_segmentation``, ``localization`` (ILSVRC CLS-LOC), ``shapes``, ``shapes_xml`` (the embedded data
+   in every format);
 5. the command -- ``check`` (``python -m datamodules.check``).
 """
 

@@ -6,8 +6,8 @@ Nothing is re-derived: detections are converted to COCO's results format (``imag
 compressed RLE at the image's size), loaded into the ground truth's ``COCO`` object
 with ``loadRes`` and evaluated by the library's ``COCOeval`` restricted to the images that were
 evaluated (``iouType`` ``bbox`` or ``segm``). The twelve standard numbers come back; the tasks log them as
-``mAP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` and ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``, ``ARl``, and each category's AP and AP50
-from the same run's precision array.
+``mAP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` and ``AR1``, ``AR10``, ``AR100``, ``ARs``, ``ARm``,
+``ARl``, and each category's AP and AP50 from the same run's precision array.
 """
 
 from __future__ import annotations
