@@ -173,8 +173,13 @@ class DetectionTask(BaseTask):
             aligned=hp.roi_align_aligned,
             box_detections_per_img=hp.box_detections_per_img,
             box_score_thresh=hp.box_score_thresh,
+            **self.network_options(),
             **(hp.detector_args or {}),
         )
+
+    def network_options(self) -> dict[str, Any]:
+        """More arguments of :attr:`build_detector` from this task's own (none; the mask branch's width)."""
+        return {}
 
     def on_weights_loaded(self, source: str) -> None:
         if source in ZERO_EPS_WEIGHTS:

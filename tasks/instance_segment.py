@@ -41,6 +41,9 @@ class InstanceSegmentationTask(DetectionTask):
     The data must be scored on a COCO annotation file (``datamodules.COCOInstanceDataModule``, or the
     embedded ``datamodules.ShapesInstanceDataModule``): masks have no devkit protocol here.
     ``detections_file`` (``test``, ``predict``) holds each instance's box and its mask as a compressed RLE.
+
+    Args:
+        mask_channels: the width of the mask branch's convolutions and deconvolution (the paper's 256).
     """
 
     kind = "instance_segment"
@@ -49,6 +52,12 @@ class InstanceSegmentationTask(DetectionTask):
     build_detector = staticmethod(build_mask_rcnn)
     detection_keys = ("boxes", "labels", "scores", "masks")
     coco_iou_types = (("bbox", ""), ("segm", "mask_"))
+
+    def __init__(self, mask_channels: int = 256, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+    def network_options(self) -> dict[str, Any]:
+        return {"mask_channels": self.hparams.mask_channels}
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule

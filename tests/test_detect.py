@@ -12,7 +12,7 @@ from PIL import Image
 from wandb_offline import metric_series
 
 from datamodules import COCODetectionDataModule
-from tasks import detect
+from tasks import detect, instance_segment
 from tasks.detect import DetectionTask
 from tasks.outputs.pr_curves import read_pr_curves
 from tasks.run.cli import TaskCLI
@@ -20,7 +20,7 @@ from tasks.run.cli import TaskCLI
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DETECTION_CONFIGS = sorted(
     p for p in CONFIGS.glob("coco_*.yaml") if "fcn" not in p.stem and "torchvision" not in p.stem
-)
+)  # Faster R-CNN's and Mask R-CNN's (coco_mask_rcnn_*, run by tasks.instance_segment)
 SMALL = {"rpn_post_nms_top_n_train": 200, "rpn_post_nms_top_n_test": 200, "box_batch_size_per_image": 64}
 #: one step's wiring: few regions through the C4 head's per-region res5 (what a step costs)
 ONE_STEP = {"rpn_post_nms_top_n_train": 32, "rpn_post_nms_top_n_test": 16, "box_batch_size_per_image": 16}
@@ -115,16 +115,19 @@ def test_coco_datamodule_handles_real_coco_quirks(coco):
 
 @pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda p: p.stem)
 def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
+    task = instance_segment if "mask_rcnn" in config.stem else detect
     args = ["fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2", "--data.num_workers",
             "0", "--model.weights_backbone", "null", "--model.min_size", "64", "--model.max_size", "96",
             "--model.detector_args", json.dumps(ONE_STEP), "--trainer.fast_dev_run", "true",
             "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU]  # fmt: skip
     # the configs fine-tune with frozen BN and stages: without their pretrained weights that is refused at once
     with pytest.raises(ValueError, match=r"a random network would train.*--model.norm bn --model.freeze_at 0"):
-        detect.main(args)
+        task.main(args)
     assert not (tmp_path / "runs").exists()  # before anything was made
-    cli = detect.main([*args, "--model.norm", "bn", "--model.freeze_at", "0"])
+    cli = task.main([*args, "--model.norm", "bn", "--model.freeze_at", "0"])
     assert cli.config.fit.trainer.benchmark is False  # image shapes vary: no per-shape cuDNN search
+    if task is instance_segment:
+        assert type(cli.model.detector).__name__ == "MaskRCNN" and "val/mask_mAP" in cli.trainer.callback_metrics
 
 
 def _short_training(root: Path, runs: Path, epochs: int, extra: list[str] = ()) -> TaskCLI:

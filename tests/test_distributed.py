@@ -59,6 +59,14 @@ CASES = {
          "--model.detector_args", '{"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 100}'],
         ["val/mAP", "val/AP50", "val/AP75"],
     ),
+    "tasks.instance_segment": (
+        lambda root: ["--data", "datamodules.COCOInstanceDataModule", "--data.root", str(root),
+                      "--data.batch_size", "2"],
+        ["--model.backbone", "resnet18", "--model.norm", "bn", "--model.freeze_at", "0", "--model.min_size", "96",
+         "--model.max_size", "96", "--model.fpn_channels", "32", "--model.box_score_thresh", "0.0",
+         "--model.detector_args", '{"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 100}'],
+        ["val/mask_mAP", "val/mask_AP50", "val/mask_AP75", "val/mAP", "val/AP50"],
+    ),
     "tasks.segment": (
         lambda root: ["--data", "datamodules.COCOSegmentationDataModule", "--data.root", str(root),
                       "--data.categories", "all", "--data.min_area", "0", "--data.base_size", "64",

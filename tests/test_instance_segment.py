@@ -299,3 +299,64 @@ def test_export_equals_eager_boxes_and_mask_pixels(format, coco, fitted, tmp_pat
         assert torch.allclose(got["boxes"], eager["boxes"], atol=1e-3) and torch.equal(got["labels"], eager["labels"])
         for mine, theirs in zip(got["masks"] > 0.5, eager["masks"] > 0.5):
             assert (mine != theirs).sum() <= max(1, 0.005 * theirs.sum())
+
+
+ONE_STEP = {"rpn_post_nms_top_n_train": 32, "rpn_post_nms_top_n_test": 16, "box_batch_size_per_image": 16}
+
+
+def test_boxes_only_data_is_refused_naming_the_instance_datamodule(coco, tmp_path):
+    with pytest.raises(ValueError, match="gives no masks.*COCOInstanceDataModule"):
+        instance_segment.main([
+            "fit", "--data", "datamodules.COCODetectionDataModule", "--data.root", str(coco), "--data.num_workers",
+            "0", "--model.backbone", "resnet18", "--model.norm", "bn", "--model.freeze_at", "0", "--model.min_size",
+            "64", "--model.max_size", "64", "--model.fpn_channels", "16", "--model.detector_args",
+            json.dumps(ONE_STEP), "--trainer.fast_dev_run", "true", "--trainer.default_root_dir",
+            str(tmp_path / "runs"), *CPU,
+        ])  # fmt: skip
+
+
+def test_the_demo_config_trains_and_logs_masks_to_wandb(tmp_path, monkeypatch):
+    """configs/demo_instances.yaml on a few shapes, one epoch: W&B (offline) gets validation samples with the
+    predicted and true masks, the true masks holding the shapes' classes."""
+    from wandb_offline import logged_run, media_rows
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cli = instance_segment.main([
+        "fit", "--config", str(ROOT / "configs" / "demo_instances.yaml"), "--data.root", str(tmp_path / "data"),
+        "--data.num_train_images", "8", "--data.num_val_images", "4", "--data.num_workers", "0",
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs"), *CPU,
+    ])  # fmt: skip
+    logged = logged_run(Path(cli.trainer.default_root_dir) / "wandb")
+    (samples,) = media_rows(logged, "val/samples")
+    assert samples["count"] == 4 and len(samples["all_masks"]) == 4 and len(samples["box_data"]) == 4
+    truth = np.asarray(Image.open(logged["dir"] / "files" / samples["all_masks"][0]["ground_truth"]["path"]))
+    classes = set(np.unique(truth).tolist()) - {0}
+    assert classes and classes <= {1, 2, 3, 4, 5}
+    assert "val/mask_mAP" in cli.trainer.callback_metrics
+
+
+def test_check_names_the_file_and_annotation_of_a_broken_region(coco, tmp_path):
+    """``python -m datamodules.check`` on instance data: an RLE whose size is not the image's is an error, a
+    polygon of two points a warning, each naming the file and the annotation id."""
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco, root)
+
+    def break_two(data: dict) -> None:
+        first, second = (a for a in data["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list))
+        first["segmentation"] = {"size": [10, 10], "counts": "PPY8"}
+        second["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
+        data["broken"] = [first["id"], second["id"]]
+
+    path = edit_coco(root, "val2017", break_two)
+    rle_id, polygon_id = json.loads(path.read_text())["broken"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "datamodules.check", "--data", "datamodules.COCOInstanceDataModule",
+               "--data.root", str(root)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "instances_val2017.json" in out
+    assert f"annotation id {rle_id}" in out and "its RLE mask is 10x10 (height x width)" in out
+    assert f"annotation id {polygon_id}" in out and "are not polygons" in out

@@ -13,9 +13,10 @@ from datasets import CPU, write_coco
 
 from backbones import WeightsError
 from datamodules.masks import VOC_COCO_NAMES
-from tasks import detect, segment
+from tasks import detect, instance_segment, segment
 from tasks.classify import ClassificationTask
 from tasks.detect import DetectionTask
+from tasks.instance_segment import InstanceSegmentationTask
 from tasks.segment import SegmentationTask
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -27,16 +28,20 @@ def _save(model: torch.nn.Module, path: Path) -> str:
 
 
 @torch.no_grad()
-def test_fasterrcnn_resnet50_fpn_state_dict_gives_torchvisions_detections(tmp_path):
+@pytest.mark.parametrize(
+    ("reference_name", "task_class"),
+    [("fasterrcnn_resnet50_fpn", DetectionTask), ("maskrcnn_resnet50_fpn", InstanceSegmentationTask)],
+)
+def test_torchvision_rcnn_state_dict_gives_its_boxes_labels_and_masks(reference_name, task_class, tmp_path):
+    """A randomly initialized torchvision Faster R-CNN / Mask R-CNN saved to disk: our task's network has its
+    keys and gives its detections (and masks, pasted at each image's size) on two images of different sizes."""
     torch.manual_seed(0)
-    reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+    reference = getattr(torchvision.models.detection, reference_name)(
         weights=None, weights_backbone=None, min_size=160, max_size=240, box_score_thresh=0.0
     )
     randomize_norms(reference).eval()
-    path = _save(reference, tmp_path / "frcnn.pth")
-    task = DetectionTask(
-        backbone="resnet50", head="fpn", weights=path, min_size=160, max_size=240, box_score_thresh=0.0
-    )
+    path = _save(reference, tmp_path / f"{reference_name}.pth")
+    task = task_class(backbone="resnet50", head="fpn", weights=path, min_size=160, max_size=240, box_score_thresh=0.0)
     assert task.hparams.num_classes == 90 and task.category_ids == list(range(1, 91))  # COCO's 91-index labels
     ours = task.detector.eval()
     assert ours.state_dict().keys() == {k for k in reference.state_dict() if not k.endswith("num_batches_tracked")}
@@ -44,11 +49,16 @@ def test_fasterrcnn_resnet50_fpn_state_dict_gives_torchvisions_detections(tmp_pa
     # of a randomly initialized detector; in float64 the two models must agree to the last digits.
     images = [torch.rand(3, 120, 160, dtype=torch.float64), torch.rand(3, 150, 100, dtype=torch.float64)]
     expected, got = reference.double()(images), ours.double()(images)
-    for e, g in zip(expected, got):
+    for e, g, image in zip(expected, got, images):
         assert len(e["boxes"]) == len(g["boxes"]) == 100
         assert torch.equal(e["labels"], g["labels"])
         assert torch.allclose(e["scores"], g["scores"], atol=1e-10)
         assert torch.allclose(e["boxes"], g["boxes"], atol=1e-6)
+        assert ("masks" in g) == (task_class is InstanceSegmentationTask)
+        if "masks" in g:
+            assert g["masks"].shape == (100, 1, *image.shape[-2:])  # pasted at each image's own size
+            assert torch.allclose(e["masks"], g["masks"], atol=1e-6)
+            assert torch.equal(e["masks"] > 0.5, g["masks"] > 0.5)
     features = torch.rand(1, 3, 160, 160)
     for level, value in reference.float().backbone(features).items():
         error = (value - ours.float().backbone(features)[level]).abs().max() / value.abs().max()
@@ -101,6 +111,11 @@ def test_torchvision_names_resolve_with_labels_and_legacy_eps(monkeypatch):
     assert task.class_names[0] == "person" and len(task.class_names) == 90
     eps = {m.eps for m in task.detector.modules() if type(m).__name__ == "FrozenBatchNorm2d"}
     assert eps == {0.0}  # as torchvision's builder sets for these weights
+    maskrcnn = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    urls = _fake_hub(monkeypatch, maskrcnn)
+    masks = InstanceSegmentationTask(backbone="resnet50", weights="MaskRCNN_ResNet50_FPN_Weights.COCO_V1")
+    assert urls[0].endswith("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth") and masks.class_names[0] == "person"
+    assert {m.eps for m in masks.detector.modules() if type(m).__name__ == "FrozenBatchNorm2d"} == {0.0}
     fcn = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, aux_loss=True)
     _fake_hub(monkeypatch, fcn)
     seg = SegmentationTask(backbone="resnet50", weights="FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1")
@@ -134,6 +149,7 @@ def test_unknown_names_and_mismatched_files_are_explained(tmp_path):
     ("module", "config", "reference"),
     [
         (detect, "coco_torchvision_fasterrcnn_r50_fpn.yaml", "fasterrcnn_resnet50_fpn"),
+        (instance_segment, "coco_torchvision_maskrcnn_r50_fpn.yaml", "maskrcnn_resnet50_fpn"),
         (segment, "coco_torchvision_fcn_resnet50.yaml", "fcn_resnet50"),
         (segment, "coco_torchvision_fcn_resnet101.yaml", "fcn_resnet101"),
     ],
@@ -141,8 +157,8 @@ def test_unknown_names_and_mismatched_files_are_explained(tmp_path):
 def test_torchvision_configs_validate_on_coco_format_data(module, config, reference, monkeypatch, tmp_path):
     """The evaluation configs run `validate` end to end (the download replaced by a local state dict)."""
     root = write_coco(tmp_path / "coco", train_images=2, val_images=2)
-    if module is detect:
-        model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)
+    if module in (detect, instance_segment):
+        model = getattr(torchvision.models.detection, reference)(weights=None, weights_backbone=None)
         shrink = ["--model.min_size", "96", "--model.max_size", "128"]
     else:
         model = getattr(torchvision.models.segmentation, reference)(weights=None, weights_backbone=None, aux_loss=True)
@@ -160,4 +176,5 @@ def test_torchvision_configs_validate_on_coco_format_data(module, config, refere
     data = ["--data.root", str(root), "--data.num_workers", "0"]
     cli = module.main(["validate", "--config", str(CONFIGS / config), *data, *shrink, *runs, *CPU])
     metrics = cli.trainer.callback_metrics
-    assert ("val/mAP" in metrics) if module is detect else ("val/mIoU" in metrics)
+    expected = {detect: "val/mAP", instance_segment: "val/mask_mAP", segment: "val/mIoU"}[module]
+    assert expected in metrics

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from backbones import Backbone
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -55,23 +56,29 @@ def build_mask_rcnn(
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
     aligned: bool = False,
+    mask_channels: int = 256,
     **detector_kwargs,
 ) -> MaskRCNN:
     """torchvision's ``MaskRCNN`` with ``body`` attached through ``head`` and the head's mask branch (see the
-    module docstring). Arguments as ``tasks.heads.faster_rcnn.build_faster_rcnn``'s; ``detector_kwargs`` are
-    any other ``MaskRCNN`` argument."""
+    module docstring). Arguments as ``tasks.heads.faster_rcnn.build_faster_rcnn``'s, and ``mask_channels``:
+    the width of the mask branch's convolutions and deconvolution (the paper's 256; a narrower one trains
+    small images on a CPU much faster). ``detector_kwargs`` are any other ``MaskRCNN`` argument."""
     backbone, parts = rcnn_parts(
         body, head=head, num_classes=num_classes, anchor_sizes=anchor_sizes, fpn_channels=fpn_channels,
         aligned=aligned,
     )  # fmt: skip
-    if head == "fpn":  # MaskRCNN's own MaskRCNNHeads(256, (256,) * 4, 1) and MaskRCNNPredictor(256, 256, classes)
+    if head == "fpn":  # what MaskRCNN builds itself: MaskRCNNHeads(256, (256,) * 4, 1), MaskRCNNPredictor(256, 256, K)
         levels = ["0", "1", "2", "3"]
         parts["mask_roi_pool"] = RoIAlignPooler(levels, output_size=14, sampling_ratio=2, aligned=aligned)
+        if mask_channels != 256:  # then MaskRCNN takes its predictors given, the box head's as FasterRCNN builds it
+            parts["box_predictor"] = FastRCNNPredictor(1024, parts.pop("num_classes"))
+            parts["mask_head"] = MaskRCNNHeads(backbone.out_channels, [mask_channels] * 4, 1)
+            parts["mask_predictor"] = MaskRCNNPredictor(mask_channels, mask_channels, num_classes)
     else:
         res5 = parts["box_head"].res5
         parts["mask_roi_pool"] = RoIAlignPooler(["0"], output_size=14, sampling_ratio=0, aligned=aligned)
         parts["mask_head"] = StageMaskHead(res5)
-        parts["mask_predictor"] = MaskRCNNPredictor(parts["box_head"].out_channels, 256, num_classes)
+        parts["mask_predictor"] = MaskRCNNPredictor(parts["box_head"].out_channels, mask_channels, num_classes)
     return MaskRCNN(
         backbone, min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
         **{**parts, **detector_kwargs},
