@@ -318,7 +318,8 @@ def test_boxes_only_data_is_refused_naming_the_instance_datamodule(coco, tmp_pat
 def test_the_demo_config_trains_and_logs_masks_to_wandb(tmp_path, monkeypatch):
     """configs/demo_instances.yaml on a few shapes, one epoch: W&B (offline) gets validation samples with the
     predicted and true masks, the true masks holding the shapes' classes."""
-    from wandb_offline import logged_run, media_rows
+    from datasets import logged_run
+    from wandb_offline import media_rows
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cli = instance_segment.main([
@@ -344,7 +345,8 @@ def test_check_names_the_file_and_annotation_of_a_broken_region(coco, tmp_path):
     shutil.copytree(coco, root)
 
     def break_two(data: dict) -> None:
-        first, second = (a for a in data["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list))
+        objects = (a for a in data["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list))
+        first, second = next(objects), next(objects)
         first["segmentation"] = {"size": [10, 10], "counts": "PPY8"}
         second["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
         data["broken"] = [first["id"], second["id"]]
