@@ -76,7 +76,11 @@ CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("module", list(CASES))
+#: the cases whose two-rank fit takes the longest run in the long tier
+SLOW_CASES = {"tasks.instance_segment"}
+
+
+@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_CASES else m for m in CASES])
 def test_ddp_fits_and_evaluates_exactly_like_one_process(module, tmp_path):
     data, model, metrics = CASES[module]
     if module == "tasks.classify":
