@@ -166,6 +166,8 @@ def _cocoeval(gt, results: list[dict], iou_type: str, category: int | None = Non
     return evaluator.stats
 
 
+# The tests on the fitted checkpoint run in the long tier: the fit (~50 s) held both default-tier workers
+@pytest.mark.slow
 def test_logged_mask_metrics_are_pycocotools_segm_cocoeval_on_the_written_results(coco, fitted, tmp_path):
     """After the short fit, ``test``: the logged box and mask numbers are pycocotools' COCOeval (``bbox``,
     ``segm``) run directly on the results file ``test`` wrote, and so is each class's mask AP."""
@@ -235,6 +237,7 @@ def _decode(rle: dict) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
 
 
+@pytest.mark.slow
 def test_predict_writes_masks_the_predictor_returns_and_draws_them(coco, fitted, tmp_path):
     out = tmp_path / "pred" / "instances.json"
     predictor = load_predictor(fitted)
@@ -268,9 +271,10 @@ def test_predict_writes_masks_the_predictor_returns_and_draws_them(coco, fitted,
     assert change[covered].mean() > 3 * change[~covered].mean()  # the masks' pixels changed; the rest mostly not
 
 
-# ONNX's dynamo trace of Mask R-CNN takes ~25 s: the long tier (tests/test_commands.py exports and runs it in
-# the default tier, without comparing it to eager)
-@pytest.mark.parametrize("format", [pytest.param("onnx", marks=pytest.mark.slow), "pt2"])
+# the long tier (tests/test_commands.py exports Mask R-CNN to ONNX and runs it in the default tier, without
+# comparing it to eager)
+@pytest.mark.slow
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
 def test_export_equals_eager_boxes_and_mask_pixels(format, coco, fitted, tmp_path):
     """``python -m tasks.export`` on the checkpoint: ONNX Runtime's (or the ``torch.export`` program's) boxes
     equal eager's to 1e-3 and each mask's pixels above 0.5 differ on at most 0.5 % of its area."""

@@ -37,11 +37,11 @@ def test_torchvision_rcnn_state_dict_gives_its_boxes_labels_and_masks(reference_
     keys and gives its detections (and masks, pasted at each image's size) on two images of different sizes."""
     torch.manual_seed(0)
     reference = getattr(torchvision.models.detection, reference_name)(
-        weights=None, weights_backbone=None, min_size=160, max_size=240, box_score_thresh=0.0
+        weights=None, weights_backbone=None, min_size=112, max_size=168, box_score_thresh=0.0
     )
     randomize_norms(reference).eval()
     path = _save(reference, tmp_path / f"{reference_name}.pth")
-    task = task_class(backbone="resnet50", head="fpn", weights=path, min_size=160, max_size=240, box_score_thresh=0.0)
+    task = task_class(backbone="resnet50", head="fpn", weights=path, min_size=112, max_size=168, box_score_thresh=0.0)
     assert task.hparams.num_classes == 90 and task.category_ids == list(range(1, 91))  # COCO's 91-index labels
     ours = task.detector.eval()
     assert ours.state_dict().keys() == {k for k in reference.state_dict() if not k.endswith("num_batches_tracked")}
