@@ -127,7 +127,18 @@ class StageBoxHead(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, regions: Tensor) -> Tensor:
-        return torch.flatten(F.adaptive_avg_pool2d(self.res5(regions), 1), 1)
+        return torch.flatten(F.adaptive_avg_pool2d(per_region(self.res5, regions), 1), 1)
+
+
+def per_region(stage: nn.Module, regions: Tensor) -> Tensor:
+    """``stage(regions)``; while ``torch.export`` traces, with one zero region appended and its output dropped,
+    so that the batch is never empty: a convolution on a batch of regions whose number may be 0 needs a guard
+    the tracer cannot take (the numbers are the same; eager mode, and so training's BN statistics, never see
+    the extra region)."""
+    if not torch.compiler.is_exporting():
+        return stage(regions)
+    padded = torch.cat([regions, regions.new_zeros((1, *regions.shape[1:]))])
+    return stage(padded)[:-1]
 
 
 def rcnn_parts(

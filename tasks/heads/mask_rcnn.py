@@ -30,7 +30,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from backbones import Backbone
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-from .faster_rcnn import HeadKind, RoIAlignPooler, rcnn_parts
+from .faster_rcnn import HeadKind, RoIAlignPooler, per_region, rcnn_parts
 
 
 class StageMaskHead(nn.Module):
@@ -41,7 +41,7 @@ class StageMaskHead(nn.Module):
         self.res5 = stage
 
     def forward(self, regions: Tensor) -> Tensor:
-        return self.res5(regions)
+        return per_region(self.res5, regions)
 
 
 def build_mask_rcnn(
