@@ -31,6 +31,7 @@ from .core.loops import data_split
 from .core.optim import Recipe
 from .heads.exportable import OneImageDetector, traceable_detector
 from .heads.faster_rcnn import HeadKind, build_faster_rcnn
+from .heads.refinement import detect_refined
 from .heads.tta import detect_with_tta
 from .metrics.coco import Backend, to_coco_results
 from .metrics.protocols import protocol
@@ -78,6 +79,9 @@ class DetectionTask(BaseTask):
         tta: test-time augmentation in evaluation and ``predict`` (``tasks.heads.tta``): the views below, merged.
         tta_scales: the views' scales (of the evaluation size); ``[1.0]`` by default.
         tta_flip: also each view mirrored left to right.
+        box_refinement: at inference, the box head run again on each regressed box, the two passes' predictions
+            merged by NMS at IoU 0.3 and box voting (the ResNet paper's COCO entry, Appendix A;
+            ``tasks.heads.refinement``); training is unchanged.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
@@ -119,7 +123,9 @@ class DetectionTask(BaseTask):
     detection_keys: tuple[str, ...] = ("boxes", "labels", "scores")
     #: the COCOeval runs of a COCO-scored split: ``(iouType, prefix of the metric names)``
     coco_iou_types: tuple[tuple[str, str], ...] = (("bbox", ""),)
-    output_options = ("detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip")
+    output_options = (
+        "detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip", "box_refinement",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -140,10 +146,12 @@ class DetectionTask(BaseTask):
         tta: bool = False,
         tta_scales: list[float] | None = None,
         tta_flip: bool = True,
+        box_refinement: bool = False,
         detections_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.box_refinement = box_refinement
         self.detections_file = detections_file
         self.draw_predictions = draw_predictions
         self.draw_threshold = draw_threshold
@@ -227,10 +235,18 @@ class DetectionTask(BaseTask):
         return self.detector(images, targets)
 
     def detect(self, images: list[torch.Tensor]) -> list[dict]:
-        """Detections on ``images`` (in their pixels), merged over the test-time views when ``tta`` is on."""
+        """Detections on ``images`` (in their pixels): refined when ``box_refinement`` is on, merged over the
+        test-time views when ``tta`` is on (each view refined)."""
         if not images:
             return []
-        return detect_with_tta(self.detector, images, *self.tta) if self.tta else self(images)
+        run = (lambda views: detect_refined(self.detector, views)) if self.box_refinement else self.detector
+        return detect_with_tta(self.detector, images, *self.tta, run=run) if self.tta else run(images)
+
+    def set_prediction_options(self, top_k: int = 5, tta: tuple[list[float], bool] | None = None,
+                               box_refinement: bool = False, **options: Any) -> None:  # fmt: skip
+        """The contract's options, and ``box_refinement`` (the task's argument of that name)."""
+        super().set_prediction_options(top_k, tta, **options)
+        self.box_refinement = box_refinement
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):

@@ -83,8 +83,12 @@ class TaskContract:
         """What ``load_predictor`` returns for one image, from its :meth:`predictions` row."""
         return row
 
-    def set_prediction_options(self, top_k: int = 5, tta: tuple[list[float], bool] | None = None) -> None:
-        """The predictor's options: ``top_k`` classes, test-time augmentation ``(scales, flip)`` or ``None``."""
+    def set_prediction_options(self, top_k: int = 5, tta: tuple[list[float], bool] | None = None,
+                               **options: Any) -> None:  # fmt: skip
+        """The predictor's options: ``top_k`` classes, test-time augmentation ``(scales, flip)`` or ``None``;
+        ``options``: inference options a task defines itself (detection's ``box_refinement``), refused here."""
+        if options:
+            raise NotSupportedError(f"{', '.join(sorted(options))}: not an inference option of this task")
         self.top_k = top_k
         if tta is not None and not self.supports_tta:
             raise NotSupportedError(f"tta: {self.tta_unsupported}")

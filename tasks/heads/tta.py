@@ -37,9 +37,11 @@ def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
-def detect_with_tta(detector, images: list[Tensor], scales: Sequence[float], flip: bool) -> list[dict]:
+def detect_with_tta(detector, images: list[Tensor], scales: Sequence[float], flip: bool,
+                    run: Callable[[list[Tensor]], list[dict]] | None = None) -> list[dict]:  # fmt: skip
     """torchvision's Faster R-CNN or Mask R-CNN ``detector`` (in eval mode) on ``images`` with each view,
-    merged."""
+    merged. ``run``: how a view's images are detected (the detector itself by default; box refinement's
+    ``tasks.heads.refinement.detect_refined`` with the same detector)."""
     transform, heads = detector.transform, detector.roi_heads
     min_size, max_size = transform.min_size, transform.max_size
     found: list[list[dict]] = [[] for _ in images]
@@ -47,7 +49,7 @@ def detect_with_tta(detector, images: list[Tensor], scales: Sequence[float], fli
         for scale, mirrored in views(scales, flip):
             transform.min_size = tuple(round(m * scale) for m in min_size)
             transform.max_size = round(max_size * scale)
-            outputs = detector([im.flip(-1) for im in images] if mirrored else images)
+            outputs = (run or detector)([im.flip(-1) for im in images] if mirrored else images)
             for k, (out, image) in enumerate(zip(outputs, images)):
                 view = dict(out)
                 if mirrored:

@@ -51,10 +51,10 @@ class Predictor:
 
     def __init__(self, trained: TrainedTask, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
                  tta_scales: list[float] | None = None, tta_flip: bool = True,
-                 trusted_modules: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 trusted_modules: tuple[str, ...] = (), **options: Any) -> None:  # fmt: skip
         self.trained = trained
         try:
-            trained.task.set_prediction_options(top_k, (tta_scales or [1.0], tta_flip) if tta else None)
+            trained.task.set_prediction_options(top_k, (tta_scales or [1.0], tta_flip) if tta else None, **options)
         except NotSupportedError as err:
             raise ValueError(f"{trained.path}: {err}") from None
         if device == "auto":
@@ -86,13 +86,16 @@ class Predictor:
 
 def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
                    tta_scales: list[float] | None = None, tta_flip: bool = True,
-                   trusted_modules: tuple[str, ...] = ()) -> Predictor:  # fmt: skip
+                   trusted_modules: tuple[str, ...] = (), **options: Any) -> Predictor:  # fmt: skip
     """A :class:`Predictor` for ``checkpoint`` (any task's) on ``device`` (``cpu``, ``cuda``, ``cuda:1``, or
     ``auto``); ``top_k`` classes for a classifier; ``tta``, ``tta_scales``, ``tta_flip``: test-time
     augmentation for detection and segmentation, as the tasks' options of those names
     (``tasks.heads.tta``); ``trusted_modules``: modules of your own whose datamodule classes a checkpoint
-    may name (the project's own are always accepted)."""
-    return Predictor(load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip, tuple(trusted_modules))
+    may name (the project's own are always accepted); ``options``: a task's own inference options, as its
+    arguments of those names (detection's ``box_refinement=True``)."""
+    return Predictor(
+        load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip, tuple(trusted_modules), **options
+    )
 
 
 def _datamodule(trained: TrainedTask, trusted_modules: tuple[str, ...] = ()):

@@ -1,0 +1,150 @@
+"""The 2015 entries' additions to the baselines (the ResNet paper's Appendices A-C), each against a hand
+computation: box refinement and box voting (tasks.heads.refinement)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.ops import MultiScaleRoIAlign
+
+from backbones import build_backbone
+from tasks.detect import DetectionTask
+from tasks.heads.faster_rcnn import build_faster_rcnn
+from tasks.heads.mask_rcnn import build_mask_rcnn
+from tasks.heads.refinement import box_voting, detect_refined
+from tasks.heads.tta import detect_with_tta
+
+SIDE = 200
+#: proposals D, E (40 px wide) and C (30 px), x1 y1 x2 y2
+PROPOSALS = torch.tensor([[82.0, 20, 122, 60], [65, 20, 105, 60], [10, 120, 40, 150]])
+
+
+class XRamp(nn.Module):
+    """A 'backbone' whose one feature channel is each pixel's x coordinate: RoIAlign (torchvision's, unaligned,
+    2 x 2 samples averaged) of a box on it reads the box's centre x."""
+
+    out_channels = 1
+
+    def forward(self, x):
+        ramp = torch.arange(x.shape[-1], dtype=x.dtype).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
+        return OrderedDict([("0", ramp)])
+
+
+class FixedProposals(nn.Module):
+    def forward(self, images, features, targets=None):
+        return [PROPOSALS.clone() for _ in images.image_sizes], {}
+
+
+class RecordingPool(MultiScaleRoIAlign):
+    """torchvision's pooler, remembering the boxes each call pools and the features it reads."""
+
+    def __init__(self) -> None:
+        super().__init__(["0"], output_size=1, sampling_ratio=2)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x, boxes, image_shapes):
+        out = super().forward(x, boxes, image_shapes)
+        self.calls.append((torch.cat(boxes), out.flatten(1)))
+        return out
+
+
+class ShiftingPredictor(nn.Module):
+    """Class 1 scored ``p = centre x / 200`` (read from the pooled feature), class 2 never; every box regressed by
+    ``dx = 0.05`` of its width to the right (a delta of 0.5 before the box coder's weight of 10), nothing else."""
+
+    def forward(self, x):
+        p = x[:, 0] / SIDE
+        logits = torch.stack([torch.log(1 - p), torch.log(p), torch.full_like(p, -30.0)], 1)
+        deltas = torch.zeros(len(x), 3 * 4)
+        deltas[:, 4] = 0.5
+        return logits, deltas
+
+
+def _hand_built() -> FasterRCNN:
+    detector = FasterRCNN(
+        XRamp(), min_size=SIDE, max_size=SIDE, image_mean=[0.0] * 3, image_std=[1.0] * 3,
+        box_roi_pool=RecordingPool(), box_head=nn.Flatten(), box_predictor=ShiftingPredictor(),
+    )  # fmt: skip
+    detector.rpn = FixedProposals()
+    return detector.eval()
+
+
+def test_box_refinement_pools_from_the_regressed_boxes_then_nms_at_0_3_and_voting_give_the_hand_computed_boxes():
+    detector = _hand_built()
+    image = torch.zeros(3, SIDE, SIDE)
+    with torch.no_grad():
+        plain = detector([image])[0]
+    # plain (first pass only, NMS at the detector's 0.5): D, E, C each moved by 0.05 x width, scored by the
+    # proposal's centre: D 102/200, E 85/200, C 25/200; D's and E's boxes overlap at IoU 23/57 = 0.40, so both stay
+    assert plain["boxes"].tolist() == [[84.0, 20, 124, 60], [67, 20, 107, 60], [11.5, 120, 41.5, 150]]
+    assert plain["scores"].tolist() == pytest.approx([0.51, 0.425, 0.125])
+    pool = detector.roi_heads.box_roi_pool
+    pool.calls.clear()
+    refined = detect_refined(detector, [image])[0]
+    # the second pass pools from the first pass's regressed boxes, and reads those boxes' centres
+    (first_boxes, first_read), (second_boxes, second_read) = pool.calls
+    assert torch.equal(first_boxes, PROPOSALS)
+    assert second_boxes.tolist() == plain["boxes"].tolist()
+    assert first_read[:, 0].tolist() == [102.0, 85.0, 25.0] and second_read[:, 0].tolist() == [104.0, 87.0, 26.5]
+    # the union (x1: score): D 84: .51, E 67: .425, C 11.5: .125 (first pass); 86: .52, 69: .435, 13: .1325
+    # (second). NMS at 0.3: 86 keeps, and removes 84 (IoU 38/42), 69 (IoU 23/57 = 0.40 -- plain NMS at 0.5 keeps
+    # such a box) and 67 (IoU 21/59); 13 keeps and removes 11.5. Voting at IoU >= 0.5, weighted by score:
+    # (86 x .52 + 84 x .51) / 1.03 = 85.00971, (13 x .1325 + 11.5 x .125) / .2575 = 12.27184
+    x_d, x_c = 87.56 / 1.03, 3.16 / 0.2575
+    torch.testing.assert_close(
+        refined["boxes"], torch.tensor([[x_d, 20, x_d + 40, 60], [x_c, 120, x_c + 30, 150]]), rtol=0, atol=1e-4
+    )
+    assert refined["scores"].tolist() == pytest.approx([0.52, 0.1325]) and refined["labels"].tolist() == [1, 1]
+
+
+def test_box_voting_averages_only_the_same_class_boxes_overlapping_at_half():
+    kept = torch.tensor([[0.0, 0, 10, 10]])
+    pool = torch.tensor([[0.0, 0, 10, 10], [2, 0, 12, 10], [6, 0, 16, 10], [1, 0, 11, 10]])
+    scores = torch.tensor([0.6, 0.3, 0.9, 0.5])
+    labels = torch.tensor([1, 1, 1, 2])
+    # [2, 12] overlaps at 8/12 >= 0.5 and joins; [6, 16] at 4/16 does not; [1, 11] is another class
+    voted = box_voting(kept, torch.tensor([1]), pool, scores, labels)
+    assert voted.tolist() == [pytest.approx([(0 * 0.6 + 2 * 0.3) / 0.9, 0, (10 * 0.6 + 12 * 0.3) / 0.9, 10])]
+    assert box_voting(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), pool, scores, labels).shape == (0, 4)
+
+
+SMALL = {"rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0, "fpn_channels": 32}
+
+
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+@pytest.mark.parametrize("build", [build_faster_rcnn, build_mask_rcnn], ids=["faster", "mask"])
+def test_refinement_runs_on_both_heads_of_both_detectors_and_keeps_the_outputs_contract(build, head):
+    torch.manual_seed(0)
+    net = build(build_backbone("resnet18"), head=head, num_classes=3, min_size=64, max_size=64, **SMALL).eval()
+    images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
+    with torch.no_grad():
+        plain = net(images)
+    refined = detect_refined(net, images)
+    for image, p, r in zip(images, plain, refined):
+        assert set(r) == set(p) and 0 < len(r["boxes"]) <= net.roi_heads.detections_per_img
+        assert (r["boxes"][:, 2:] <= torch.tensor(image.shape[-1:-3:-1]) + 1e-4).all()  # in the image's pixels
+        assert (r["scores"][:-1] >= r["scores"][1:]).all()
+        if "masks" in p:  # masks predicted on the refined boxes, pasted at the image's size
+            assert r["masks"].shape == (len(r["boxes"]), 1, *image.shape[-2:])
+
+
+def test_the_option_off_is_todays_detections_and_on_composes_with_tta():
+    torch.manual_seed(0)
+    task = DetectionTask(backbone="resnet18", num_classes=2, norm="bn", freeze_at=0, min_size=64, max_size=64,
+                         fpn_channels=32, box_score_thresh=0.0).eval()  # fmt: skip
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        plain = task.detector(images)[0]
+        off = task.detect(images)[0]
+        assert all(torch.equal(plain[k], off[k]) for k in plain)
+        task.box_refinement = True
+        on = task.detect(images)[0]
+        assert all(torch.equal(on[k], v) for k, v in detect_refined(task.detector, images)[0].items())
+        task.tta = ([1.0], False)  # one view: the refined detections, through TTA's merging
+        one_view = task.detect(images)[0]
+    expected = detect_with_tta(task.detector, images, [1.0], False, run=lambda x: detect_refined(task.detector, x))
+    assert all(torch.equal(one_view[k], expected[0][k]) for k in one_view)
