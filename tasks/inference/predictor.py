@@ -93,9 +93,7 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", t
     (``tasks.heads.tta``); ``trusted_modules``: modules of your own whose datamodule classes a checkpoint
     may name (the project's own are always accepted); ``options``: a task's own inference options, as its
     arguments of those names (detection's ``box_refinement=True``)."""
-    return Predictor(
-        load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip, tuple(trusted_modules), **options
-    )
+    return Predictor(load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip, tuple(trusted_modules), **options)
 
 
 def _datamodule(trained: TrainedTask, trusted_modules: tuple[str, ...] = ()):
