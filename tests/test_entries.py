@@ -15,7 +15,8 @@ from backbones import build_backbone
 from tasks.detect import DetectionTask
 from tasks.heads.faster_rcnn import build_faster_rcnn
 from tasks.heads.mask_rcnn import build_mask_rcnn
-from tasks.heads.refinement import box_voting, detect_refined
+from tasks.heads.refinement import detect_refined
+from tasks.heads.region_passes import box_voting, candidates, region_predictions, select
 from tasks.heads.tta import detect_with_tta
 
 SIDE = 200
@@ -113,6 +114,29 @@ def test_box_voting_averages_only_the_same_class_boxes_overlapping_at_half():
 
 
 SMALL = {"rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0, "fpn_channels": 32}
+
+
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+def test_the_passes_taken_apart_are_torchvisions_post_processing_exactly(head):
+    torch.manual_seed(0)
+    net = build_faster_rcnn(build_backbone("resnet18"), head=head, num_classes=4, min_size=64, max_size=64,
+                            **SMALL).eval()  # fmt: skip
+    images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
+    with torch.no_grad():
+        batch, _ = net.transform(images)
+        features = net.backbone(batch.tensors)
+        proposals, _ = net.rpn(batch, features)
+        heads = net.roi_heads
+        logits, regression = heads.box_predictor(
+            heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        )
+        expected = heads.postprocess_detections(logits, regression, proposals, batch.image_sizes)
+        probabilities, boxes = region_predictions(heads, features, proposals, batch.image_sizes)
+        found = candidates(heads, probabilities, boxes, [len(p) for p in proposals], batch.image_sizes)
+        ours = select(heads, found)
+    for ours_k, boxes_k, scores_k, labels_k in zip(ours, *expected):
+        assert torch.equal(ours_k["boxes"], boxes_k) and torch.equal(ours_k["scores"], scores_k)
+        assert torch.equal(ours_k["labels"], labels_k) and len(boxes_k) > 10
 
 
 @pytest.mark.parametrize("head", ["c4", "fpn"])

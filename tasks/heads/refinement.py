@@ -18,66 +18,27 @@ predicted on the final boxes, as its plain inference does.
 Tasks turn it on with ``--model.box_refinement true`` (``detect``, ``instance_segment``) for ``validate``,
 ``test``, ``predict``, the predictor and the validation during ``fit``; it composes with ``--model.tta`` (each
 view refined, then the views merged). Training is unchanged. The exported graph (``tasks.export``) is the
-plain detector's.
+plain detector's. The steps are torchvision's, taken apart in ``tasks.heads.region_passes``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.models.detection.roi_heads import maskrcnn_inference
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image
+
+from .region_passes import VOTE_IOU, add_masks, candidates, region_predictions, select
 
 #: the paper's NMS threshold over the two passes' union
 NMS_IOU = 0.3
-#: Gidaris & Komodakis's voting overlap
-VOTE_IOU = 0.5
 
 
-def head_pass(heads, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]):
-    """The box head on ``boxes`` (per image, in the resized image's pixels): class logits and the box
-    regression, both ``sum(N_i) x ...``, as torchvision's ``RoIHeads`` computes them."""
-    pooled = heads.box_roi_pool(features, boxes, image_sizes)
-    return heads.box_predictor(heads.box_head(pooled))
-
-
-def regressed_boxes(heads, logits: Tensor, regression: Tensor, boxes: list[Tensor],
+def regressed_boxes(probabilities: Tensor, boxes: Tensor, counts: list[int],
                     image_sizes: list[tuple[int, int]]) -> list[Tensor]:  # fmt: skip
-    """Each box regressed to its best-scoring foreground class, clipped to its image (``N_i x 4`` per image)."""
-    decoded = heads.box_coder.decode(regression, boxes)  # N x C x 4
-    best = logits[:, 1:].argmax(1) + 1
-    chosen = decoded[torch.arange(decoded.shape[0], device=decoded.device), best]
-    return [clip_boxes_to_image(b, size) for b, size in zip(chosen.split([len(b) for b in boxes]), image_sizes)]
-
-
-def box_voting(kept: Tensor, labels: Tensor, pool: Tensor, pool_scores: Tensor, pool_labels: Tensor,
-               iou: float = VOTE_IOU) -> Tensor:  # fmt: skip
-    """``kept`` boxes (``K x 4``, classes ``labels``) each replaced by the ``pool_scores``-weighted average of
-    the ``pool`` boxes of its class that overlap it at IoU >= ``iou``."""
-    if kept.numel() == 0:
-        return kept
-    weights = (box_iou(kept, pool) >= iou) & (labels[:, None] == pool_labels[None, :])
-    weights = weights.to(pool_scores.dtype) * pool_scores[None, :]
-    return (weights @ pool) / weights.sum(1, keepdim=True)
-
-
-def merge_passes(heads, logits: Tensor, regression: Tensor, boxes: list[Tensor], image_sizes: list[tuple[int, int]],
-                 nms_iou: float = NMS_IOU, vote_iou: float = VOTE_IOU) -> list[dict[str, Tensor]]:  # fmt: skip
-    """Per image: the candidates of all input ``boxes`` (torchvision's post-processing -- decoding, clipping,
-    the score threshold, small-box removal -- with nothing suppressed), NMS at ``nms_iou`` per class, box
-    voting at ``vote_iou``, the ``detections_per_img`` best."""
-    nms_thresh, per_img = heads.nms_thresh, heads.detections_per_img
-    try:  # every candidate: IoU never exceeds 1, and no cap on their number
-        heads.nms_thresh, heads.detections_per_img = 1.0, logits.shape[0] * logits.shape[1]
-        pools, pool_scores, pool_labels = heads.postprocess_detections(logits, regression, boxes, image_sizes)
-    finally:
-        heads.nms_thresh, heads.detections_per_img = nms_thresh, per_img
-    results = []
-    for pool, scores, labels in zip(pools, pool_scores, pool_labels):
-        keep = batched_nms(pool, scores, labels, nms_iou)[:per_img]
-        voted = box_voting(pool[keep], labels[keep], pool, scores, labels, vote_iou)
-        results.append({"boxes": voted, "labels": labels[keep], "scores": scores[keep]})
-    return results
+    """Each region's box of its best-scoring foreground class, clipped to its image (``N_i x 4`` per image)."""
+    best = probabilities[:, 1:].argmax(1) + 1
+    chosen = boxes[torch.arange(boxes.shape[0], device=boxes.device), best]
+    return [clip_boxes_to_image(b, size) for b, size in zip(chosen.split(counts), image_sizes)]
 
 
 @torch.no_grad()
@@ -89,19 +50,15 @@ def detect_refined(detector, images: list[Tensor], nms_iou: float = NMS_IOU,
     batch, _ = detector.transform(images)
     features = detector.backbone(batch.tensors)
     proposals, _ = detector.rpn(batch, features)
-    heads, sizes = detector.roi_heads, batch.image_sizes
-    first_logits, first_regression = head_pass(heads, features, proposals, sizes)
-    moved = regressed_boxes(heads, first_logits, first_regression, proposals, sizes)
-    second_logits, second_regression = head_pass(heads, features, moved, sizes)
+    heads, sizes, counts = detector.roi_heads, batch.image_sizes, [len(p) for p in proposals]
+    first = region_predictions(heads, features, proposals, sizes)
+    moved = regressed_boxes(*first, counts, sizes)
+    second = region_predictions(heads, features, moved, sizes)
     # the union, per image: the first pass's predictions then the second's, each decoded from its own boxes
-    n = [len(p) for p in proposals]
-    logits = torch.cat([x for pair in zip(first_logits.split(n), second_logits.split(n)) for x in pair])
-    regression = torch.cat([x for pair in zip(first_regression.split(n), second_regression.split(n)) for x in pair])
-    boxes = [torch.cat(pair) for pair in zip(proposals, moved)]
-    detections = merge_passes(heads, logits, regression, boxes, sizes, nms_iou, vote_iou)
-    if heads.has_mask():
-        found = [d["boxes"] for d in detections]
-        mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, found, sizes)))
-        for d, probabilities in zip(detections, maskrcnn_inference(mask_logits, [d["labels"] for d in detections])):
-            d["masks"] = probabilities
+    joined = [
+        candidates(heads, torch.cat([p1, p2]), torch.cat([b1, b2]), [2 * n], [size])[0]
+        for p1, b1, p2, b2, n, size in zip(*(x.split(counts) for x in (*first, *second)), counts, sizes)
+    ]
+    detections = select(heads, joined, nms_iou, vote_iou)
+    add_masks(heads, features, detections, sizes)
     return detector.transform.postprocess(detections, sizes, original_sizes)
