@@ -30,6 +30,7 @@ from .core.contract import ExportSpec
 from .core.loops import EVAL_SPLITS
 from .core.optim import Recipe
 from .heads.exportable import Logits
+from .inference.ensemble import EnsembleOption
 from .outputs.confusion import log_confusion
 from .outputs.writers import write_predictions
 from .run.cli import entry_point, script
@@ -37,7 +38,7 @@ from .run.cli import entry_point, script
 log = logging.getLogger(__name__)
 
 
-class ClassificationTask(BaseTask):
+class ClassificationTask(EnsembleOption, BaseTask):
     """Train and evaluate a zoo backbone as an image classifier.
 
     The shared arguments (backbone, weights, optimizer, schedule, speed switches) are
@@ -51,6 +52,9 @@ class ClassificationTask(BaseTask):
         cutmix_alpha: CutMix's Beta parameter (0 disables); with both, one is drawn per batch.
         predictions_file: where ``predict`` writes top-5 classes and scores (``.csv`` or ``.json``);
             defaults to ``<run dir>/predictions.csv``.
+        ensemble: checkpoints of this task evaluated and predicting as one classifier, their softmax averaged
+            over the members (each with the evaluation's views: the ResNet paper's Table 5 ensemble of six
+            depths; ``tasks.inference.ensemble``); not with ``fit`` or ``--ckpt_path``.
     """
 
     kind = "classify"
@@ -78,7 +82,8 @@ class ClassificationTask(BaseTask):
 
     default_scheduler_interval = "epoch"
     default_log_samples = 16
-    output_options = ("predictions_file",)
+    inference_options = ("ensemble",)
+    output_options = ("predictions_file", *inference_options)
 
     def __init__(
         self,
@@ -86,9 +91,11 @@ class ClassificationTask(BaseTask):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         predictions_file: str | None = None,
+        ensemble: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.ensemble = ensemble
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
         self.predictions_file = predictions_file
@@ -150,8 +157,14 @@ class ClassificationTask(BaseTask):
         or, per image, a list of whole-image views of different sizes (``multiscale``, the
         fully-convolutional form: global average pooling makes the network's output the average of its
         score map). Either way the scores rank classes, give the cross-entropy, and give the averaged
-        probabilities back by softmax."""
-        if isinstance(images, list):
+        probabilities back by softmax. With ``ensemble``: the log of the members' softmax (of those scores)
+        averaged; one member's scores are its own."""
+        if self.members:
+            members = self.member_tasks()
+            if len(members) == 1:
+                return members[0].eval_logits(images)
+            probs = torch.stack([m.eval_logits(images).float().softmax(-1) for m in members]).mean(0)
+        elif isinstance(images, list):
             probs = self._multiscale_probs(images)
         elif images.ndim == 5:
             batch, views = images.shape[:2]

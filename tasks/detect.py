@@ -29,10 +29,12 @@ from .core.base import BaseTask
 from .core.contract import ExportSpec
 from .core.loops import data_split
 from .core.optim import Recipe
+from .heads.ensemble import detect_ensemble
 from .heads.exportable import OneImageDetector, traceable_detector
 from .heads.faster_rcnn import HeadKind, build_faster_rcnn
 from .heads.refinement import detect_refined
 from .heads.tta import detect_with_tta
+from .inference.ensemble import EnsembleOption
 from .metrics.coco import Backend, to_coco_results
 from .metrics.protocols import protocol
 from .outputs.media import class_map, wandb_boxes, wandb_mask
@@ -49,7 +51,7 @@ ZERO_EPS_WEIGHTS: frozenset[str] = frozenset(
 )
 
 
-class DetectionTask(BaseTask):
+class DetectionTask(EnsembleOption, BaseTask):
     """Faster R-CNN (torchvision's components) over a zoo backbone, evaluated with COCOeval.
 
     The shared arguments are :class:`tasks.core.base.BaseTask`'s. ``num_classes`` counts foreground classes;
@@ -82,6 +84,9 @@ class DetectionTask(BaseTask):
         box_refinement: at inference, the box head run again on each regressed box, the two passes' predictions
             merged by NMS at IoU 0.3 and box voting (the ResNet paper's COCO entry, Appendix A;
             ``tasks.heads.refinement``); training is unchanged.
+        ensemble: checkpoints of this task evaluated and predicting as one detector: the union of their RPNs'
+            proposals, every member's head on it, scores and boxes averaged (Appendix A; ``tasks.heads.ensemble``,
+            ``tasks.inference.ensemble``); not with ``fit``, ``--ckpt_path``, ``tta`` or ``box_refinement``.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
@@ -123,9 +128,9 @@ class DetectionTask(BaseTask):
     detection_keys: tuple[str, ...] = ("boxes", "labels", "scores")
     #: the COCOeval runs of a COCO-scored split: ``(iouType, prefix of the metric names)``
     coco_iou_types: tuple[tuple[str, str], ...] = (("bbox", ""),)
-    output_options = (
-        "detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip", "box_refinement",
-    )  # fmt: skip
+    inference_options = ("box_refinement", "ensemble")
+    output_options = ("detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip",
+                      *inference_options)  # fmt: skip
 
     def __init__(
         self,
@@ -147,11 +152,12 @@ class DetectionTask(BaseTask):
         tta_scales: list[float] | None = None,
         tta_flip: bool = True,
         box_refinement: bool = False,
+        ensemble: list[str] | None = None,
         detections_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.box_refinement = box_refinement
+        self.box_refinement, self.ensemble = box_refinement, ensemble
         self.detections_file = detections_file
         self.draw_predictions = draw_predictions
         self.draw_threshold = draw_threshold
@@ -235,18 +241,16 @@ class DetectionTask(BaseTask):
         return self.detector(images, targets)
 
     def detect(self, images: list[torch.Tensor]) -> list[dict]:
-        """Detections on ``images`` (in their pixels): refined when ``box_refinement`` is on, merged over the
-        test-time views when ``tta`` is on (each view refined)."""
+        """Detections on ``images`` (in their pixels): the ensemble's when ``ensemble`` is given; refined when
+        ``box_refinement`` is on, merged over the test-time views when ``tta`` is on (each view refined)."""
         if not images:
             return []
+        if self.members and (self.tta or self.box_refinement):
+            raise ValueError("model.ensemble combines its members' heads on one view: drop tta and box_refinement")
+        if self.members:
+            return detect_ensemble(self.member_networks(), images)
         run = (lambda views: detect_refined(self.detector, views)) if self.box_refinement else self.detector
         return detect_with_tta(self.detector, images, *self.tta, run=run) if self.tta else run(images)
-
-    def set_prediction_options(self, top_k: int = 5, tta: tuple[list[float], bool] | None = None,
-                               box_refinement: bool = False, **options: Any) -> None:  # fmt: skip
-        """The contract's options, and ``box_refinement`` (the task's argument of that name)."""
-        super().set_prediction_options(top_k, tta, **options)
-        self.box_refinement = box_refinement
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):

@@ -216,3 +216,84 @@ def test_box_refinement_from_the_command_line_and_the_predictor_on_what_fit_wrot
         assert found["masks"].shape == (len(found["boxes"]), 48, 56)
     with pytest.raises(ValueError, match="box_refinment: not an inference option"):
         load_predictor(ckpt, box_refinment=True)
+
+
+def _member(ckpt: Path, out: Path, seed: int = 1, class_names: list[str] | None = None) -> Path:
+    """Another member: ``ckpt`` with its weights moved by noise (and, given, other class names)."""
+    from zoo_common import checkpoints
+
+    raw = torch.load(ckpt, weights_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    for value in raw["state_dict"].values():
+        if value.is_floating_point():
+            value.add_(0.05 * torch.randn(value.shape, generator=generator) * (value.std() if value.numel() > 1 else 1))
+    if class_names is not None:
+        raw[checkpoints.CLASS_NAMES] = class_names
+    torch.save(raw, out)
+    return out
+
+
+def _metrics(stdout: str) -> dict[str, float]:
+    """The metrics table Lightning prints after validate: ``name value`` rows."""
+    import re
+
+    return {m[1]: float(m[2]) for m in re.finditer(r"[│|]\s*((?:val|test)/[\w/.]+)\s*[│|]\s*([-\d.e]+)\s*[│|]", stdout)}
+
+
+@pytest.mark.parametrize("kind", ["classify", "detect"])
+def test_an_ensemble_of_one_checkpoint_validates_as_that_checkpoint_and_two_validate(kind, fitted, tmp_path):
+    ckpt, data = fitted[kind]
+    plain = _run([f"tasks.{kind}", "validate", *data, *QUIET, "--ckpt_path", str(ckpt)], tmp_path)
+    one = _run([f"tasks.{kind}", "validate", *data, *QUIET, "--model.ensemble", f"[{ckpt}]"], tmp_path)
+    assert plain.returncode == 0 and one.returncode == 0, one.stderr[-3000:]
+    ours, theirs = _metrics(one.stdout), _metrics(plain.stdout)
+    assert len(theirs) >= 2 and ours == theirs
+    other = _member(ckpt, tmp_path / "b.ckpt")
+    two = _run([f"tasks.{kind}", "validate", *data, *QUIET, "--model.ensemble", f"[{ckpt},{other}]"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert set(_metrics(two.stdout)) == set(theirs)
+
+
+def test_a_classifier_ensemble_predicts_the_members_averaged_softmax(fitted, tmp_path):
+    ckpt, _ = fitted["classify"]
+    other = _member(ckpt, tmp_path / "b.ckpt")
+    images = [torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8) for _ in range(3)]
+    each = [load_predictor(c)(images) for c in (ckpt, other)]
+    both = load_predictor([ckpt, other])(images)
+    assert load_predictor([ckpt])(images) == each[0]  # an ensemble of one is that checkpoint
+    for a, b, e in zip(*each, both):
+        expected = {c: (s + dict(zip(b["classes"], b["scores"]))[c]) / 2 for c, s in zip(a["classes"], a["scores"])}
+        assert {c: pytest.approx(s, abs=2e-6) for c, s in expected.items()} == dict(zip(e["classes"], e["scores"]))
+    assert each[0] != each[1]  # the members differ
+
+
+def test_an_ensemble_refuses_another_label_set_naming_the_checkpoint_and_refuses_fit(fitted, tmp_path):
+    ckpt, data = fitted["classify"]
+    names = load_predictor(ckpt).class_names
+    other = _member(ckpt, tmp_path / "relabelled.ckpt", class_names=[*names[:-1], "hexagon"])
+    result = _run(["tasks.classify", "validate", *data, *QUIET, "--model.ensemble", f"[{ckpt},{other}]"], tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"model.ensemble: {other} has 5 classes" in result.stderr and "must share the label set" in result.stderr
+    with pytest.raises(ValueError, match=f"{other} has 5 classes.*but {ckpt} has"):
+        load_predictor([ckpt, other])
+    fit = _run(["tasks.classify", "fit", *data, *QUIET, "--model.ensemble", f"[{ckpt}]"], tmp_path)
+    assert fit.returncode == 1 and "model.ensemble is for validate, test and predict" in fit.stderr
+    ensemble = ["--model.ensemble", f"[{ckpt}]"]
+    both = _run(["tasks.classify", "validate", *data, *QUIET, "--ckpt_path", str(ckpt), *ensemble], tmp_path)
+    assert both.returncode == 1 and "the ensemble is the checkpoints listed in model.ensemble only" in both.stderr
+
+
+@pytest.mark.parametrize("kind", ["detect", "instance_segment"])
+def test_a_detector_ensemble_in_the_predictor(kind, fitted, tmp_path):
+    ckpt, _ = fitted[kind]
+    image = torch.randint(0, 255, (3, 48, 56), dtype=torch.uint8)
+    alone, one = load_predictor(ckpt)(image), load_predictor([ckpt])(image)
+    assert (
+        all(torch.equal(alone[k], one[k]) for k in ("boxes", "labels", "scores")) and alone["classes"] == one["classes"]
+    )
+    found = load_predictor([ckpt, _member(ckpt, tmp_path / "b.ckpt")])(image)
+    assert found["boxes"].shape[1] == 4 and len(found["scores"]) == len(found["boxes"]) > 0
+    if kind == "instance_segment":
+        assert found["masks"].shape == (len(found["boxes"]), 48, 56)
+    with pytest.raises(ValueError, match="drop tta and box_refinement"):
+        load_predictor([ckpt, ckpt], box_refinement=True)(image)

@@ -1,5 +1,6 @@
 """The 2015 entries' additions to the baselines (the ResNet paper's Appendices A-C), each against a hand
-computation: box refinement and box voting (tasks.heads.refinement)."""
+computation: box refinement and box voting (tasks.heads.refinement), detector ensembles (tasks.heads.ensemble);
+the ensembles of checkpoints on the command line are in test_commands.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from backbones import build_backbone
 from tasks.detect import DetectionTask
+from tasks.heads.ensemble import detect_ensemble, incompatibility
 from tasks.heads.faster_rcnn import build_faster_rcnn
 from tasks.heads.mask_rcnn import build_mask_rcnn
 from tasks.heads.refinement import detect_refined
@@ -172,3 +174,70 @@ def test_the_option_off_is_todays_detections_and_on_composes_with_tta():
         one_view = task.detect(images)[0]
     expected = detect_with_tta(task.detector, images, [1.0], False, run=lambda x: detect_refined(task.detector, x))
     assert all(torch.equal(one_view[k], expected[0][k]) for k in one_view)
+
+
+# -- ensembles -------------------------------------------------------------------------------------------------
+def _detector(seed: int, build=build_faster_rcnn, head: str = "fpn", **options):
+    torch.manual_seed(seed)
+    args = {"num_classes": 3, "min_size": 64, "max_size": 64, **SMALL, **options}
+    return build(build_backbone("resnet18"), head=head, **args).eval()
+
+
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+@pytest.mark.parametrize("build", [build_faster_rcnn, build_mask_rcnn], ids=["faster", "mask"])
+def test_an_ensemble_of_one_detector_is_that_detector_exactly(build, head):
+    net = _detector(0, build, head)
+    images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
+    with torch.no_grad():
+        plain = net(images)
+    for p, e in zip(plain, detect_ensemble([net], images)):
+        assert set(p) == set(e) and all(torch.equal(p[k], e[k]) for k in p), head
+
+
+def test_two_detectors_share_the_union_of_their_proposals_and_average_their_heads():
+    """The paper's scheme computed directly from torchvision's parts: each member's proposals, joined; each
+    member's head on the union; softmax and decoded boxes averaged; torchvision's post-processing."""
+    members = [_detector(0), _detector(1)]
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    with torch.no_grad():
+        batch, _ = members[0].transform(images)
+        sizes = batch.image_sizes
+        features = [m.backbone(batch.tensors) for m in members]
+        union = [torch.cat(pair) for pair in zip(*(m.rpn(batch, f)[0] for m, f in zip(members, features)))]
+        probabilities, boxes = 0, 0
+        for m, f in zip(members, features):
+            h = m.roi_heads
+            logits, regression = h.box_predictor(h.box_head(h.box_roi_pool(f, union, sizes)))
+            probabilities = probabilities + logits.softmax(-1) / 2
+            boxes = boxes + h.box_coder.decode(regression, union) / 2
+        heads = members[0].roi_heads
+        regression = heads.box_coder.encode_single(boxes.reshape(-1, 4), torch.cat(union).repeat_interleave(3, 0))
+        found = heads.postprocess_detections(probabilities.log(), regression.reshape(len(boxes), -1), union, sizes)
+        expected = members[0].transform.postprocess(
+            [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(*found)], sizes, [(64, 64), (48, 64)]
+        )
+    ours = detect_ensemble(members, images)
+    for e, o in zip(expected, ours):
+        assert len(o["boxes"]) > 5 and torch.equal(e["labels"], o["labels"])
+        torch.testing.assert_close(o["boxes"], e["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(o["scores"], e["scores"], atol=1e-6, rtol=0)
+    # neither member alone gives these detections
+    with torch.no_grad():
+        assert all(not torch.equal(m(images)[0]["scores"], ours[0]["scores"]) for m in members)
+
+
+def test_members_that_see_other_images_are_merged_by_their_detections_with_box_voting():
+    members = [_detector(0), _detector(1, min_size=48, max_size=48)]
+    assert incompatibility(members) == "member 1 has min_size=(48,), member 0 (64,)"
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        each = [m(images)[0] for m in members]
+    merged = detect_ensemble(members, images)[0]
+    pooled_scores = torch.cat([e["scores"] for e in each])
+    # every kept score is one of the members' (NMS keeps detections; voting moves boxes only), best first
+    assert all((pooled_scores == s).any() for s in merged["scores"]) and len(merged["scores"]) > 0
+    assert (merged["scores"][:-1] >= merged["scores"][1:]).all()
+    masks = [_detector(0, build_mask_rcnn, "fpn"), _detector(1, build_mask_rcnn, "c4")]  # 28x28 and 14x14 masks
+    assert incompatibility(masks) is None
+    out = detect_ensemble(masks, images)[0]
+    assert out["masks"].shape == (len(out["boxes"]), 1, 64, 64)

@@ -71,6 +71,8 @@ class TaskContract:
     #: whether ``tta`` (test-time augmentation) applies, and what to say where it does not
     supports_tta: ClassVar[bool] = False
     tta_unsupported: ClassVar[str] = "this task has no test-time augmentation"
+    #: the task's own arguments that the predictor may set too (``load_predictor(..., name=value)``)
+    inference_options: ClassVar[tuple[str, ...]] = ()
     #: the top-k of a classifier's predictions (set by :meth:`set_prediction_options`)
     top_k: int = 5
 
@@ -86,20 +88,33 @@ class TaskContract:
     def set_prediction_options(self, top_k: int = 5, tta: tuple[list[float], bool] | None = None,
                                **options: Any) -> None:  # fmt: skip
         """The predictor's options: ``top_k`` classes, test-time augmentation ``(scales, flip)`` or ``None``;
-        ``options``: inference options a task defines itself (detection's ``box_refinement``), refused here."""
-        if options:
-            raise NotSupportedError(f"{', '.join(sorted(options))}: not an inference option of this task")
+        ``options``: the task's :attr:`inference_options` by name (detection's ``box_refinement``)."""
+        unknown = sorted(set(options) - set(self.inference_options))
+        if unknown:
+            offered = ", ".join(self.inference_options) or "none"
+            raise NotSupportedError(f"{', '.join(unknown)}: not an inference option of this task (it has: {offered})")
+        for name, value in options.items():
+            self.set_inference_option(name, value)
         self.top_k = top_k
         if tta is not None and not self.supports_tta:
             raise NotSupportedError(f"tta: {self.tta_unsupported}")
         if self.supports_tta:
             self.tta = tta
 
+    def set_inference_option(self, name: str, value: Any) -> None:
+        """Set one of :attr:`inference_options` (as the task's attribute of that name, by default)."""
+        setattr(self, name, value)
+
     # -- what a fit may not start with -------------------------------------------------------------------
     @classmethod
     def refuse_fit_arguments(cls, model: dict[str, Any]) -> None:
         """Stop a ``fit`` whose model arguments cannot train, before its run directory or W&B run is made
         (``model``: the parsed ``--model.*`` arguments). Nothing is refused by default."""
+
+    @classmethod
+    def refuse_run_arguments(cls, subcommand: str, model: dict[str, Any], ckpt_path: str | None) -> None:
+        """Stop any command (``subcommand``) whose model arguments do not go with it or with ``--ckpt_path``,
+        before anything is made. Nothing is refused by default."""
 
     # -- W&B samples ----------------------------------------------------------------------------------
     def sample_records(self, batch: dict, outputs: Any) -> list[dict]:

@@ -6,9 +6,11 @@ separate: :func:`region_predictions` (pool, box head, predictor: class probabili
 decoded from the regions they came from), :func:`candidates` (torchvision's post-processing before NMS:
 boxes clipped, the background dropped, each class a candidate, the score threshold, empty boxes removed),
 :func:`select` (per-class NMS, optionally box voting, the ``detections_per_img`` best) and :func:`add_masks`
-(a Mask R-CNN's mask branch on the final boxes). ``select(candidates(...))`` at the head's own NMS threshold is
-``RoIHeads.postprocess_detections`` exactly (tested), so probabilities and boxes averaged or joined between
-the steps go through the detector's own rules.
+(a Mask R-CNN's mask branch on the final boxes); and :func:`merge_detections`, which pools whole detections
+(test-time views', an ensemble's members') by NMS and, optionally, box voting.
+
+``select(candidates(...))`` at the head's own NMS threshold is ``RoIHeads.postprocess_detections`` exactly
+(tested), so probabilities and boxes averaged or joined between the steps go through the detector's own rules.
 """
 
 from __future__ import annotations
@@ -86,3 +88,18 @@ def add_masks(heads, features: dict[str, Tensor], detections: list[dict[str, Ten
     logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, image_sizes)))
     for d, probabilities in zip(detections, maskrcnn_inference(logits, [d["labels"] for d in detections])):
         d["masks"] = probabilities
+
+
+def merge_detections(outputs: list[dict[str, Tensor]], nms_iou: float, limit: int,
+                     vote_iou: float | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """One image's detections from several sources (``outputs``, each with ``boxes``, ``scores``, ``labels``
+    and anything else per detection, such as pasted ``masks``) pooled, per-class NMS at ``nms_iou``, the
+    ``limit`` best kept with what they carry; with ``vote_iou``, each kept box voted over the pool."""
+    pooled = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+    keep = batched_nms(pooled["boxes"], pooled["scores"], pooled["labels"], nms_iou)[:limit]
+    merged = {key: value[keep] for key, value in pooled.items()}
+    if vote_iou is not None:
+        merged["boxes"] = box_voting(
+            merged["boxes"], merged["labels"], pooled["boxes"], pooled["scores"], pooled["labels"], vote_iou
+        )
+    return merged

@@ -22,7 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
+
+from .region_passes import merge_detections
 
 
 def views(scales: Sequence[float], flip: bool) -> list[tuple[float, bool]]:
@@ -59,13 +60,7 @@ def detect_with_tta(detector, images: list[Tensor], scales: Sequence[float], fli
                 found[k].append(view)
     finally:
         transform.min_size, transform.max_size = min_size, max_size
-    merged = []
-    for outs in found:
-        pooled = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
-        keep = batched_nms(pooled["boxes"], pooled["scores"], pooled["labels"], heads.nms_thresh)
-        keep = keep[: heads.detections_per_img]
-        merged.append({key: value[keep] for key, value in pooled.items()})
-    return merged
+    return [merge_detections(outs, heads.nms_thresh, heads.detections_per_img) for outs in found]
 
 
 def segment_with_tta(logits_of: Callable[[Tensor], Tensor], images: Tensor, scales: Sequence[float], flip: bool,

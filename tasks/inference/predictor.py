@@ -31,6 +31,7 @@ channels-last where the task uses it), as the tasks train and evaluate there. Th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,8 @@ class Predictor:
         return found[0] if single else found
 
 
-def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", top_k: int = 5, tta: bool = False,
+def load_predictor(checkpoint: str | Path | Sequence[str | Path], device: str | torch.device = "cpu", top_k: int = 5,
+                   tta: bool = False,
                    tta_scales: list[float] | None = None, tta_flip: bool = True,
                    trusted_modules: tuple[str, ...] = (), **options: Any) -> Predictor:  # fmt: skip
     """A :class:`Predictor` for ``checkpoint`` (any task's) on ``device`` (``cpu``, ``cuda``, ``cuda:1``, or
@@ -92,7 +94,13 @@ def load_predictor(checkpoint: str | Path, device: str | torch.device = "cpu", t
     augmentation for detection and segmentation, as the tasks' options of those names
     (``tasks.heads.tta``); ``trusted_modules``: modules of your own whose datamodule classes a checkpoint
     may name (the project's own are always accepted); ``options``: a task's own inference options, as its
-    arguments of those names (detection's ``box_refinement=True``)."""
+    arguments of those names (detection's ``box_refinement=True``, ``ensemble=[...]``). A list of checkpoints
+    is an ensemble of them (``tasks.inference.ensemble``), with the first one's preprocessing."""
+    if not isinstance(checkpoint, (str, Path)):
+        members = [str(c) for c in checkpoint]
+        if not members:
+            raise ValueError("load_predictor: an empty list of checkpoints")
+        checkpoint, options = members[0], {**options, "ensemble": members}
     return Predictor(load_task(checkpoint), device, top_k, tta, tta_scales, tta_flip, tuple(trusted_modules), **options)
 
 
