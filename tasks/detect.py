@@ -37,6 +37,7 @@ from .heads.tta import detect_with_tta
 from .inference.ensemble import EnsembleOption
 from .metrics.coco import Backend, to_coco_results
 from .metrics.protocols import protocol
+from .outputs.class_tables import per_class_table
 from .outputs.media import class_map, wandb_boxes, wandb_mask
 from .outputs.pr_curves import log_pr_curves
 from .outputs.writers import draw_detections, images_folder, write_detections
@@ -70,6 +71,8 @@ class DetectionTask(EnsembleOption, BaseTask):
         fpn_channels: FPN width.
         roi_align_aligned: RoIAlign with detectron2's half-pixel offset (its ``ROIAlignV2``); ``false`` is
             torchvision's original, which its published detectors need.
+        global_context: the C4 head with the whole image as one more RoI through res5, its feature beside each
+            region's before the class and box layers (Appendix A; ``tasks.heads.faster_rcnn.ContextBoxHead``).
         box_detections_per_img: detections kept per image.
         box_score_thresh: minimum score of a kept detection.
         detector_args: any other argument of torchvision's ``FasterRCNN`` (``rpn_post_nms_top_n_train``,
@@ -142,6 +145,7 @@ class DetectionTask(EnsembleOption, BaseTask):
         anchor_sizes: list[int] | None = None,
         fpn_channels: int = 256,
         roi_align_aligned: bool = False,
+        global_context: bool = False,
         box_detections_per_img: int = 100,
         box_score_thresh: float = 0.05,
         detector_args: dict[str, Any] | None = None,
@@ -185,6 +189,7 @@ class DetectionTask(EnsembleOption, BaseTask):
             anchor_sizes=hp.anchor_sizes,
             fpn_channels=hp.fpn_channels,
             aligned=hp.roi_align_aligned,
+            global_context=hp.global_context,
             box_detections_per_img=hp.box_detections_per_img,
             box_score_thresh=hp.box_score_thresh,
             **self.network_options(),
@@ -366,27 +371,10 @@ class DetectionTask(EnsembleOption, BaseTask):
         self.last_results = results
         self.reset_scores(split)
         if self.trainer.is_global_zero:
-            self._per_class_table(split, metrics)
+            kinds = [prefix for _, prefix in self.coco_iou_types]
+            per_class_table(split, metrics, kinds, self.wandb_loggers(), self.global_step)
             if split == "test":
                 write_detections(results, self.output_path(self.detections_file, "detections.json"))
-
-    def _per_class_table(self, prefix: str, metrics: dict[str, float]) -> None:
-        """Each class's AP as a W&B table (and printed after ``test``), its mask AP beside it when scored."""
-        kinds = [p for _, p in self.coco_iou_types if any(n.startswith(f"{p}AP/") for n in metrics)] or [""]
-        columns = ["class"] + [f"{p}{m}" for p in kinds for m in ("AP", "AP50")]
-        rows = []
-        for name in metrics:
-            if name.startswith("AP/"):
-                c = name[3:]
-                rows.append([c] + [metrics.get(f"{p}{m}/{c}", 0.0) for p in kinds for m in ("AP", "AP50")])
-        if not rows:
-            return
-        for logger in self.wandb_loggers():
-            logger.log_table(f"{prefix}/AP_per_class", columns=columns, data=rows, step=self.global_step)
-        if prefix == "test":
-            width = max(len(r[0]) for r in rows)
-            header = f"{'class':{width}s}" + "".join(f"  {c:9s}" for c in columns[1:])
-            print("\n".join([header] + [f"{r[0]:{width}s}" + "".join(f"  {v:.4f}   " for v in r[1:]) for r in rows]))
 
     # -- export ---------------------------------------------------------------------------------------
     def export_spec(self, data: dict[str, Any]) -> ExportSpec:

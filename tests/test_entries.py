@@ -1,5 +1,7 @@
 """The 2015 entries' additions to the baselines (the ResNet paper's Appendices A-C), each against a hand
-computation: box refinement and box voting (tasks.heads.refinement), detector ensembles (tasks.heads.ensemble);
+computation: box refinement and box voting (tasks.heads.refinement), global context (the C4 head's
+ContextBoxHead; its training is in test_learning.py, its exact resume in test_resume.py), detector ensembles
+(tasks.heads.ensemble);
 the ensembles of checkpoints on the command line are in test_commands.py."""
 
 from __future__ import annotations
@@ -241,3 +243,56 @@ def test_members_that_see_other_images_are_merged_by_their_detections_with_box_v
     assert incompatibility(masks) is None
     out = detect_ensemble(masks, images)[0]
     assert out["masks"].shape == (len(out["boxes"]), 1, 64, 64)
+
+
+# -- global context --------------------------------------------------------------------------------------------
+def test_global_context_concatenates_the_whole_images_res5_feature_to_every_regions():
+    net = _detector(0, head="c4", global_context=True, min_size=64, max_size=96)
+    heads = net.roi_heads
+    channels = heads.box_head.out_channels
+    assert heads.box_predictor.cls_score.in_features == 2 * channels  # the region's and the image's features
+    images = [torch.rand(3, 64, 96), torch.rand(3, 64, 80)]
+    regions = [torch.tensor([[0.0, 0, 30, 30], [40, 10, 90, 60]]), torch.tensor([[5.0, 5, 25, 45]])]
+    with torch.no_grad():
+        batch, _ = net.transform(images)
+        features = net.backbone(batch.tensors)
+        found = heads.box_head(heads.box_roi_pool(features, regions, batch.image_sizes))
+        # the same pooler and res5, without context, on the regions and on each image's whole extent
+        plain = super(type(heads.box_roi_pool), heads.box_roi_pool).forward
+        whole = [torch.tensor([[0.0, 0, w, h]]) for h, w in batch.image_sizes]
+        pooled = lambda boxes: torch.flatten(  # noqa: E731
+            torch.nn.functional.adaptive_avg_pool2d(heads.box_head.res5(plain(features, boxes, batch.image_sizes)), 1),
+            1,
+        )
+        regional, context = pooled(regions), pooled(whole)
+    assert found.shape == (3, 2 * channels)
+    torch.testing.assert_close(found[:, :channels], regional)
+    torch.testing.assert_close(found[:, channels:], context[[0, 0, 1]])
+
+
+def test_only_with_global_context_does_a_far_away_change_move_every_regions_score():
+    """A wide image: pixels far beyond res4's receptive field of the region change. Without context the region
+    scores stay exactly the same; with it every region's scores move."""
+    image = torch.rand(3, 64, 512)
+    changed = image.clone()
+    changed[:, :, 448:] = torch.rand(3, 64, 64)
+    regions = [torch.tensor([[0.0, 0, 32, 32], [8, 16, 40, 56]])]
+    for context in (False, True):
+        net = _detector(0, head="c4", global_context=context, min_size=64, max_size=512)
+        scores = []
+        for x in (image, changed):
+            with torch.no_grad():
+                batch, _ = net.transform([x])
+                assert batch.image_sizes == [(64, 512)]
+                probabilities, _ = region_predictions(net.roi_heads, net.backbone(batch.tensors), regions,
+                                                      batch.image_sizes)  # fmt: skip
+            scores.append(probabilities)
+        if context:
+            assert all(not torch.allclose(a, b, atol=1e-6) for a, b in zip(*scores))  # every region moves
+        else:
+            assert torch.equal(*scores)
+
+
+def test_global_context_is_refused_with_fpn_naming_the_flag():
+    with pytest.raises(ValueError, match="global_context is the C4 head's.*use --model.head c4"):
+        _detector(0, head="fpn", global_context=True)

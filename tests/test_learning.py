@@ -37,6 +37,16 @@ def _detect(tmp):
     return dm, task
 
 
+def _detect_c4_context(tmp):
+    """The C4 head with global context (the ResNet paper's COCO entry): trained end to end."""
+    dm, _ = _detect(tmp)
+    task = DetectionTask(backbone="resnet18", num_classes=5, norm="bn", freeze_at=0, min_size=64, max_size=64,
+                         head="c4", global_context=True, detector_args={"box_batch_size_per_image": 16,
+                         "rpn_post_nms_top_n_train": 100})  # fmt: skip
+    task.category_ids = [3, 7, 12, 40, 90]
+    return dm, task
+
+
 def _segment(tmp):
     root = write_coco(tmp / "coco", train_images=4, val_images=2, size=(64, 64), object_size=(20, 36))
     dm = COCOSegmentationDataModule(str(root), categories="all", min_area=0, base_size=64, crop_size=48,
@@ -50,8 +60,8 @@ def _localize(tmp):
     return dm, LocalizationTask(backbone="resnet18", num_classes=dm.num_classes)
 
 
-@pytest.mark.parametrize("make", [_classify, _detect, _segment, _localize], ids=["classify", "detect", "segment",
-                                                                                 "localize"])  # fmt: skip
+@pytest.mark.parametrize("make", [_classify, _detect, _detect_c4_context, _segment, _localize],
+                         ids=["classify", "detect", "detect_c4_context", "segment", "localize"])  # fmt: skip
 def test_a_few_steps_on_one_batch_lower_the_training_loss(make, tmp_path, monkeypatch):
     dm, task = make(tmp_path)
     dm.setup("fit")

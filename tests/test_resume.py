@@ -24,11 +24,12 @@ DETECTOR = ["--model.backbone", "resnet18", "--model.norm", "bn", "--model.freez
 
 def _case(name: str, tmp: Path):
     """``(command module, data and model flags)``: each draws random numbers while it trains."""
-    if name in ("detect", "segment"):
+    if name in ("detect", "detect_c4_context", "segment"):
         root = write_coco(tmp / "coco", train_images=6, val_images=2, size=(64, 64), object_size=(16, 30))
-        if name == "detect":
+        if name.startswith("detect"):
+            context = ["--model.head", "c4", "--model.global_context", "true"] if name != "detect" else []
             return detect, ["--data", "datamodules.COCODetectionDataModule", "--data.root", str(root),
-                            "--data.batch_size", "2", *DETECTOR]  # fmt: skip
+                            "--data.batch_size", "2", *DETECTOR, *context]  # fmt: skip
         return segment, ["--data", "datamodules.COCOSegmentationDataModule", "--data.root", str(root),
                          "--data.categories", "all", "--data.min_area", "0", "--data.base_size", "48",
                          "--data.crop_size", "32", "--data.batch_size", "2", "--data.cache_dir", str(tmp / "masks"),
@@ -57,7 +58,9 @@ def _recorder(path: Path, at: int = -1) -> list[str]:
             "--trainer.callbacks.sigterm_at", str(at)]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["detect", "segment", "localize", "mixup_cutmix"])
+@pytest.mark.parametrize(
+    "name", ["detect", pytest.param("detect_c4_context", marks=pytest.mark.slow), "segment", "localize", "mixup_cutmix"]
+)
 def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(name, tmp_path):
     module, args = _case(name, tmp_path)
     whole = _fit(module, args, tmp_path / "a", "a", _recorder(tmp_path / "a.json"))

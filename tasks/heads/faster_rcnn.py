@@ -130,6 +130,46 @@ class StageBoxHead(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(per_region(self.res5, regions), 1), 1)
 
 
+class ContextLayout:
+    """What the global-context pooler tells the box head: how many regions each image has (the images'
+    whole-image RoIs follow all the regions, one per image)."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+
+class ContextRoIPool(RoIAlignPooler):
+    """The C4 pooler with global context (the ResNet paper's COCO entry, Appendix A): after the regions, each
+    image's whole (resized) extent as one more RoI -- the paper's single-level spatial pyramid pooling of the
+    full feature map, i.e. RoI pooling with the image as the RoI."""
+
+    def __init__(self, layout: ContextLayout, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.layout = layout
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        self.layout.counts = [b.shape[0] for b in boxes]
+        whole = [b.new_tensor([[0.0, 0.0, w, h]]) for b, (h, w) in zip(boxes, image_shapes)]
+        return torch.cat([super().forward(x, boxes, image_shapes), super().forward(x, whole, image_shapes)])
+
+
+class ContextBoxHead(StageBoxHead):
+    """The C4 box head with global context: res5 and average pooling on the regions and the whole-image RoIs
+    alike (the same layers), each region's feature concatenated with its image's global feature before the
+    class and box layers (``2 x`` res5's channels), trained end to end (Appendix A)."""
+
+    def __init__(self, stage: nn.Module, out_channels: int, layout: ContextLayout) -> None:
+        super().__init__(stage, out_channels)
+        self.layout = layout
+
+    def forward(self, regions: Tensor) -> Tensor:
+        pooled = super().forward(regions)
+        counts = self.layout.counts
+        n = sum(counts)
+        context = pooled[n:].repeat_interleave(torch.tensor(counts, device=pooled.device), dim=0)
+        return torch.cat([pooled[:n], context], dim=1)
+
+
 def per_region(stage: nn.Module, regions: Tensor) -> Tensor:
     """``stage(regions)``; while ``torch.export`` traces, with one zero region appended and its output dropped,
     so that the batch is never empty: a convolution on a batch of regions whose number may be 0 needs a guard
@@ -149,12 +189,18 @@ def rcnn_parts(
     anchor_sizes: Sequence[int] | None = None,
     fpn_channels: int = 256,
     aligned: bool = False,
+    global_context: bool = False,
 ) -> tuple[nn.Module, dict]:
     """What Faster R-CNN and Mask R-CNN share: ``body`` attached through ``head`` (the detector's ``backbone``)
     and the keyword arguments of torchvision's ``FasterRCNN``/``MaskRCNN`` that build its RPN and box head
     (``num_classes`` or the C4 head's own ``box_head`` and ``box_predictor``, and the C4 head's proposal
     counts). Arguments as :func:`build_faster_rcnn`'s."""
     ratios = (0.5, 1.0, 2.0)
+    if global_context and head != "c4":
+        raise ValueError(
+            f"global_context is the C4 head's (the whole image as one more RoI through res5, Appendix A); "
+            f"head={head!r} has no per-region res5 to share: use --model.head c4, or drop --model.global_context"
+        )
     if head == "fpn":
         backbone: nn.Module = FPNBackbone(body, fpn_channels)
         sizes = list(anchor_sizes) if anchor_sizes else [8 * s for s in backbone.strides]
@@ -186,12 +232,18 @@ def rcnn_parts(
     res5 = body.truncate(after=trunk_stage)
     backbone = C4Backbone(body)
     sizes = list(anchor_sizes) if anchor_sizes else [backbone.stride * k for k in (2, 4, 8, 16, 32)]
+    pool = {"featmap_names": ["0"], "output_size": 14, "sampling_ratio": 0, "aligned": aligned}
+    if global_context:
+        layout = ContextLayout()
+        box_pool, box_head = ContextRoIPool(layout, **pool), ContextBoxHead(res5, head_channels, layout)
+    else:
+        box_pool, box_head = RoIAlignPooler(**pool), StageBoxHead(res5, head_channels)
     return backbone, {
         "rpn_anchor_generator": AnchorGenerator((tuple(sizes),), (ratios,)),
         "rpn_head": RPNHead(backbone.out_channels, len(sizes) * len(ratios)),
-        "box_roi_pool": RoIAlignPooler(["0"], output_size=14, sampling_ratio=0, aligned=aligned),
-        "box_head": StageBoxHead(res5, head_channels),
-        "box_predictor": FastRCNNPredictor(head_channels, num_classes),
+        "box_roi_pool": box_pool,
+        "box_head": box_head,
+        "box_predictor": FastRCNNPredictor(head_channels * (2 if global_context else 1), num_classes),
         **C4_PROPOSALS,
     }
 
@@ -215,6 +267,7 @@ def build_faster_rcnn(
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
     aligned: bool = False,
+    global_context: bool = False,
     **detector_kwargs,
 ) -> FasterRCNN:
     """torchvision's ``FasterRCNN`` with ``body`` attached through ``head``.
@@ -232,6 +285,7 @@ def build_faster_rcnn(
         image_mean, image_std: normalization applied by the detector's transform to [0, 1] images.
         aligned: RoIAlign with the half-pixel offset (detectron2's ``ROIAlignV2``) instead of torchvision's
             original RoIAlign (its published weights need ``False``).
+        global_context: the C4 head with global context (:class:`ContextBoxHead`); refused with FPN.
         detector_kwargs: any other ``FasterRCNN`` argument (``rpn_post_nms_top_n_test``,
             ``box_detections_per_img``, ...). The C4 head's region proposals default to detectron2's C4
             configs: the 12,000 (training) / 6,000 (testing) best-scoring anchors go into NMS, the best
@@ -240,7 +294,7 @@ def build_faster_rcnn(
     """
     backbone, parts = rcnn_parts(
         body, head=head, num_classes=num_classes, anchor_sizes=anchor_sizes, fpn_channels=fpn_channels,
-        aligned=aligned,
+        aligned=aligned, global_context=global_context,
     )  # fmt: skip
     return FasterRCNN(
         backbone, min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
