@@ -29,11 +29,9 @@ from .core.base import BaseTask
 from .core.contract import ExportSpec
 from .core.loops import data_split
 from .core.optim import Recipe
-from .heads.ensemble import detect_ensemble
+from .heads.entries import detect_with
 from .heads.exportable import OneImageDetector, traceable_detector
 from .heads.faster_rcnn import HeadKind, build_faster_rcnn
-from .heads.refinement import detect_refined
-from .heads.tta import detect_with_tta
 from .inference.ensemble import EnsembleOption
 from .metrics.coco import Backend, to_coco_results
 from .metrics.protocols import protocol
@@ -90,6 +88,8 @@ class DetectionTask(EnsembleOption, BaseTask):
         ensemble: checkpoints of this task evaluated and predicting as one detector: the union of their RPNs'
             proposals, every member's head on it, scores and boxes averaged (Appendix A; ``tasks.heads.ensemble``,
             ``tasks.inference.ensemble``); not with ``fit``, ``--ckpt_path``, ``tta`` or ``box_refinement``.
+        multiscale_testing: the image pyramid's shorter sides (the paper's ``[200, 400, 600, 800, 1000]``): each
+            region's features at its two nearest-sized scales merged by maxout (``tasks.heads.multiscale``).
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
@@ -131,7 +131,7 @@ class DetectionTask(EnsembleOption, BaseTask):
     detection_keys: tuple[str, ...] = ("boxes", "labels", "scores")
     #: the COCOeval runs of a COCO-scored split: ``(iouType, prefix of the metric names)``
     coco_iou_types: tuple[tuple[str, str], ...] = (("bbox", ""),)
-    inference_options = ("box_refinement", "ensemble")
+    inference_options = ("box_refinement", "ensemble", "multiscale_testing")
     output_options = ("detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip",
                       *inference_options)  # fmt: skip
 
@@ -157,11 +157,12 @@ class DetectionTask(EnsembleOption, BaseTask):
         tta_flip: bool = True,
         box_refinement: bool = False,
         ensemble: list[str] | None = None,
+        multiscale_testing: list[int] | None = None,
         detections_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.box_refinement, self.ensemble = box_refinement, ensemble
+        self.box_refinement, self.ensemble, self.multiscale_testing = box_refinement, ensemble, multiscale_testing
         self.detections_file = detections_file
         self.draw_predictions = draw_predictions
         self.draw_threshold = draw_threshold
@@ -246,16 +247,13 @@ class DetectionTask(EnsembleOption, BaseTask):
         return self.detector(images, targets)
 
     def detect(self, images: list[torch.Tensor]) -> list[dict]:
-        """Detections on ``images`` (in their pixels): the ensemble's when ``ensemble`` is given; refined when
-        ``box_refinement`` is on, merged over the test-time views when ``tta`` is on (each view refined)."""
+        """Detections on ``images`` (in their pixels), with the inference options on (``tasks.heads.entries``:
+        ``ensemble``, ``box_refinement``, ``multiscale_testing``, ``tta``)."""
         if not images:
             return []
-        if self.members and (self.tta or self.box_refinement):
-            raise ValueError("model.ensemble combines its members' heads on one view: drop tta and box_refinement")
-        if self.members:
-            return detect_ensemble(self.member_networks(), images)
-        run = (lambda views: detect_refined(self.detector, views)) if self.box_refinement else self.detector
-        return detect_with_tta(self.detector, images, *self.tta, run=run) if self.tta else run(images)
+        members = self.member_networks() if self.members else None
+        return detect_with(self.detector, images, box_refinement=self.box_refinement, pyramid=self.multiscale_testing,
+                           tta=self.tta, members=members)  # fmt: skip
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):

@@ -1,7 +1,7 @@
 """The 2015 entries' additions to the baselines (the ResNet paper's Appendices A-C), each against a hand
 computation: box refinement and box voting (tasks.heads.refinement), global context (the C4 head's
 ContextBoxHead; its training is in test_learning.py, its exact resume in test_resume.py), detector ensembles
-(tasks.heads.ensemble);
+(tasks.heads.ensemble), multi-scale testing (tasks.heads.multiscale);
 the ensembles of checkpoints on the command line are in test_commands.py."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tasks.detect import DetectionTask
 from tasks.heads.ensemble import detect_ensemble, incompatibility
 from tasks.heads.faster_rcnn import build_faster_rcnn
 from tasks.heads.mask_rcnn import build_mask_rcnn
+from tasks.heads.multiscale import PAPER_SIDES, PyramidStage, choose_scales, detect_multiscale
 from tasks.heads.refinement import detect_refined
 from tasks.heads.region_passes import box_voting, candidates, region_predictions, select
 from tasks.heads.tta import detect_with_tta
@@ -296,3 +297,80 @@ def test_only_with_global_context_does_a_far_away_change_move_every_regions_scor
 def test_global_context_is_refused_with_fpn_naming_the_flag():
     with pytest.raises(ValueError, match="global_context is the C4 head's.*use --model.head c4"):
         _detector(0, head="fpn", global_context=True)
+
+
+# -- multi-scale testing ------------------------------------------------------------------------------------------
+#: the paper's pyramid against a detector tested at 600: ratios 1/3 ... 5/3
+PAPER_RATIOS = [s / 600 for s in PAPER_SIDES]
+
+
+@pytest.mark.parametrize(
+    ("side", "ratios", "expected"),
+    [
+        (100, PAPER_RATIOS, (3, 4)),  # 33 ... 167 px: never reaches 224, the two largest scales
+        (150, PAPER_RATIOS, (3, 4)),  # 200 at 800, 250 at 1000
+        (200, PAPER_RATIOS, (2, 3)),  # 200 at 600, 267 at 800
+        (300, PAPER_RATIOS, (1, 2)),  # 200 at 400, 300 at 600
+        (336, PAPER_RATIOS, (0, 1)),  # 112 at 200, exactly 224 at 400
+        (500, PAPER_RATIOS, (0, 1)),  # 167 at 200, 333 at 400
+        (900, PAPER_RATIOS, (0, 1)),  # 300 already at 200: the two smallest
+        (50, [1.0], (0, 0)),  # one scale: that scale twice
+        (300, [0.5, 1.0], (0, 1)),
+    ],
+)
+def test_each_region_gets_the_two_adjacent_scales_around_224_px(side, ratios, expected):
+    lower, upper = choose_scales(torch.tensor([float(side)]), ratios)
+    assert (int(lower), int(upper)) == expected
+
+
+class SignedRamps(nn.Module):
+    """Two feature channels: each pixel's x coordinate and its negative. A region pooled at a scale ``r`` of the
+    image reads ``r x`` its centre and ``-r x`` its centre, so the maxout of two scales is the larger scale's
+    first channel and the smaller scale's second."""
+
+    out_channels = 2
+
+    def forward(self, x):
+        ramp = torch.arange(x.shape[-1], dtype=x.dtype).expand(x.shape[0], 1, x.shape[-2], x.shape[-1])
+        return OrderedDict([("0", torch.cat([ramp, -ramp], 1))])
+
+
+def test_the_maxout_is_the_element_wise_max_of_the_two_chosen_scales_region_features():
+    detector = _hand_built()
+    detector.backbone = SignedRamps()
+    image = torch.zeros(3, SIDE, SIDE)
+    # the pyramid 200 (the detector's own), 400, 800: ratios 1, 2, 4
+    regions = [torch.tensor([[82.0, 20, 122, 60], [20, 20, 170, 170]])]
+    with torch.no_grad():
+        stage = PyramidStage(detector, [image], [400, 800, 200])
+        ((lower, upper),) = stage.scales_of(regions)
+        features = stage.region_features(regions)
+    # D is 40 px: 40, 80, 160 never reach 224 -> scales 1 and 2 (x2, x4); the 150-px region reaches 300 at x2 ->
+    # scales 0 and 1 (x1, x2)
+    assert lower.tolist() == [1, 0] and upper.tolist() == [2, 1]
+    # D's centre 102: max(2 x 102, 4 x 102) = 408 and max(-204, -408) = -204; the other's centre 95: 190 and -95
+    assert features.tolist() == [[408.0, -204.0], [190.0, -95.0]]
+
+
+@pytest.mark.parametrize("head", ["c4", "fpn"])
+@pytest.mark.parametrize("build", [build_faster_rcnn, build_mask_rcnn], ids=["faster", "mask"])
+def test_multiscale_testing_at_the_detectors_own_scale_alone_is_plain_testing_exactly(build, head):
+    net = _detector(0, build, head)
+    images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
+    with torch.no_grad():
+        plain = net(images)
+    one = detect_multiscale(net, images, [64])
+    for p, o in zip(plain, one):
+        assert all(torch.equal(p[k], o[k]) for k in p)
+    for p, o in zip(detect_refined(net, images), detect_refined(net, images, pyramid=[64])):
+        assert all(torch.equal(p[k], o[k]) for k in p)
+    pyramid = detect_multiscale(net, images, [32, 64, 96, 128])  # a pyramid moves the scores
+    assert not torch.equal(pyramid[0]["scores"], plain[0]["scores"])
+    assert all(len(p["boxes"]) == len(p["scores"]) for p in pyramid)
+
+
+def test_multiscale_testing_with_global_context_reads_each_scales_whole_image():
+    net = _detector(0, head="c4", global_context=True)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    found = detect_multiscale(net, images, [32, 64, 128])
+    assert [len(f["boxes"]) > 0 for f in found] == [True, True]

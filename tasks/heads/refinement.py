@@ -23,11 +23,14 @@ plain detector's. The steps are torchvision's, taken apart in ``tasks.heads.regi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from .region_passes import VOTE_IOU, add_masks, candidates, region_predictions, select
+from .multiscale import PyramidStage
+from .region_passes import VOTE_IOU, Stage, candidates, select
 
 #: the paper's NMS threshold over the two passes' union
 NMS_IOU = 0.3
@@ -42,23 +45,19 @@ def regressed_boxes(probabilities: Tensor, boxes: Tensor, counts: list[int],
 
 
 @torch.no_grad()
-def detect_refined(detector, images: list[Tensor], nms_iou: float = NMS_IOU,
-                   vote_iou: float = VOTE_IOU) -> list[dict[str, Tensor]]:  # fmt: skip
+def detect_refined(detector, images: list[Tensor], nms_iou: float = NMS_IOU, vote_iou: float = VOTE_IOU,
+                   pyramid: Sequence[int] | None = None) -> list[dict[str, Tensor]]:  # fmt: skip
     """torchvision's Faster R-CNN or Mask R-CNN ``detector`` (in eval mode) on ``images`` with box refinement
-    and box voting (the module docstring); outputs as the detector's own, in the images' pixels."""
-    original_sizes = [tuple(im.shape[-2:]) for im in images]
-    batch, _ = detector.transform(images)
-    features = detector.backbone(batch.tensors)
-    proposals, _ = detector.rpn(batch, features)
-    heads, sizes, counts = detector.roi_heads, batch.image_sizes, [len(p) for p in proposals]
-    first = region_predictions(heads, features, proposals, sizes)
+    and box voting (the module docstring); outputs as the detector's own, in the images' pixels. ``pyramid``:
+    both passes' region features by multi-scale testing on those shorter sides (``tasks.heads.multiscale``)."""
+    stage = PyramidStage(detector, images, pyramid) if pyramid else Stage(detector, images)
+    heads, sizes, counts = stage.heads, stage.sizes, stage.counts
+    first = stage.predict(stage.proposals)
     moved = regressed_boxes(*first, counts, sizes)
-    second = region_predictions(heads, features, moved, sizes)
+    second = stage.predict(moved)
     # the union, per image: the first pass's predictions then the second's, each decoded from its own boxes
     joined = [
         candidates(heads, torch.cat([p1, p2]), torch.cat([b1, b2]), [2 * n], [size])[0]
         for p1, b1, p2, b2, n, size in zip(*(x.split(counts) for x in (*first, *second)), counts, sizes)
     ]
-    detections = select(heads, joined, nms_iou, vote_iou)
-    add_masks(heads, features, detections, sizes)
-    return detector.transform.postprocess(detections, sizes, original_sizes)
+    return stage.finish(select(heads, joined, nms_iou, vote_iou))

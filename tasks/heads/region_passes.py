@@ -30,8 +30,42 @@ def region_predictions(heads, features: dict[str, Tensor], regions: list[Tensor]
     """The box head of ``heads`` (a ``RoIHeads``) on ``regions`` (per image, in the resized image's pixels):
     the class probabilities (``N x C``, softmax) and each class's box (``N x C x 4``, decoded from its region),
     the regions of all images in order."""
-    logits, regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, regions, image_sizes)))
+    return predictions_from(heads, heads.box_head(heads.box_roi_pool(features, regions, image_sizes)), regions)
+
+
+def predictions_from(heads, region_features: Tensor, regions: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The class and box layers of ``heads`` on the box head's ``region_features`` of ``regions``: probabilities
+    and decoded per-class boxes, as :func:`region_predictions`."""
+    logits, regression = heads.box_predictor(region_features)
     return F.softmax(logits, -1), heads.box_coder.decode(regression, regions)
+
+
+class Stage:
+    """A batch through a detector's first stage -- resized (``transform``), its features, the RPN's
+    proposals -- and its box head ready for any regions (:meth:`predict`); :meth:`finish` adds a Mask R-CNN's
+    masks and maps the detections back to the images' pixels. Multi-scale testing changes where
+    :meth:`region_features` reads (``tasks.heads.multiscale``)."""
+
+    def __init__(self, detector, images: list[Tensor]) -> None:
+        self.detector, self.heads = detector, detector.roi_heads
+        self.original_sizes = [tuple(im.shape[-2:]) for im in images]
+        self.batch, _ = detector.transform(images)
+        self.sizes = self.batch.image_sizes
+        self.features = detector.backbone(self.batch.tensors)
+        self.proposals, _ = detector.rpn(self.batch, self.features)
+        self.counts = [len(p) for p in self.proposals]
+
+    def region_features(self, regions: list[Tensor]) -> Tensor:
+        """The box head's features of ``regions`` (per image, in the resized batch's pixels)."""
+        return self.heads.box_head(self.heads.box_roi_pool(self.features, regions, self.sizes))
+
+    def predict(self, regions: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Class probabilities and per-class boxes of ``regions`` (:func:`predictions_from`)."""
+        return predictions_from(self.heads, self.region_features(regions), regions)
+
+    def finish(self, detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        add_masks(self.heads, self.features, detections, self.sizes)
+        return self.detector.transform.postprocess(detections, self.sizes, self.original_sizes)
 
 
 def candidates(heads, probabilities: Tensor, boxes: Tensor, counts: list[int],
