@@ -205,8 +205,8 @@ def test_validate_with_another_tasks_checkpoint_names_the_task_that_wrote_it(fit
 @pytest.mark.parametrize("kind", ["detect", "instance_segment"])
 def test_box_refinement_and_multiscale_testing_from_the_command_line_and_the_predictor(kind, fitted, tmp_path):
     ckpt, data = fitted[kind]
-    result = _run([f"tasks.{kind}", "validate", *data, *QUIET, "--ckpt_path", str(ckpt),
-                   "--model.box_refinement", "true", "--model.multiscale_testing", "[32, 64, 96]"], tmp_path)  # fmt: skip
+    entries = ["--model.box_refinement", "true", "--model.multiscale_testing", "[32, 64, 96]"]
+    result = _run([f"tasks.{kind}", "validate", *data, *QUIET, "--ckpt_path", str(ckpt), *entries], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val/AP50" in result.stdout and (kind == "detect" or "val/mask_AP50" in result.stdout)
     image = torch.randint(0, 255, (3, 48, 56), dtype=torch.uint8)
