@@ -299,7 +299,10 @@ def test_localization_trains_on_cls_loc_layout_shapes(tmp_path):
 
 
 # -- the configs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["voc0712_resnet101", "imagenet_det_resnet101", "imagenet_loc_resnet101"])
+@pytest.mark.parametrize(
+    "name",
+    ["voc0712_resnet101", "imagenet_det_resnet101", "imagenet_det_resnet101_competition", "imagenet_loc_resnet101"],
+)
 def test_track_configs_parse_and_fit_one_step(name, tmp_path):
     """As the COCO configs are tested: each new config fits one step on the shapes in its layout."""
     from datasets import write_ilsvrc_det
@@ -318,9 +321,12 @@ def test_track_configs_parse_and_fit_one_step(name, tmp_path):
         shapes = json.dumps(["circle", "square", "triangle", "star", "ring"])
         detect.main([*config, "--data.root", str(voc), "--data.train_sets", '["2007:trainval"]', "--data.classes",
                      shapes, *small, *quick])  # fmt: skip
-    elif name == "imagenet_det_resnet101":
-        detect.main([*config, "--data.root", str(write_ilsvrc_det(tmp_path / "det", trainval=8, test=4)), *small,
-                     *quick])  # fmt: skip
+    elif name.startswith("imagenet_det_resnet101"):
+        pyramid = ["--model.multiscale_testing", "[48, 64, 96]"] if "competition" in name else []
+        cli = detect.main([*config, "--data.root", str(write_ilsvrc_det(tmp_path / "det", trainval=8, test=4)),
+                           *small, *quick, *pyramid])  # fmt: skip
+        hp = cli.model.hparams
+        assert hp.global_context == ("competition" in name) and cli.model.box_refinement == hp.global_context
     else:
         loc = generate_localization(tmp_path / "loc", train_per_class=3, val_per_class=1, size=64)
         cli = localize.main([*config, "--data.root", str(loc), "--model.weights_backbone", "null",
