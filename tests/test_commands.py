@@ -202,6 +202,7 @@ def test_validate_with_another_tasks_checkpoint_names_the_task_that_wrote_it(fit
     assert f"is a checkpoint of {registry.TASKS['detect']}: run python -m tasks.detect" in error[0]
 
 
+@pytest.mark.slow  # subprocesses: the long tier
 @pytest.mark.parametrize("kind", ["detect", "instance_segment"])
 def test_box_refinement_and_multiscale_testing_from_the_command_line_and_the_predictor(kind, fitted, tmp_path):
     ckpt, data = fitted[kind]
@@ -240,6 +241,7 @@ def _metrics(stdout: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"[│|]\s*((?:val|test)/[\w/.]+)\s*[│|]\s*([-\d.e]+)\s*[│|]", stdout)}
 
 
+@pytest.mark.slow  # subprocesses: the long tier
 @pytest.mark.parametrize("kind", ["classify", "detect"])
 def test_an_ensemble_of_one_checkpoint_validates_as_that_checkpoint_and_two_validate(kind, fitted, tmp_path):
     ckpt, data = fitted[kind]
@@ -267,6 +269,7 @@ def test_a_classifier_ensemble_predicts_the_members_averaged_softmax(fitted, tmp
     assert each[0] != each[1]  # the members differ
 
 
+@pytest.mark.slow  # subprocesses: the long tier
 def test_an_ensemble_refuses_another_label_set_naming_the_checkpoint_and_refuses_fit(fitted, tmp_path):
     ckpt, data = fitted["classify"]
     names = load_predictor(ckpt).class_names
@@ -283,6 +286,7 @@ def test_an_ensemble_refuses_another_label_set_naming_the_checkpoint_and_refuses
     assert both.returncode == 1 and "the ensemble is the checkpoints listed in model.ensemble only" in both.stderr
 
 
+@pytest.mark.slow  # subprocesses: the long tier
 @pytest.mark.parametrize("kind", ["detect", "instance_segment"])
 def test_a_detector_ensemble_in_the_predictor(kind, fitted, tmp_path):
     ckpt, _ = fitted[kind]

@@ -113,7 +113,11 @@ def test_coco_datamodule_handles_real_coco_quirks(coco):
     assert len({w / h > 1 for w, h in sizes}) == 1
 
 
-@pytest.mark.parametrize("config", DETECTION_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(p, marks=pytest.mark.slow) if "competition" in p.stem else p for p in DETECTION_CONFIGS],
+    ids=lambda p: p.stem,
+)
 def test_every_detection_config_fits_with_fast_dev_run(config, coco, tmp_path):
     task = instance_segment if "mask_rcnn" in config.stem else detect
     args = ["fit", "--config", str(config), "--data.root", str(coco), "--data.batch_size", "2", "--data.num_workers",

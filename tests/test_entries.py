@@ -118,6 +118,8 @@ def test_box_voting_averages_only_the_same_class_boxes_overlapping_at_half():
     assert box_voting(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), pool, scores, labels).shape == (0, 4)
 
 
+#: both heads and both detectors, each once
+BOTH = [(build_faster_rcnn, "c4"), (build_mask_rcnn, "fpn")]
 SMALL = {"rpn_post_nms_top_n_test": 50, "box_score_thresh": 0.0, "fpn_channels": 32}
 
 
@@ -144,8 +146,7 @@ def test_the_passes_taken_apart_are_torchvisions_post_processing_exactly(head):
         assert torch.equal(ours_k["labels"], labels_k) and len(boxes_k) > 10
 
 
-@pytest.mark.parametrize("head", ["c4", "fpn"])
-@pytest.mark.parametrize("build", [build_faster_rcnn, build_mask_rcnn], ids=["faster", "mask"])
+@pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
 def test_refinement_runs_on_both_heads_of_both_detectors_and_keeps_the_outputs_contract(build, head):
     torch.manual_seed(0)
     net = build(build_backbone("resnet18"), head=head, num_classes=3, min_size=64, max_size=64, **SMALL).eval()
@@ -186,8 +187,7 @@ def _detector(seed: int, build=build_faster_rcnn, head: str = "fpn", **options):
     return build(build_backbone("resnet18"), head=head, **args).eval()
 
 
-@pytest.mark.parametrize("head", ["c4", "fpn"])
-@pytest.mark.parametrize("build", [build_faster_rcnn, build_mask_rcnn], ids=["faster", "mask"])
+@pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
 def test_an_ensemble_of_one_detector_is_that_detector_exactly(build, head):
     net = _detector(0, build, head)
     images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
@@ -352,8 +352,7 @@ def test_the_maxout_is_the_element_wise_max_of_the_two_chosen_scales_region_feat
     assert features.tolist() == [[408.0, -204.0], [190.0, -95.0]]
 
 
-@pytest.mark.parametrize("head", ["c4", "fpn"])
-@pytest.mark.parametrize("build", [build_faster_rcnn, build_mask_rcnn], ids=["faster", "mask"])
+@pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
 def test_multiscale_testing_at_the_detectors_own_scale_alone_is_plain_testing_exactly(build, head):
     net = _detector(0, build, head)
     images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
@@ -364,7 +363,7 @@ def test_multiscale_testing_at_the_detectors_own_scale_alone_is_plain_testing_ex
         assert all(torch.equal(p[k], o[k]) for k in p)
     for p, o in zip(detect_refined(net, images), detect_refined(net, images, pyramid=[64])):
         assert all(torch.equal(p[k], o[k]) for k in p)
-    pyramid = detect_multiscale(net, images, [32, 64, 96, 128])  # a pyramid moves the scores
+    pyramid = detect_multiscale(net, images, [32, 64, 96])  # a pyramid moves the scores
     assert not torch.equal(pyramid[0]["scores"], plain[0]["scores"])
     assert all(len(p["boxes"]) == len(p["scores"]) for p in pyramid)
 

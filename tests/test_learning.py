@@ -60,8 +60,11 @@ def _localize(tmp):
     return dm, LocalizationTask(backbone="resnet18", num_classes=dm.num_classes)
 
 
-@pytest.mark.parametrize("make", [_classify, _detect, _detect_c4_context, _segment, _localize],
-                         ids=["classify", "detect", "detect_c4_context", "segment", "localize"])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [_classify, _detect, pytest.param(_detect_c4_context, marks=pytest.mark.slow), _segment, _localize],
+    ids=["classify", "detect", "detect_c4_context", "segment", "localize"],
+)
 def test_a_few_steps_on_one_batch_lower_the_training_loss(make, tmp_path, monkeypatch):
     dm, task = make(tmp_path)
     dm.setup("fit")

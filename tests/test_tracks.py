@@ -301,7 +301,12 @@ def test_localization_trains_on_cls_loc_layout_shapes(tmp_path):
 # -- the configs ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name",
-    ["voc0712_resnet101", "imagenet_det_resnet101", "imagenet_det_resnet101_competition", "imagenet_loc_resnet101"],
+    [
+        "voc0712_resnet101",
+        "imagenet_det_resnet101",
+        pytest.param("imagenet_det_resnet101_competition", marks=pytest.mark.slow),
+        "imagenet_loc_resnet101",
+    ],
 )
 def test_track_configs_parse_and_fit_one_step(name, tmp_path):
     """As the COCO configs are tested: each new config fits one step on the shapes in its layout."""
