@@ -187,14 +187,23 @@ def _detector(seed: int, build=build_faster_rcnn, head: str = "fpn", **options):
     return build(build_backbone("resnet18"), head=head, **args).eval()
 
 
-@pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
-def test_an_ensemble_of_one_detector_is_that_detector_exactly(build, head):
+def _plain_and(build, head, other):
+    """A detector's own detections on two images of other sizes, and ``other(detector, images)``'s."""
     net = _detector(0, build, head)
     images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
     with torch.no_grad():
         plain = net(images)
-    for p, e in zip(plain, detect_ensemble([net], images)):
-        assert set(p) == set(e) and all(torch.equal(p[k], e[k]) for k in p), head
+    return net, images, plain, other(net, images)
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return all(set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
+def test_an_ensemble_of_one_detector_is_that_detector_exactly(build, head):
+    _, _, plain, one = _plain_and(build, head, lambda net, images: detect_ensemble([net], images))
+    assert _same(plain, one)
 
 
 def test_two_detectors_share_the_union_of_their_proposals_and_average_their_heads():
@@ -354,15 +363,9 @@ def test_the_maxout_is_the_element_wise_max_of_the_two_chosen_scales_region_feat
 
 @pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
 def test_multiscale_testing_at_the_detectors_own_scale_alone_is_plain_testing_exactly(build, head):
-    net = _detector(0, build, head)
-    images = [torch.rand(3, 64, 48), torch.rand(3, 40, 64)]
-    with torch.no_grad():
-        plain = net(images)
-    one = detect_multiscale(net, images, [64])
-    for p, o in zip(plain, one):
-        assert all(torch.equal(p[k], o[k]) for k in p)
-    for p, o in zip(detect_refined(net, images), detect_refined(net, images, pyramid=[64])):
-        assert all(torch.equal(p[k], o[k]) for k in p)
+    net, images, plain, one = _plain_and(build, head, lambda net, images: detect_multiscale(net, images, [64]))
+    assert _same(plain, one)
+    assert _same(detect_refined(net, images), detect_refined(net, images, pyramid=[64]))
     pyramid = detect_multiscale(net, images, [32, 64, 96])  # a pyramid moves the scores
     assert not torch.equal(pyramid[0]["scores"], plain[0]["scores"])
     assert all(len(p["boxes"]) == len(p["scores"]) for p in pyramid)
