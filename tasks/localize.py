@@ -30,13 +30,14 @@ from .core.contract import ExportSpec
 from .core.loops import EVAL_SPLITS
 from .core.optim import Recipe
 from .heads.localization import Localizer, LocHead, TopGuesses
+from .inference.ensemble import EnsembleOption
 from .metrics.localization import gt_known_error, top5_error
 from .run.cli import entry_point, script
 
 log = logging.getLogger(__name__)
 
 
-class LocalizationTask(BaseTask):
+class LocalizationTask(EnsembleOption, BaseTask):
     """A classifier with per-class boxes over a zoo backbone.
 
     The shared arguments are :class:`tasks.core.base.BaseTask`'s; ``weights_backbone`` (a ``tasks.classify``
@@ -49,6 +50,9 @@ class LocalizationTask(BaseTask):
             a quarter, a half and the whole of the input's shorter side (56, 112, 224 at ImageNet's 224).
         box_weight: the box loss's weight beside the classification loss.
         predictions_file: where ``predict`` writes five guesses per image (default ``<run dir>/localizations.csv``).
+        ensemble: checkpoints of this task evaluated and predicting as one localizer: the members' softmax
+            averaged for the classes, their boxes of each class averaged (``tasks.inference.ensemble``); not
+            with ``fit`` or ``--ckpt_path``.
     """
 
     kind = "localize"
@@ -59,7 +63,8 @@ class LocalizationTask(BaseTask):
     classifier_key = "backbone.fc.weight"
     network_kind = "localizer"
     default_scheduler_interval = "step"
-    output_options = ("predictions_file",)
+    inference_options = ("ensemble",)
+    output_options = ("predictions_file", *inference_options)
     #: the classification recipe (the paper fine-tunes the classification network): 0.1 per 256 images
     recipe = Recipe("ImageNet SGD, Goyal et al. 2017", lr=0.1, images=256, decay="cosine", warmup_epochs=1)
 
@@ -69,10 +74,11 @@ class LocalizationTask(BaseTask):
         anchor_sizes: list[int] | None = None,
         box_weight: float = 1.0,
         predictions_file: str | None = None,
+        ensemble: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.predictions_file = predictions_file
+        self.predictions_file, self.ensemble = predictions_file, ensemble
         self._rows: list[list] = []
 
     def build_network(self) -> Localizer:
@@ -108,17 +114,19 @@ class LocalizationTask(BaseTask):
         return loss
 
     def _guesses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, the top-5 classes and their scores, and their boxes in the original images' pixels."""
-        out = self(batch["image"])
-        probs = out["logits"].float().softmax(1)
+        """Logits, the top-5 classes and their scores, and their boxes in the original images' pixels (with
+        ``ensemble``: the log of the members' averaged softmax, and each class's box averaged over them)."""
+        localizers = [m.model for m in self.member_tasks()] if self.members else [self.model]
+        outs = [localizer(batch["image"]) for localizer in localizers]
+        probs = torch.stack([out["logits"].float().softmax(1) for out in outs]).mean(0)
+        logits = outs[0]["logits"] if len(outs) == 1 else probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
         k = min(5, probs.shape[1])
         scores, classes = probs.topk(k, dim=1)
         size = tuple(batch["image"].shape[-2:])
-        boxes = self.model.boxes_for(out, classes, size).double()  # B x 5 x 4, crop pixels
+        wanted = torch.cat([classes, batch["label"].clamp_min(0)[:, None]], dim=1)  # the five, then the true class
+        boxes = torch.stack([m.boxes_for(out, wanted, size).double() for m, out in zip(localizers, outs)]).mean(0)
         boxes = (boxes + batch["offset"].repeat(1, 2)[:, None]) * batch["scale"].repeat(1, 2)[:, None]
-        truth = self.model.boxes_for(out, batch["label"].clamp_min(0)[:, None], size).double()[:, 0]
-        truth = (truth + batch["offset"].repeat(1, 2)) * batch["scale"].repeat(1, 2)
-        return out["logits"], classes, scores, torch.cat([boxes, truth[:, None]], dim=1)
+        return logits, classes, scores, boxes
 
     def evaluate_batch(self, batch: dict, split: str) -> None:
         self.count_skipped(batch)

@@ -301,3 +301,18 @@ def test_a_detector_ensemble_in_the_predictor(kind, fitted, tmp_path):
         assert found["masks"].shape == (len(found["boxes"]), 48, 56)
     with pytest.raises(ValueError, match="drop tta and box_refinement"):
         load_predictor([ckpt, ckpt], box_refinement=True)(image)
+
+
+def test_a_localizer_ensemble_averages_the_members_softmax_and_each_classs_box(fitted, tmp_path):
+    ckpt, _ = fitted["localize"]
+    other = _member(ckpt, tmp_path / "b.ckpt")
+    image = torch.randint(0, 255, (3, 48, 40), dtype=torch.uint8)
+    each = [load_predictor(c)(image) for c in (ckpt, other)]
+    one, both = load_predictor([ckpt])(image), load_predictor([ckpt, other])(image)
+    assert one["classes"] == each[0]["classes"] and torch.equal(one["boxes"], each[0]["boxes"])
+    assert len(both["classes"]) == 5  # the shapes' five classes: every class is among each member's guesses
+    for name, score, box in zip(both["classes"], both["scores"], both["boxes"]):
+        rows = [found["classes"].index(name) for found in each]
+        expected = sum(found["scores"][r] for found, r in zip(each, rows)) / 2
+        assert score == pytest.approx(expected, abs=2e-6)
+        torch.testing.assert_close(box, sum(found["boxes"][r] for found, r in zip(each, rows)) / 2, atol=1e-3, rtol=0)
