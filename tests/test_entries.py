@@ -376,3 +376,27 @@ def test_multiscale_testing_with_global_context_reads_each_scales_whole_image():
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     found = detect_multiscale(net, images, [32, 64, 128])
     assert [len(f["boxes"]) > 0 for f in found] == [True, True]
+
+
+@pytest.mark.slow  # a torch.export trace of a C4 detector: the long tier
+def test_a_c4_detector_with_global_context_exports_and_equals_eager():
+    from tasks.heads.exportable import OneImageDetector, traceable_detector
+
+    torch.manual_seed(0)
+    options = {
+        "norm": "bn",
+        "freeze_at": 0,
+        "min_size": 64,
+        "max_size": 64,
+        "detector_args": {"rpn_post_nms_top_n_test": 20},
+    }
+    task = DetectionTask(backbone="resnet18", num_classes=2, head="c4", global_context=True, **options).eval()
+    module = OneImageDetector(task.detector, task.detection_keys)
+    image = torch.rand(3, 64, 64)
+    with traceable_detector():
+        program = torch.export.export(module, (image,), strict=False)
+    with torch.no_grad():
+        exported, eager = program.module()(image), module(image)
+    assert len(eager[0]) > 0
+    for a, b in zip(exported, eager):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
