@@ -73,12 +73,12 @@ class LocalizationTask(EnsembleOption, BaseTask):
         head: LocHead = "rpn",
         anchor_sizes: list[int] | None = None,
         box_weight: float = 1.0,
-        predictions_file: str | None = None,
         ensemble: list[str] | None = None,
+        predictions_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.predictions_file, self.ensemble = predictions_file, ensemble
+        self.ensemble, self.predictions_file = ensemble, predictions_file
         self._rows: list[list] = []
 
     def build_network(self) -> Localizer:

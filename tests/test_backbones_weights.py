@@ -142,7 +142,7 @@ def test_weights_of_another_architecture_are_refused_before_any_download(monkeyp
     # the COCO configs name the member only, so swapping the backbone swaps the weights with it
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("coco_*.yaml"))
     fine_tuned = [c for c in configs if "weights_backbone" in (yaml.safe_load(c.read_text())["model"])]
-    assert len(fine_tuned) == 10  # Faster R-CNN's seven and Mask R-CNN's three
+    assert len(fine_tuned) == 11  # Faster R-CNN's eight (the competition entry among them) and Mask R-CNN's three
     for config in fine_tuned:
         model = yaml.safe_load(config.read_text())["model"]
         for name in (model["backbone"], "resnext101_32x8d", "resnet152"):
