@@ -87,7 +87,8 @@ class DetectionTask(EnsembleOption, BaseTask):
             ``tasks.heads.refinement``); training is unchanged.
         ensemble: checkpoints of this task evaluated and predicting as one detector: the union of their RPNs'
             proposals, every member's head on it, scores and boxes averaged (Appendix A; ``tasks.heads.ensemble``,
-            ``tasks.inference.ensemble``); not with ``fit``, ``--ckpt_path``, ``tta`` or ``box_refinement``.
+            ``tasks.inference.ensemble``); not with ``fit``, ``--ckpt_path``, ``tta``, ``box_refinement`` or
+            ``multiscale_testing``.
         multiscale_testing: the image pyramid's shorter sides (the paper's ``[200, 400, 600, 800, 1000]``): each
             region's features at its two nearest-sized scales merged by maxout (``tasks.heads.multiscale``).
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).

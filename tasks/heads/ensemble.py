@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .region_passes import VOTE_IOU, add_masks, candidates, merge_detections, region_predictions, select
+from .region_passes import VOTE_IOU, Stage, add_masks, candidates, merge_detections, select
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +63,24 @@ def detect_ensemble(detectors: list, images: list[Tensor]) -> list[dict[str, Ten
             merge_detections(list(found), heads.nms_thresh, heads.detections_per_img, VOTE_IOU)
             for found in zip(*outputs)
         ]
-    original_sizes = [tuple(im.shape[-2:]) for im in images]
-    batches = [detector.transform(images)[0] for detector in detectors]
-    sizes = batches[0].image_sizes
-    features = [detector.backbone(batch.tensors) for detector, batch in zip(detectors, batches)]
-    proposals = [detector.rpn(batch, f)[0] for detector, batch, f in zip(detectors, batches, features)]
-    union = [torch.cat(per_image) for per_image in zip(*proposals)]
-    predictions = [region_predictions(d.roi_heads, f, union, sizes) for d, f in zip(detectors, features)]
+    stages = [Stage(detector, images) for detector in detectors]
+    union = [torch.cat(per_image) for per_image in zip(*(stage.proposals for stage in stages))]
+    predictions = [stage.predict(union) for stage in stages]
     probabilities = torch.stack([p for p, _ in predictions]).mean(0)
     boxes = torch.stack([b for _, b in predictions]).mean(0)
-    heads = detectors[0].roi_heads
-    detections = select(heads, candidates(heads, probabilities, boxes, [len(u) for u in union], sizes))
-    if heads.has_mask():
+    first = stages[0]
+    detections = select(
+        first.heads, candidates(first.heads, probabilities, boxes, [len(u) for u in union], first.sizes)
+    )
+    if first.heads.has_mask():
         members = []
-        for detector, f in zip(detectors, features):
+        for stage in stages:
             found = [dict(d) for d in detections]
-            add_masks(detector.roi_heads, f, found, sizes)
+            add_masks(stage.heads, stage.features, found, stage.sizes)
             members.append(found)
         for k, d in enumerate(detections):
             masks = [m[k]["masks"] for m in members]
             side = masks[0].shape[-2:]
             masks = [m if m.shape[-2:] == side else F.interpolate(m, size=side, mode="bilinear") for m in masks]
             d["masks"] = torch.stack(masks).mean(0)
-    return detectors[0].transform.postprocess(detections, sizes, original_sizes)
+    return first.detector.transform.postprocess(detections, first.sizes, first.original_sizes)

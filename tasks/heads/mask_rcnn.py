@@ -61,10 +61,10 @@ def build_mask_rcnn(
     **detector_kwargs,
 ) -> MaskRCNN:
     """torchvision's ``MaskRCNN`` with ``body`` attached through ``head`` and the head's mask branch (see the
-        module docstring). Arguments as ``tasks.heads.faster_rcnn.build_faster_rcnn``'s, and ``mask_channels``:
-        the width of the mask branch's convolutions and deconvolution (the paper's 256; a narrower one trains
-        small images on a CPU much faster); ``global_context``: the C4 box head's (the mask branch reads the regions
-    only). ``detector_kwargs`` are any other ``MaskRCNN`` argument."""
+    module docstring). Arguments as ``tasks.heads.faster_rcnn.build_faster_rcnn``'s, and ``mask_channels``:
+    the width of the mask branch's convolutions and deconvolution (the paper's 256; a narrower one trains
+    small images on a CPU much faster); ``global_context``: the C4 box head's (the mask branch reads the
+    regions only). ``detector_kwargs`` are any other ``MaskRCNN`` argument."""
     backbone, parts = rcnn_parts(
         body, head=head, num_classes=num_classes, anchor_sizes=anchor_sizes, fpn_channels=fpn_channels,
         aligned=aligned, global_context=global_context,
