@@ -299,7 +299,7 @@ def test_a_detector_ensemble_in_the_predictor(kind, fitted, tmp_path):
     assert found["boxes"].shape[1] == 4 and len(found["scores"]) == len(found["boxes"]) > 0
     if kind == "instance_segment":
         assert found["masks"].shape == (len(found["boxes"]), 48, 56)
-    with pytest.raises(ValueError, match="drop tta and box_refinement"):
+    with pytest.raises(ValueError, match="drop tta, box_refinement and multiscale_testing"):
         load_predictor([ckpt, ckpt], box_refinement=True)(image)
 
 
