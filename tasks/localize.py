@@ -10,6 +10,11 @@ one of its five (class, box) guesses has its class and IoU >= 0.5 with one of it
 ``val/loc_err_gt`` (the box predicted for the true class); the best checkpoint has the lowest
 ``val/loc_err_top5``. ``predict`` writes each image's five guesses (class, score, box in the image's
 pixels) to a CSV.
+
+The entry's second stage (Appendix C, Table 13's RPN+R-CNN row) trains from an RPN localizer's checkpoint:
+
+    python -m tasks.localize fit --config configs/imagenet_loc_resnet101_competition.yaml \
+        --data.root /data/imagenet --model.rpn_weights runs/imagenet_loc_resnet101/version_0/checkpoints/best.ckpt
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from backbones import build_backbone
+from zoo_common.checkpoints import read_task_checkpoint
 from zoo_common.distributed import gather_objects
 
 from .core.base import BaseTask
 from .core.contract import ExportSpec
 from .core.loops import EVAL_SPLITS
 from .core.optim import Recipe
+from .heads.loc_rcnn import RegionScorer, TwoStageLocalizer
 from .heads.localization import Localizer, LocHead, TopGuesses
 from .inference.ensemble import EnsembleOption
 from .metrics.localization import gt_known_error, top5_error
@@ -45,7 +53,14 @@ class LocalizationTask(EnsembleOption, BaseTask):
     ``weights`` a whole localizer.
 
     Args:
-        head: ``rpn`` (the paper's per-class RPN) or ``regression`` (per-class boxes from pooled features).
+        head: ``rpn`` (the paper's per-class RPN), ``regression`` (per-class boxes from pooled features), or
+            ``rpn_rcnn``: a trained RPN localizer (``rpn_weights``, frozen) and an R-CNN on its proposals
+            (Appendix C; ``tasks.heads.loc_rcnn``), the R-CNN trained here; ``weights_backbone`` starts the
+            R-CNN's backbone; both stages' errors are logged (``val/loc_err_*``, ``val/rpn_loc_err_*``).
+        rpn_weights: with ``rpn_rcnn``, the ``tasks.localize`` checkpoint of the RPN stage (read at ``fit``).
+        rcnn_crop: the side the R-CNN's regions are warped to (the paper's 224).
+        rcnn_proposals: the RPN's proposals per predicted class (the paper's 200).
+        rcnn_regions: regions per R-CNN mini-batch (the paper's 256).
         anchor_sizes: the RPN head's anchor sizes (input pixels), each at the ratios 1:2, 1:1, 2:1; default:
             a quarter, a half and the whole of the input's shorter side (56, 112, 224 at ImageNet's 224).
         box_weight: the box loss's weight beside the classification loss.
@@ -73,6 +88,10 @@ class LocalizationTask(EnsembleOption, BaseTask):
         head: LocHead = "rpn",
         anchor_sizes: list[int] | None = None,
         box_weight: float = 1.0,
+        rpn_weights: str | None = None,
+        rcnn_crop: int = 224,
+        rcnn_proposals: int = 200,
+        rcnn_regions: int = 256,
         ensemble: list[str] | None = None,
         predictions_file: str | None = None,
         **kwargs: Any,
@@ -81,10 +100,44 @@ class LocalizationTask(EnsembleOption, BaseTask):
         self.ensemble, self.predictions_file = ensemble, predictions_file
         self._rows: list[list] = []
 
-    def build_network(self) -> Localizer:
+    def build_network(self) -> Localizer | TwoStageLocalizer:
         hp = self.hparams
         body = self.make_backbone(num_classes=hp.num_classes)
-        return Localizer(body, head=hp.head, anchor_sizes=hp.anchor_sizes)
+        if hp.head != "rpn_rcnn":
+            return Localizer(body, head=hp.head, anchor_sizes=hp.anchor_sizes)
+        rpn = Localizer(build_backbone(hp.backbone, num_classes=hp.num_classes, **(hp.backbone_args or {})),
+                        head="rpn", anchor_sizes=hp.anchor_sizes)  # fmt: skip
+        scorer = RegionScorer(body, hp.num_classes, crop=hp.rcnn_crop, regions=hp.rcnn_regions)
+        return TwoStageLocalizer(rpn, scorer, proposals=hp.rcnn_proposals)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.head == "rpn_rcnn":
+            self._load_rpn_stage()
+
+    def _load_rpn_stage(self) -> None:
+        """The RPN stage's weights from ``rpn_weights`` (a checkpoint of this task with the ``rpn`` head)."""
+        path = self.hparams.rpn_weights
+        if not path:
+            raise ValueError(
+                "model.head=rpn_rcnn trains the R-CNN stage on a trained RPN localizer's proposals: pass "
+                "--model.rpn_weights <a tasks.localize checkpoint trained with --model.head rpn>"
+            )
+        record = read_task_checkpoint(path)
+        state = {k[len("model.") :]: v for k, v in record.state_dict.items() if k.startswith("model.")}
+        if record.hyper_parameters.get("head", "rpn") != "rpn" or not state:
+            raise ValueError(
+                f"model.rpn_weights: {path} is not a localizer with the rpn head (it is of "
+                f"{record.task or 'an unknown task'}, head {record.hyper_parameters.get('head')!r}): train the RPN "
+                "stage with python -m tasks.localize fit --model.head rpn, and pass its checkpoint"
+            )
+        try:
+            self.model.rpn.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"model.rpn_weights: {path} does not fit model.backbone={self.hparams.backbone} with "
+                f"{self.hparams.num_classes} classes: {str(err).splitlines()[0]}"
+            ) from None
 
     def configure_metrics(self) -> None:
         n = self.hparams.num_classes
@@ -94,9 +147,10 @@ class LocalizationTask(EnsembleOption, BaseTask):
                 "acc5": MulticlassAccuracy(num_classes=n, top_k=min(5, n), average="micro"),
             })  # fmt: skip
             setattr(self, f"{split}_metrics", metrics.clone(prefix=f"{split}/"))
-            setattr(
-                self, f"{split}_errors", MetricCollection({"loc_err_top5": MeanMetric(), "loc_err_gt": MeanMetric()})
-            )
+            names = ["loc_err_top5", "loc_err_gt"]
+            if self.hparams.head == "rpn_rcnn":  # the RPN stage's own errors beside the two stages'
+                names += ["rpn_loc_err_top5", "rpn_loc_err_gt"]
+            setattr(self, f"{split}_errors", MetricCollection({name: MeanMetric() for name in names}))
 
     # -- steps ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):
@@ -113,9 +167,12 @@ class LocalizationTask(EnsembleOption, BaseTask):
         self.log_dict({"train/loss_cls": cls, "train/loss_box": box}, on_step=True, on_epoch=True, batch_size=n)
         return loss
 
-    def _guesses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _guesses(
+        self, batch: dict, rpn_stage: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, the top-5 classes and their scores, and their boxes in the original images' pixels (with
-        ``ensemble``: the log of the members' averaged softmax, and each class's box averaged over them)."""
+        ``ensemble``: the log of the members' averaged softmax, and each class's box averaged over them);
+        ``rpn_stage``: the boxes of a two-stage localizer's RPN stage alone."""
         localizers = [m.model for m in self.member_tasks()] if self.members else [self.model]
         outs = [localizer(batch["image"]) for localizer in localizers]
         probs = torch.stack([out["logits"].float().softmax(1) for out in outs]).mean(0)
@@ -124,7 +181,8 @@ class LocalizationTask(EnsembleOption, BaseTask):
         scores, classes = probs.topk(k, dim=1)
         size = tuple(batch["image"].shape[-2:])
         wanted = torch.cat([classes, batch["label"].clamp_min(0)[:, None]], dim=1)  # the five, then the true class
-        boxes = torch.stack([m.boxes_for(out, wanted, size).double() for m, out in zip(localizers, outs)]).mean(0)
+        boxes_for = [getattr(m, "rpn_boxes_for", m.boxes_for) if rpn_stage else m.boxes_for for m in localizers]
+        boxes = torch.stack([f(out, wanted, size).double() for f, out in zip(boxes_for, outs)]).mean(0)
         boxes = (boxes + batch["offset"].repeat(1, 2)[:, None]) * batch["scale"].repeat(1, 2)[:, None]
         return logits, classes, scores, boxes
 
@@ -140,16 +198,20 @@ class LocalizationTask(EnsembleOption, BaseTask):
             f"{split}/loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels)
         )
         self.log_dict(metrics, on_epoch=True, batch_size=len(labels))
-        top5, known = [], []
-        for b, truth in enumerate(batch["original_boxes"]):
-            guesses = list(zip(classes[b].tolist(), boxes[b, :-1].tolist()))
-            top5.append(top5_error(guesses, int(labels[b]), truth.numpy()))
-            known.append(gt_known_error(boxes[b, -1].tolist(), truth.numpy()))
         errors = getattr(self, f"{split}_errors")
         # the devkit's blacklist: those images weigh nothing in the localization errors (their classification counts)
-        scored = batch["loc_scored"].to(torch.float64) if "loc_scored" in batch else torch.ones(len(top5))
-        errors["loc_err_top5"].update(torch.tensor(top5, dtype=torch.float64), weight=scored)
-        errors["loc_err_gt"].update(torch.tensor(known, dtype=torch.float64), weight=scored)
+        scored = batch["loc_scored"].to(torch.float64) if "loc_scored" in batch else torch.ones(len(labels))
+        stages = [("", boxes)]
+        if self.hparams.head == "rpn_rcnn":
+            stages.append(("rpn_", self._guesses(batch, rpn_stage=True)[3]))
+        for prefix, found in stages:
+            top5, known = [], []
+            for b, truth in enumerate(batch["original_boxes"]):
+                guesses = list(zip(classes[b].tolist(), found[b, :-1].tolist()))
+                top5.append(top5_error(guesses, int(labels[b]), truth.numpy()))
+                known.append(gt_known_error(found[b, -1].tolist(), truth.numpy()))
+            errors[f"{prefix}loc_err_top5"].update(torch.tensor(top5, dtype=torch.float64), weight=scored)
+            errors[f"{prefix}loc_err_gt"].update(torch.tensor(known, dtype=torch.float64), weight=scored)
 
     def reset_scores(self, split: str) -> None:
         getattr(self, f"{split}_errors").reset()

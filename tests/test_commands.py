@@ -316,3 +316,40 @@ def test_a_localizer_ensemble_averages_the_members_softmax_and_each_classs_box(f
         expected = sum(found["scores"][r] for found, r in zip(each, rows)) / 2
         assert score == pytest.approx(expected, abs=2e-6)
         torch.testing.assert_close(box, sum(found["boxes"][r] for found, r in zip(each, rows)) / 2, atol=1e-3, rtol=0)
+
+
+def test_the_rcnn_stage_fits_from_the_rpn_localizers_checkpoint_then_exports_and_predicts(fitted, tmp_path):
+    """Appendix C's second stage as a user runs it: ``tasks.localize fit --model.head rpn_rcnn`` from the RPN
+    localizer the first command wrote (its weights exactly, frozen), then ``tasks.export`` and the predictor
+    on what it wrote; without an RPN checkpoint, or with another task's, the command says which and how."""
+    from commands import run_commands
+
+    ckpt, data = fitted["localize"]
+    stage = [*data, *QUIET, "--model.head", "rpn_rcnn", "--model.rcnn_crop", "16", "--model.rcnn_proposals", "4",
+             "--model.rcnn_regions", "8", "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    missing, other, fit = run_commands([
+        ["tasks.localize", "fit", *stage],
+        ["tasks.localize", "fit", *stage, "--model.rpn_weights", str(fitted["detect"][0])],
+        ["tasks.localize", "fit", *stage, "--model.rpn_weights", str(ckpt)],
+    ], tmp_path)  # fmt: skip
+    assert missing.returncode != 0 and "--model.rpn_weights <a tasks.localize checkpoint" in missing.stderr
+    assert other.returncode != 0 and f"model.rpn_weights: {fitted['detect'][0]} is not a localizer" in other.stderr
+    assert "tasks.detect.DetectionTask" in other.stderr and "Traceback" not in other.stderr
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    written = next((tmp_path / "runs").rglob("last.ckpt"))
+    rpn, trained = (torch.load(p, weights_only=True)["state_dict"] for p in (ckpt, written))
+    assert all(torch.equal(v, trained[k.replace("model.", "model.rpn.", 1)]) for k, v in rpn.items())
+    assert any(k.startswith("model.rcnn.") for k in trained)
+    out = tmp_path / "two_stage.onnx"
+    result = _run(["tasks.export", str(written), str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = torch.rand(1, 3, 32, 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    logits, classes, scores, boxes = session.run(None, {"image": image.numpy()})
+    task = registry.task_class("localize").load_from_checkpoint(written).eval()
+    with torch.no_grad():
+        out = task.model(image)
+        want = task.model.boxes_for(out, torch.as_tensor(classes), (32, 32))
+    torch.testing.assert_close(torch.as_tensor(boxes), want, atol=1e-3, rtol=0)
+    found = load_predictor(written)(torch.randint(0, 255, (3, 40, 40), dtype=torch.uint8))
+    assert found["boxes"].shape == (5, 4) and len(found["classes"]) == 5

@@ -400,3 +400,75 @@ def test_a_c4_detector_with_global_context_exports_and_equals_eager():
     assert len(eager[0]) > 0
     for a, b in zip(exported, eager):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+
+
+# -- localization's RPN+R-CNN stage ---------------------------------------------------------------------------
+def test_class_proposals_are_the_rpns_best_anchors_for_that_class_regressed():
+    from tasks.heads.loc_rcnn import class_proposals
+    from tasks.heads.localization import Localizer
+
+    localizer = Localizer(build_backbone("cifar_resnet20", num_classes=2), head="rpn")
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 5, 25, 25], [20, 0, 40, 20], [0, 20, 30, 40]])
+    scores = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.7], [0.3, -1.0]]])  # 1 image x 4 anchors x 2 classes
+    deltas = torch.zeros(1, 4, 2, 4)
+    deltas[0, 2, 1] = torch.tensor([0.1, 0.0, 0.0, 0.0])  # anchor 2 moved right by 0.1 of its width for class 1
+    out = {"anchors": anchors, "scores": scores, "deltas": deltas}
+    boxes, best = class_proposals(localizer, out, torch.tensor([[1, 0]]), (40, 40), top=2)
+    # class 1: anchors 0 (0.9) and 2 (0.7, moved by 2 px); class 0: anchors 1 (0.8) and 2 (0.5, not moved)
+    assert boxes.tolist() == [[[[0.0, 0, 10, 10], [22, 0, 40, 20]], [[5, 5, 25, 25], [20, 0, 40, 20]]]]
+    assert best.tolist() == [[pytest.approx([0.9, 0.7]), pytest.approx([0.8, 0.5])]]
+
+
+class FixedScorer(nn.Module):
+    """The R-CNN's two sibling layers' outputs fixed per region: region k scores ``scores[k]`` for class 1 and
+    regresses its class-1 box by ``dx = 0.1`` of its width (a delta of 1 before the box coder's weight of 10)."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores)
+
+    def __call__(self, crops):
+        logits = torch.stack([torch.zeros_like(self.scores), torch.log(self.scores / (1 - self.scores)),
+                              torch.full_like(self.scores, -30.0)], 1)  # fmt: skip
+        deltas = torch.zeros(len(self.scores), 3 * 4)
+        deltas[:, 4] = 1.0
+        return logits, deltas
+
+
+def test_the_rcnn_keeps_the_proposal_it_scores_best_for_the_class_with_its_regressed_box():
+    from tasks.heads.loc_rcnn import RegionScorer
+
+    scorer = RegionScorer(build_backbone("cifar_resnet20", num_classes=2), num_classes=2, crop=16)
+    proposals = torch.tensor([[[[0.0, 0, 20, 20], [10, 10, 30, 30], [5, 0, 15, 40]]]])  # 1 image, class 0, 3 regions
+    assert scorer.warp(torch.rand(1, 3, 40, 40), list(proposals[0])).shape == (3, 3, 16, 16)
+    object.__setattr__(scorer, "forward", FixedScorer([0.2, 0.7, 0.4]))
+    box, score = scorer.rescore(torch.rand(1, 3, 40, 40), proposals, torch.tensor([[0]]))
+    # the second proposal (0.7) wins; its class-1 (label 0 + background) box moved by 0.1 x 20 px
+    assert box.tolist() == [[pytest.approx([12.0, 10, 32, 30])]] and score.tolist() == [[pytest.approx(0.7)]]
+
+
+def test_the_rcnn_stage_trains_on_its_classes_proposals_and_the_rpn_stays_frozen():
+    from tasks.heads.loc_rcnn import RegionScorer, TwoStageLocalizer
+    from tasks.heads.localization import Localizer
+
+    torch.manual_seed(0)
+    rpn = Localizer(build_backbone("cifar_resnet20", num_classes=3), head="rpn")
+    model = TwoStageLocalizer(rpn, RegionScorer(build_backbone("cifar_resnet20"), 3, crop=16, regions=32), 20)
+    model.train()
+    assert not rpn.training and not any(p.requires_grad for p in rpn.parameters())
+    images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    targets = [torch.tensor([[4.0, 4, 20, 24]]), torch.tensor([[10.0, 8, 30, 30]])]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    before = {k: v.clone() for k, v in rpn.state_dict().items()}
+    losses = []
+    for _ in range(6):
+        torch.manual_seed(0)  # the same sampled regions: only the weights change
+        loss = model.box_loss(model(images), labels, targets, (32, 32))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(torch.equal(before[k], v) for k, v in rpn.state_dict().items())  # BN statistics too
+    out = model.eval()(images)
+    assert model.boxes_for(out, torch.tensor([[0, 1], [2, 0]]), (32, 32)).shape == (2, 2, 4)

@@ -48,8 +48,13 @@ SPECS = {
         {"backbone": "resnet18", "num_classes": 7},
         {"_class_path": "datamodules.ILSVRCLocalizationDataModule", "image_size": 64, "eval_resize": 73},
     ),
+    "localize_rpn_rcnn": (  # Appendix C's two stages: the R-CNN's crops, scores and boxes in the graph
+        "localize",
+        {"backbone": "resnet18", "num_classes": 7, "head": "rpn_rcnn", "rcnn_crop": 32, "rcnn_proposals": 8},
+        {"_class_path": "datamodules.ILSVRCLocalizationDataModule", "image_size": 64, "eval_resize": 73},
+    ),
 }  # fmt: skip
-EXPORTED = ["classify", "fcn", "fpn", "c4", "localize"]
+EXPORTED = ["classify", "fcn", "fpn", "c4", "localize", "localize_rpn_rcnn"]
 
 
 class Payload:

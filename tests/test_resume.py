@@ -1,8 +1,9 @@
 """A run stopped by SIGTERM in the middle of an epoch and resumed with ``--ckpt_path last`` ends with the same
 weights, bit for bit, as the run that was never stopped -- for every task and every option that draws random
 numbers on the model side (the RPN's and RoI heads' sampling, dropout, MixUp/CutMix, the localizer's sampled
-anchors: ``tasks.core.draws``), beside the data side's (``tests/test_reliability.py`` has the classification
-recipes: plain, and torchvision's modern one with EMA and repeated augmentation). A resume that would change
+anchors and its R-CNN stage's sampled regions: ``tasks.core.draws``), beside the data side's
+(``tests/test_reliability.py`` has the classification recipes: plain, and torchvision's modern one with EMA
+and repeated augmentation). A resume that would change
 what the run trains is refused, naming the argument."""
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ def _case(name: str, tmp: Path):
                          "--data.categories", "all", "--data.min_area", "0", "--data.base_size", "48",
                          "--data.crop_size", "32", "--data.batch_size", "2", "--data.cache_dir", str(tmp / "masks"),
                          "--model.backbone", "resnet18", "--model.head", "skip", "--model.dropout", "0.5"]  # fmt: skip
-    if name == "localize":
+    if name.startswith("localize"):
         root = generate_localization(tmp / "loc", train_per_class=2, val_per_class=1, size=48)
-        return localize, ["--data", "datamodules.ILSVRCLocalizationDataModule", "--data.root", str(root),
-                          "--data.image_size", "32", "--data.batch_size", "3",
-                          "--model.backbone", "resnet18"]  # fmt: skip
+        args = ["--data", "datamodules.ILSVRCLocalizationDataModule", "--data.root", str(root),
+                "--data.image_size", "32", "--data.batch_size", "3", "--model.backbone", "resnet18"]  # fmt: skip
+        if name == "localize":
+            return localize, args
+        # the R-CNN stage (its regions sampled) on the proposals of an RPN localizer trained for one epoch
+        rpn = _fit(localize, args, tmp / "rpn", "rpn", ["--trainer.max_epochs", "1"])
+        rpn_weights = rpn.trainer.checkpoint_callback.best_model_path
+        return localize, [*args, "--model.head", "rpn_rcnn", "--model.rpn_weights", rpn_weights, "--model.rcnn_crop",
+                          "16", "--model.rcnn_proposals", "8", "--model.rcnn_regions", "12"]  # fmt: skip
     root = write_imagefolder(tmp / "cls", per_class=3, val_per_class=1, size=32)
     return classify, ["--data", "datamodules.ImageFolderDataModule", "--data.root", str(root), "--data.image_size",
                       "32", "--data.batch_size", "5", "--model.backbone", "cifar_resnet20",
@@ -59,7 +66,15 @@ def _recorder(path: Path, at: int = -1) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["detect", pytest.param("detect_c4_context", marks=pytest.mark.slow), "segment", "localize", "mixup_cutmix"]
+    "name",
+    [
+        "detect",
+        pytest.param("detect_c4_context", marks=pytest.mark.slow),
+        "segment",
+        "localize",
+        "localize_rpn_rcnn",
+        "mixup_cutmix",
+    ],  # fmt: skip
 )
 def test_sigterm_mid_epoch_then_resume_equals_the_uninterrupted_run(name, tmp_path):
     module, args = _case(name, tmp_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from datasets import CPU, voc_object, voc_xml, write_voc_tree
 
 from datamodules import ILSVRCDetectionDataModule, VOCDetectionDataModule
@@ -306,6 +307,7 @@ def test_localization_trains_on_cls_loc_layout_shapes(tmp_path):
         "imagenet_det_resnet101",
         pytest.param("imagenet_det_resnet101_competition", marks=pytest.mark.slow),
         "imagenet_loc_resnet101",
+        pytest.param("imagenet_loc_resnet101_competition", marks=pytest.mark.slow),
     ],
 )
 def test_track_configs_parse_and_fit_one_step(name, tmp_path):
@@ -334,8 +336,45 @@ def test_track_configs_parse_and_fit_one_step(name, tmp_path):
         assert hp.global_context == ("competition" in name) and cli.model.box_refinement == hp.global_context
     else:
         loc = generate_localization(tmp_path / "loc", train_per_class=3, val_per_class=1, size=64)
-        cli = localize.main([*config, "--data.root", str(loc), "--model.weights_backbone", "null",
-                             "--data.image_size", "64", "--data.eval_resize", "64", "--data.batch_size", "4",
-                             "--data.num_workers", "0", *quick])  # fmt: skip
+        args = ["--data.root", str(loc), "--model.weights_backbone", "null", "--data.image_size", "64",
+                "--data.eval_resize", "64", "--data.batch_size", "4", "--data.num_workers", "0", *quick]  # fmt: skip
+        rpn_config = ["fit", "--config", str(ROOT / "configs" / "imagenet_loc_resnet101.yaml")]
+        cli = localize.main([*(rpn_config if "competition" in name else config), *args])
         assert cli.model.hparams.head == "rpn" and cli.datamodule.num_classes == 5
+        if "competition" in name:  # the R-CNN stage, on that RPN localizer's proposals
+            cli.trainer.save_checkpoint(tmp_path / "rpn.ckpt")
+            stage = ["--model.rpn_weights", str(tmp_path / "rpn.ckpt"), "--model.rcnn_crop", "32",
+                     "--model.rcnn_proposals", "4", "--model.rcnn_regions", "8"]  # fmt: skip
+            cli = localize.main([*config, *args, *stage])
+            assert cli.model.hparams.head == "rpn_rcnn" and cli.model.hparams.rcnn_proposals == 4
     assert "Published" in (ROOT / "configs" / f"{name}.yaml").read_text()
+
+
+#: measured: the two stages' GT-class LOC error against the RPN stage's own in the same run (see the README)
+@pytest.mark.slow
+def test_the_rcnn_stage_lowers_the_rpn_localizers_gt_class_error(tmp_path):
+    """Appendix C's RPN+R-CNN on the shapes' CLS-LOC layout: the demo's RPN localizer, then the R-CNN stage
+    trained on its proposals from that checkpoint; both stages are scored in the same validation."""
+    from tasks import localize
+
+    common = ["--data.root", str(tmp_path / "loc"), "--data.num_workers", "0", "--trainer.logger", "false", *CPU]
+    demo = ["--config", str(ROOT / "configs" / "demo_localize.yaml"), *common]
+    rpn = localize.main(["fit", *demo, "--trainer.default_root_dir", str(tmp_path / "rpn")])
+    checkpoint = rpn.trainer.checkpoint_callback.best_model_path
+    cli = localize.main([
+        "fit", *demo, "--trainer.default_root_dir", str(tmp_path / "rcnn"), "--trainer.max_epochs", "6",
+        "--model.head", "rpn_rcnn", "--model.rpn_weights", checkpoint, "--model.rcnn_crop", "32",
+        "--model.rcnn_proposals", "16", "--model.rcnn_regions", "64",
+    ])  # fmt: skip
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    print(
+        f"RPN stage: val/loc_err_gt {metrics['val/rpn_loc_err_gt']:.3f}, top-5 {metrics['val/rpn_loc_err_top5']:.3f};"
+        f" RPN+R-CNN: {metrics['val/loc_err_gt']:.3f}, top-5 {metrics['val/loc_err_top5']:.3f}"
+    )
+    assert metrics["val/loc_err_gt"] < metrics["val/rpn_loc_err_gt"], metrics
+    # the RPN stage scored here is the checkpoint's own localizer: its best validation, to the digit
+    assert metrics["val/rpn_loc_err_top5"] == pytest.approx(float(rpn.trainer.checkpoint_callback.best_model_score))
+    rpn_state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    trained = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"]
+    moved = [k for k, v in rpn_state.items() if not torch.equal(v, trained[k.replace("model.", "model.rpn.", 1)])]
+    assert not moved, f"the frozen RPN stage changed: {moved[:4]}"  # its BatchNorm statistics included

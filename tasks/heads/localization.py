@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 from backbones import Backbone
 
-LocHead = Literal["rpn", "regression"]
+LocHead = Literal["rpn", "regression", "rpn_rcnn"]
 
 
 def grid_anchors(
