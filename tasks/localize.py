@@ -102,9 +102,9 @@ class LocalizationTask(EnsembleOption, BaseTask):
 
     def build_network(self) -> Localizer | TwoStageLocalizer:
         hp = self.hparams
-        body = self.make_backbone(num_classes=hp.num_classes)
         if hp.head != "rpn_rcnn":
-            return Localizer(body, head=hp.head, anchor_sizes=hp.anchor_sizes)
+            return Localizer(self.make_backbone(num_classes=hp.num_classes), head=hp.head, anchor_sizes=hp.anchor_sizes)
+        body = self.make_backbone(num_classes=0)  # the R-CNN's: its two sibling layers replace the classifier
         rpn = Localizer(build_backbone(hp.backbone, num_classes=hp.num_classes, **(hp.backbone_args or {})),
                         head="rpn", anchor_sizes=hp.anchor_sizes)  # fmt: skip
         scorer = RegionScorer(body, hp.num_classes, crop=hp.rcnn_crop, regions=hp.rcnn_regions)

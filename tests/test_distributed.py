@@ -115,12 +115,13 @@ def test_ddp_fits_and_evaluates_exactly_like_one_process(module, tmp_path):
         assert one[name] == two[name], (name, one[name], two[name])
 
 
-def _in_process(module: str, args: list[str]) -> dict[str, float]:
-    """The command's ``main`` run here, not in a new process: its logged metrics."""
+def _in_process(module: str, args: list[str]) -> dict:
+    """The command's ``main`` run here, not in a new process: its logged metrics (and ``best_model_path``)."""
     import importlib
 
     cli = importlib.import_module(module).main(args)
-    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    found = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    return {**found, "best_model_path": cli.trainer.checkpoint_callback.best_model_path}
 
 
 #: the 2015 tracks' own metrics (VOC's devkit AP, ILSVRC's localization errors): one seeded, untrained
@@ -268,3 +269,23 @@ def test_slurm_detection_is_lightnings_without_its_warning(env, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "srun is available but not used" where SLURM is installed
         assert under_slurm() == expected
+
+
+@pytest.mark.slow
+def test_the_rcnn_stage_fits_under_ddp_and_both_stages_evaluate_like_one_process(tmp_path):
+    """Localization's R-CNN stage (``--model.head rpn_rcnn``) on two ranks, from an RPN localizer's checkpoint:
+    the two stages' and the frozen RPN's errors over an odd-sized validation set equal one process's."""
+    _, args, _ = TRACKS["localization"]
+    args = [a if a != "1" or args[i - 1] != "--data.train_per_class" else "2" for i, a in enumerate(args)]
+    common = [*args, "--data.root", str(tmp_path / "data"), "--data.num_workers", "0", "--seed_everything", "0",
+              *QUIET, "--trainer.max_epochs", "1"]  # fmt: skip
+    rpn = _in_process("tasks.localize", ["fit", *common, *ONE, "--trainer.default_root_dir", str(tmp_path / "rpn")])
+    stage = ["--model.head", "rpn_rcnn", "--model.rpn_weights", rpn["best_model_path"], "--model.rcnn_crop", "16",
+             "--model.rcnn_proposals", "4", "--model.rcnn_regions", "8"]  # fmt: skip
+    runs = ["--trainer.default_root_dir", str(tmp_path / "runs"), "--run_name", "ddp"]
+    _run("tasks.localize", ["fit", *common, *stage, *runs, *DDP, *_dump(tmp_path / "two.json")], tmp_path)
+    two = json.loads((tmp_path / "two.json").read_text())
+    ckpt = next((tmp_path / "runs" / "ddp").rglob("last.ckpt"))
+    one = _in_process("tasks.localize", ["validate", *common, *stage, *ONE, "--ckpt_path", str(ckpt)])
+    for name in ["val/loc_err_top5", "val/loc_err_gt", "val/rpn_loc_err_top5", "val/rpn_loc_err_gt", "val/acc1"]:
+        assert one[name] == two[name], (name, one[name], two[name])

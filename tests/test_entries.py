@@ -470,5 +470,11 @@ def test_the_rcnn_stage_trains_on_its_classes_proposals_and_the_rpn_stays_frozen
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(torch.equal(before[k], v) for k, v in rpn.state_dict().items())  # BN statistics too
+    # a batch without boxes (ILSVRC's training images mostly have none): a zero reaching every R-CNN layer, so
+    # that DDP finds no unused parameter
+    optimizer.zero_grad()
+    empty = model.box_loss(model(images), labels, [torch.zeros(0, 4), torch.zeros(0, 4)], (32, 32))
+    empty.backward()
+    assert float(empty) == 0 and all(p.grad is not None for p in model.rcnn.parameters())
     out = model.eval()(images)
     assert model.boxes_for(out, torch.tensor([[0, 1], [2, 0]]), (32, 32)).shape == (2, 2, 4)

@@ -108,8 +108,9 @@ class RegionScorer(nn.Module):
             classes.append(target[take])
             goals.append(self.coder.encode_single(truth.to(found)[matches[take].clamp_min(0)], candidates[take]))
             kept.append(b)
-        if not kept:  # a zero that still reaches the layers, so that the step's backward has a graph
-            return sum(p.sum() for p in (self.cls_score.weight, self.bbox_pred.weight)) * 0.0
+        if not kept:  # a zero that reaches every parameter (DDP finds none unused), with no forward pass that
+            # would move BatchNorm's statistics
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         logits, deltas = self(self.warp(images[kept], chosen))
         cls_loss, box_loss = fastrcnn_loss(logits, deltas, classes, goals)
         return cls_loss + box_loss
