@@ -91,6 +91,7 @@ class DetectionTask(EnsembleOption, BaseTask):
             ``multiscale_testing``.
         multiscale_testing: the image pyramid's shorter sides (the paper's ``[200, 400, 600, 800, 1000]``): each
             region's features at its two nearest-sized scales merged by maxout (``tasks.heads.multiscale``).
+        multiscale_target: the region size (px) those two scales bracket: the pre-trained network's input, 224.
         detections_file: where ``test`` and ``predict`` write COCO-format detections (JSON).
     """
 
@@ -132,7 +133,7 @@ class DetectionTask(EnsembleOption, BaseTask):
     detection_keys: tuple[str, ...] = ("boxes", "labels", "scores")
     #: the COCOeval runs of a COCO-scored split: ``(iouType, prefix of the metric names)``
     coco_iou_types: tuple[tuple[str, str], ...] = (("bbox", ""),)
-    inference_options = ("box_refinement", "ensemble", "multiscale_testing")
+    inference_options = ("box_refinement", "ensemble", "multiscale_testing", "multiscale_target")
     output_options = ("detections_file", "draw_predictions", "draw_threshold", "tta", "tta_scales", "tta_flip",
                       *inference_options)  # fmt: skip
 
@@ -159,12 +160,13 @@ class DetectionTask(EnsembleOption, BaseTask):
         box_refinement: bool = False,
         ensemble: list[str] | None = None,
         multiscale_testing: list[int] | None = None,
+        multiscale_target: int = 224,
         detections_file: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.box_refinement, self.ensemble, self.multiscale_testing = box_refinement, ensemble, multiscale_testing
-        self.detections_file = detections_file
+        self.detections_file, self.multiscale_target = detections_file, multiscale_target
         self.draw_predictions = draw_predictions
         self.draw_threshold = draw_threshold
         self.tta = (tta_scales or [1.0], tta_flip) if tta else None
@@ -254,7 +256,7 @@ class DetectionTask(EnsembleOption, BaseTask):
             return []
         members = self.member_networks() if self.members else None
         return detect_with(self.detector, images, box_refinement=self.box_refinement, pyramid=self.multiscale_testing,
-                           tta=self.tta, members=members)  # fmt: skip
+                           tta=self.tta, members=members, target=self.multiscale_target)  # fmt: skip
 
     # -- training -----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int):

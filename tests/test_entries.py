@@ -361,6 +361,24 @@ def test_the_maxout_is_the_element_wise_max_of_the_two_chosen_scales_region_feat
     assert features.tolist() == [[408.0, -204.0], [190.0, -95.0]]
 
 
+def test_multiscale_target_moves_the_size_the_two_scales_bracket_through_the_task_option():
+    """``--model.multiscale_target``: for the same regions and pyramid, a target of 60 px picks the scales
+    around 60 (the 40-px region: x1, x2; the 150-px one: already at x1, the two smallest)."""
+    detector = _hand_built()
+    detector.backbone = SignedRamps()
+    regions = [torch.tensor([[82.0, 20, 122, 60], [20, 20, 170, 170]])]
+    with torch.no_grad():
+        ((lower, upper),) = PyramidStage(detector, [torch.zeros(3, SIDE, SIDE)], [400, 800, 200], 60).scales_of(regions)
+    assert lower.tolist() == [0, 0] and upper.tolist() == [1, 1]
+    task = DetectionTask(backbone="resnet18", num_classes=2, min_size=64, max_size=64).eval()
+    task.set_prediction_options(multiscale_testing=[32, 64, 128], multiscale_target=40)
+    image = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        found = task.detect(image)
+        assert _same(found, detect_multiscale(task.detector, image, [32, 64, 128], 40))
+        assert not _same(found, detect_multiscale(task.detector, image, [32, 64, 128]))
+
+
 @pytest.mark.parametrize(("build", "head"), BOTH, ids=["faster-c4", "mask-fpn"])
 def test_multiscale_testing_at_the_detectors_own_scale_alone_is_plain_testing_exactly(build, head):
     net, images, plain, one = _plain_and(build, head, lambda net, images: detect_multiscale(net, images, [64]))

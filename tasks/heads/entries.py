@@ -15,16 +15,16 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .ensemble import detect_ensemble
-from .multiscale import detect_multiscale
+from .multiscale import TARGET, detect_multiscale
 from .refinement import detect_refined
 from .tta import detect_with_tta
 
 
 def detect_with(detector, images: list[Tensor], *, box_refinement: bool = False,
                 pyramid: Sequence[int] | None = None, tta: tuple[Sequence[float], bool] | None = None,
-                members: Sequence | None = None) -> list[dict[str, Tensor]]:  # fmt: skip
+                members: Sequence | None = None, target: float = TARGET) -> list[dict[str, Tensor]]:  # fmt: skip
     """``images`` detected by ``detector`` (or by the ensemble of ``members``' detectors) with the pieces
-    given; outputs as the detector's own."""
+    given (``target``: multi-scale testing's region size); outputs as the detector's own."""
     if members and (tta or box_refinement or pyramid):
         raise ValueError(
             "model.ensemble combines its members' heads on one view: drop tta, box_refinement and multiscale_testing"
@@ -35,7 +35,7 @@ def detect_with(detector, images: list[Tensor], *, box_refinement: bool = False,
         return detect_ensemble(list(members), images)
     run = detector
     if box_refinement:
-        run = lambda views: detect_refined(detector, views, pyramid=pyramid)  # noqa: E731
+        run = lambda views: detect_refined(detector, views, pyramid=pyramid, target=target)  # noqa: E731
     elif pyramid:
-        run = lambda views: detect_multiscale(detector, views, pyramid)  # noqa: E731
+        run = lambda views: detect_multiscale(detector, views, pyramid, target)  # noqa: E731
     return detect_with_tta(detector, images, *tta, run=run) if tta else run(images)

@@ -16,6 +16,8 @@ merges the views' detections by NMS (detectron2's way): here one set of proposal
 by the scales that suit its size. ``--model.multiscale_testing [200, 400, 600, 800, 1000]`` turns it on
 (``detect``, ``instance_segment``), for evaluation and prediction; with ``--model.box_refinement`` both
 passes read the pyramid. With one scale, the detector's own, it is plain testing exactly (tested).
+``--model.multiscale_target`` moves the 224 px (for a detector trained from scratch on small objects, say,
+whose regions never reach 224 px at any scale of the pyramid).
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def choose_scales(sides: Tensor, ratios: Sequence[float], target: float = TARGET
 class PyramidStage(Stage):
     """:class:`Stage` whose region features are the maxout of two pyramid scales' (the module docstring)."""
 
-    def __init__(self, detector, images: list[Tensor], sides: Sequence[int] = PAPER_SIDES) -> None:
+    def __init__(self, detector, images: list[Tensor], sides: Sequence[int] = PAPER_SIDES,
+                 target: float = TARGET) -> None:  # fmt: skip
         super().__init__(detector, images)
+        self.target = target
         if not sides:
             raise ValueError(
                 "model.multiscale_testing is empty: give the pyramid's shorter sides, e.g. [200, 400, 600]"
@@ -82,7 +86,7 @@ class PyramidStage(Stage):
         for i, boxes in enumerate(regions):
             ratios = [float(factors[i, 1]) for _, _, factors in self.levels]
             sides = ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)).sqrt()
-            chosen.append(choose_scales(sides, ratios))
+            chosen.append(choose_scales(sides, ratios, self.target))
         return chosen
 
     def region_features(self, regions: list[Tensor]) -> Tensor:
@@ -110,9 +114,11 @@ class PyramidStage(Stage):
 
 
 @torch.no_grad()
-def detect_multiscale(detector, images: list[Tensor], sides: Sequence[int] = PAPER_SIDES) -> list[dict[str, Tensor]]:
+def detect_multiscale(detector, images: list[Tensor], sides: Sequence[int] = PAPER_SIDES,
+                      target: float = TARGET) -> list[dict[str, Tensor]]:  # fmt: skip
     """torchvision's Faster R-CNN or Mask R-CNN ``detector`` (in eval mode) on ``images`` with multi-scale
-    testing on the pyramid ``sides`` (the module docstring); outputs as the detector's own."""
-    stage = PyramidStage(detector, images, sides)
+    testing on the pyramid ``sides``, each region at the two scales around ``target`` px (the module
+    docstring); outputs as the detector's own."""
+    stage = PyramidStage(detector, images, sides, target)
     probabilities, boxes = stage.predict(stage.proposals)
     return stage.finish(select(stage.heads, candidates(stage.heads, probabilities, boxes, stage.counts, stage.sizes)))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
-from .multiscale import PyramidStage
+from .multiscale import TARGET, PyramidStage
 from .region_passes import VOTE_IOU, Stage, candidates, select
 
 #: the paper's NMS threshold over the two passes' union
@@ -46,11 +46,13 @@ def regressed_boxes(probabilities: Tensor, boxes: Tensor, counts: list[int],
 
 @torch.no_grad()
 def detect_refined(detector, images: list[Tensor], nms_iou: float = NMS_IOU, vote_iou: float = VOTE_IOU,
-                   pyramid: Sequence[int] | None = None) -> list[dict[str, Tensor]]:  # fmt: skip
+                   pyramid: Sequence[int] | None = None,
+                   target: float = TARGET) -> list[dict[str, Tensor]]:  # fmt: skip
     """torchvision's Faster R-CNN or Mask R-CNN ``detector`` (in eval mode) on ``images`` with box refinement
     and box voting (the module docstring); outputs as the detector's own, in the images' pixels. ``pyramid``:
-    both passes' region features by multi-scale testing on those shorter sides (``tasks.heads.multiscale``)."""
-    stage = PyramidStage(detector, images, pyramid) if pyramid else Stage(detector, images)
+    both passes' region features by multi-scale testing on those shorter sides, around ``target`` px
+    (``tasks.heads.multiscale``)."""
+    stage = PyramidStage(detector, images, pyramid, target) if pyramid else Stage(detector, images)
     heads, sizes, counts = stage.heads, stage.sizes, stage.counts
     first = stage.predict(stage.proposals)
     moved = regressed_boxes(*first, counts, sizes)
