@@ -1,9 +1,10 @@
 """Localization's RPN+R-CNN stage, as the ResNet paper's ILSVRC 2015 localization entry added it (Appendix C,
 Table 13: top-5 localization error 14.4 % with the per-class RPN, 10.6 % with RPN+R-CNN, dense testing).
 
-"For each predicted class, the RPN's 200 highest-scored proposals are cropped from the image, warped to
-224 x 224 and fed to an R-CNN network -- a ResNet with two sibling per-class fc layers for score and box,
-fine-tuned RoI-centric with mini-batches of 256 regions -- that updates each proposal's score and box."
+The stage, in short: for each class the classifier predicts, the RPN's 200 best proposals for that class
+are cut out, each warped to 224 x 224, and a second network (a ResNet ending in two per-class layers, one
+score and one box each, fine-tuned on regions rather than images, 256 per mini-batch) rescores and moves
+every proposal. Here the regions are cut from the network's input (the 224 crop) rather than the image.
 
 * :func:`class_proposals` -- a trained per-class RPN (``tasks.heads.localization.Localizer``)'s ``top``
   best-scoring anchors for a class, regressed to boxes.
