@@ -465,6 +465,24 @@ def test_the_rcnn_keeps_the_proposal_it_scores_best_for_the_class_with_its_regre
     assert box.tolist() == [[pytest.approx([12.0, 10, 32, 30])]] and score.tolist() == [[pytest.approx(0.7)]]
 
 
+def test_the_rcnn_scores_many_regions_in_chunks_with_the_one_passs_numbers(monkeypatch):
+    from tasks.heads import loc_rcnn
+
+    torch.manual_seed(0)
+    scorer = loc_rcnn.RegionScorer(build_backbone("cifar_resnet20"), num_classes=3, crop=16).eval()
+    images, boxes = torch.rand(2, 3, 40, 40), torch.rand(2, 10, 2) * 20
+    boxes = torch.cat([boxes, boxes + 5 + torch.rand(2, 10, 2) * 15], dim=2)  # 20 valid boxes
+    with torch.no_grad():
+        whole = scorer.score(images, boxes)
+        monkeypatch.setattr(loc_rcnn, "CHUNK", 3)  # 20 regions: 7 passes
+        calls = []
+        scorer.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+        chunked = scorer.score(images, boxes)
+    assert calls == [3] * 6 + [2]
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_the_rcnn_stage_trains_on_its_classes_proposals_and_the_rpn_stays_frozen():
     from tasks.heads.loc_rcnn import RegionScorer, TwoStageLocalizer
     from tasks.heads.localization import Localizer

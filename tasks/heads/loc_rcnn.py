@@ -34,6 +34,10 @@ from backbones import Backbone
 
 from .localization import Localizer
 
+#: the most regions the R-CNN scores in one forward pass at inference (memory, not results: BatchNorm is in
+#: eval mode there, so the chunks give the one pass's numbers)
+CHUNK = 256
+
 
 def class_proposals(localizer: Localizer, out: dict[str, Tensor], classes: Tensor, size: tuple[int, int],
                     top: int) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -63,15 +67,31 @@ class RegionScorer(nn.Module):
             nn.init.zeros_(layer.bias)
         self.coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
 
-    def warp(self, images: Tensor, boxes: list[Tensor] | Tensor) -> Tensor:
-        """Each image's ``boxes`` (a list, or ``B x M x 4`` -- no loop over the batch, so that an exported
-        graph keeps it free) cropped from it and warped to ``crop x crop`` (bilinear, RoIAlign)."""
+    @staticmethod
+    def rois(boxes: list[Tensor] | Tensor) -> Tensor:
+        """RoIAlign's ``K x 5`` rows (image index, box) for each image's ``boxes``: a list, or ``B x M x 4`` (no
+        loop over the batch, so that an exported graph keeps it free)."""
         if isinstance(boxes, Tensor):
             index = torch.arange(boxes.shape[0], device=boxes.device, dtype=boxes.dtype)
-            rois = torch.cat([index[:, None, None].expand(-1, boxes.shape[1], 1), boxes], dim=2).reshape(-1, 5)
-        else:
-            rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+            return torch.cat([index[:, None, None].expand(-1, boxes.shape[1], 1), boxes], dim=2).reshape(-1, 5)
+        return torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+
+    def warp(self, images: Tensor, boxes: list[Tensor] | Tensor) -> Tensor:
+        """Each image's ``boxes`` cropped from it and warped to ``crop x crop`` (bilinear, RoIAlign)."""
+        return self._align(images, self.rois(boxes))
+
+    def _align(self, images: Tensor, rois: Tensor) -> Tensor:
         return roi_align(images, rois, (self.crop, self.crop), 1.0, sampling_ratio=2, aligned=True)
+
+    def score(self, images: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """The two sibling layers' outputs for every region of ``boxes`` (``B x M x 4``), at most :data:`CHUNK`
+        regions per forward pass (a validation batch at the paper's settings asks for 32 x 6 x 200 crops of
+        224 px); in one pass when exported (the graph keeps the number free)."""
+        rois = self.rois(boxes)
+        if torch.compiler.is_exporting() or rois.shape[0] <= CHUNK:
+            return self(self._align(images, rois))
+        parts = [self(self._align(images, part)) for part in rois.split(CHUNK)]
+        return torch.cat([logits for logits, _ in parts]), torch.cat([deltas for _, deltas in parts])
 
     def forward(self, crops: Tensor) -> tuple[Tensor, Tensor]:
         pooled = torch.flatten(F.adaptive_avg_pool2d(self.backbone.forward_all(crops), 1), 1)
@@ -81,7 +101,7 @@ class RegionScorer(nn.Module):
         """For proposals ``B x J x N x 4`` of classes ``B x J``: each (image, class)'s box -- the R-CNN-regressed
         box of the proposal it scores highest for the class -- ``B x J x 4``, and that score ``B x J``."""
         b, j, n, _ = proposals.shape
-        logits, deltas = self(self.warp(images, proposals.reshape(b, j * n, 4)))
+        logits, deltas = self.score(images, proposals.reshape(b, j * n, 4))
         label = (classes + 1).reshape(b, j, 1).expand(-1, -1, n).reshape(-1, 1)  # gathers: traceable batch
         scores = logits.float().softmax(-1).gather(1, label).view(b, j, n)
         chosen = deltas.view(label.shape[0], -1, 4).gather(1, label[:, :, None].expand(-1, 1, 4))[:, 0]
