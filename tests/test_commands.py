@@ -318,6 +318,7 @@ def test_a_localizer_ensemble_averages_the_members_softmax_and_each_classs_box(f
         torch.testing.assert_close(box, sum(found["boxes"][r] for found, r in zip(each, rows)) / 2, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow  # three fits, an export and the predictor: 26 s of the default tier's 10 minutes
 def test_the_rcnn_stage_fits_from_the_rpn_localizers_checkpoint_then_exports_and_predicts(fitted, tmp_path):
     """Appendix C's second stage as a user runs it: ``tasks.localize fit --model.head rpn_rcnn`` from the RPN
     localizer the first command wrote (its weights exactly, frozen), then ``tasks.export`` and the predictor
