@@ -628,3 +628,40 @@ def test_detection_and_segmentation_checkpoints_export_the_whole_backbone(task, 
     assert exported and all(tuple(net.state_dict()[k].flatten()[:8].tolist()) in values for k in exported)
     if options.get("head") == "c4":
         assert torch.equal(net.layer4[0].conv1.weight, model.detector.roi_heads.box_head.res5[0][0].conv1.weight)
+
+
+@pytest.mark.parametrize("warned_at", [3, 4], ids=["mid_epoch", "an_epochs_last_step"])
+def test_slurms_warning_at_any_step_saves_a_checkpoint_that_resumes_to_the_same_weights(
+    warned_at, tmp_path, monkeypatch
+):
+    """``tasks.run.slurm.SlurmRequeue`` (the real cluster's job in tests/test_slurm.py) with the warning at a
+    chosen step: mid-epoch it saves there; at an epoch's last step -- a state Lightning resumes past the epoch's
+    validation and the next epoch (a CI run's requeued job stopped at step 14 of 21) -- at the next epoch's first
+    step. Either way the resumed run ends with the uninterrupted run's weights, bit for bit."""
+    from tasks import classify
+    from tasks.run import slurm
+
+    root = write_imagefolder(tmp_path / "cls", per_class=2, val_per_class=1, size=32)  # 10 images: 2 steps of 5
+    args = ["fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32",
+            "--data.batch_size", "5", "--data.num_workers", "0", "--model.backbone", "cifar_resnet20",
+            "--trainer.max_epochs", "3", "--seed_everything", "0", "--trainer.logger", "false", *CPU]  # fmt: skip
+    whole = classify.main([*args, "--trainer.default_root_dir", str(tmp_path / "a")])
+    seen = {"step": 0}
+    check = slurm.SlurmRequeue._check
+
+    def checked_at(callback, trainer):
+        seen["step"] = trainer.global_step
+        return check(callback, trainer)
+
+    monkeypatch.setattr(slurm.SlurmRequeue, "_check", checked_at)
+    monkeypatch.setattr(slurm, "warned", lambda: seen["step"] >= warned_at)
+    monkeypatch.setenv("SLURM_JOB_ID", "0")  # (its requeue fails without a cluster, and says so)
+    classify.main([*args, "--trainer.default_root_dir", str(tmp_path / "b"),
+                   "--trainer.callbacks+=tasks.run.slurm.SlurmRequeue"])  # fmt: skip
+    saved = next((tmp_path / "b").rglob("hpc_ckpt_1.ckpt"))
+    assert torch.load(saved, weights_only=True)["global_step"] == (5 if warned_at == 4 else 3)
+    monkeypatch.setattr(slurm, "warned", lambda: False)
+    resumed = classify.main([*args, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", str(saved)])
+    assert resumed.trainer.global_step == whole.trainer.global_step == 6
+    ours, reference = resumed.model.state_dict(), whole.model.state_dict()
+    assert not [k for k in reference if not torch.equal(ours[k], reference[k])]

@@ -85,8 +85,9 @@ def resume_point(run_dir: Path) -> Path | None:
 
 class SlurmRequeue(pl.Callback):
     """Save ``hpc_ckpt_<n>.ckpt`` and stop (``StoppedForRequeue``) at the first training step, or validation
-    end, after SLURM's warning, on every rank at the same step; ``requeue()`` then puts the job back in the
-    queue.
+    end, after SLURM's warning, on every rank at the same step -- but not at an epoch's last step or the
+    validation after it, which Lightning would resume past the next epoch; ``requeue()`` then puts the job
+    back in the queue.
 
     Added by ``tasks.run.cli.TaskCLI`` to every run that is a SLURM task (Lightning's own in-handler requeue is
     switched off: ``SLURMEnvironment(auto_requeue=False)``).
@@ -97,6 +98,11 @@ class SlurmRequeue(pl.Callback):
 
     def _check(self, trainer: pl.Trainer) -> None:
         if self.checkpoint is not None or trainer.sanity_checking:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # an epoch's last step, or the validation after it: Lightning resumes a checkpoint of that state as
+            # if the epoch, its validation and the next were done (tests/test_slurm.py); the next epoch's first
+            # step saves instead (a run in its last epoch ends by itself)
             return
         if not trainer.strategy.reduce_boolean_decision(warned(), all=False):
             return
