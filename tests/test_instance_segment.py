@@ -237,11 +237,20 @@ def _decode(rle: dict) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
 
 
+def _busiest_scene(predictor, coco: Path) -> Path:
+    """The validation image the briefly trained model finds the most instances on (which one depends on the
+    CPU's float arithmetic: on one machine the first image gave none)."""
+    counts = {path: len(predictor(str(path))["boxes"]) for path in sorted((coco / "val2017").glob("*.jpg"))}
+    best = max(counts, key=counts.get)
+    assert counts[best] >= 3, counts  # 5 epochs from scratch find at least three instances somewhere
+    return best
+
+
 @pytest.mark.slow
 def test_predict_writes_masks_the_predictor_returns_and_draws_them(coco, fitted, tmp_path):
     out = tmp_path / "pred" / "instances.json"
     predictor = load_predictor(fitted)
-    first = sorted((coco / "val2017").glob("*.jpg"))[0]
+    first = _busiest_scene(predictor, coco)
     threshold = float(predictor(str(first))["scores"][2]) - 1e-4  # the three best of a briefly trained model drawn
     _run(["tasks.instance_segment", "predict", "--ckpt_path", str(fitted), "--data",
           "datamodules.COCOInstanceDataModule", "--data.root", str(coco), "--data.predict_root",
@@ -250,8 +259,9 @@ def test_predict_writes_masks_the_predictor_returns_and_draws_them(coco, fitted,
           "--trainer.logger", "false", *CPU], tmp_path)  # fmt: skip
     rows = json.loads(out.read_text())
     files = sorted({r["file_name"] for r in rows})
-    assert len(files) >= 6
-    for name in files[:3]:
+    found_any = [str(p) for p in sorted((coco / "val2017").glob("*.jpg")) if len(predictor(str(p))["boxes"])]
+    assert files == found_any and len(files) >= 3  # a row for each instance found, of every image with one
+    for name in {*files[:2], str(first)}:
         found = predictor(str(name))
         written = sorted((r for r in rows if r["file_name"] == name), key=lambda r: -r["score"])
         assert len(written) == len(found["boxes"]) and found["masks"].shape[1:] == (96, 96)
@@ -296,7 +306,7 @@ def test_export_equals_eager_boxes_and_mask_pixels(format, coco, fitted, tmp_pat
 
     from torchvision.io import decode_image
 
-    scene = decode_image(str(sorted((coco / "val2017").glob("*.jpg"))[0])).float() / 255
+    scene = decode_image(str(_busiest_scene(load_predictor(fitted), coco))).float() / 255
     for image, some in ((scene, True), (torch.full((3, 96, 96), 0.5), False)):  # shapes, and a blank image
         with torch.no_grad():
             eager = task.detector.eval()([image])[0]
