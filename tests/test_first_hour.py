@@ -290,8 +290,9 @@ def _demo_accuracies(folder: Path, threads: int, *flags: str) -> list[float]:
     """Each epoch's val top-1 of the README's classification demo command, run in ``folder`` (its data is
     written there) with ``threads`` intra-op threads, as the log lines print them."""
     folder.mkdir()
-    result = _command(["tasks.classify", "fit", "--config", str(ROOT / "configs" / "demo_classify.yaml"),
-                       "--trainer.logger", "false", *CPU, *flags], folder, env={"OMP_NUM_THREADS": str(threads)})
+    command = ["tasks.classify", "fit", "--config", str(ROOT / "configs" / "demo_classify.yaml"),
+               "--trainer.logger", "false", *CPU, *flags]  # fmt: skip
+    result = _command(command, folder, env={"OMP_NUM_THREADS": str(threads)})
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("validation: epoch")]
     return [float(line.split("val/acc1 ")[1].split()[0]) for line in lines]
