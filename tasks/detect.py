@@ -218,10 +218,12 @@ class DetectionTask(EnsembleOption, BaseTask):
         return getattr(box_head, "res5", None)  # the C4 head runs the last stage per region
 
     @classmethod
-    def refuse_fit_arguments(cls, model: dict[str, Any]) -> None:
-        """Frozen BatchNorm or frozen stages with random weights train a random network (a loss of ~1e26 at the
-        first step, then NaN): refused, naming the flags that train a backbone from scratch."""
-        if model.get("weights") or model.get("weights_backbone"):
+    def refuse_arguments(cls, subcommand: str, model: dict[str, Any], ckpt_path: str | None) -> None:
+        """A ``fit`` from random weights (not resumed) with frozen BatchNorm or frozen stages trains a random
+        network (a loss of ~1e26 at the first step, then NaN): refused, naming the flags that train a backbone
+        from scratch."""
+        super().refuse_arguments(subcommand, model, ckpt_path)
+        if subcommand != "fit" or ckpt_path or model.get("weights") or model.get("weights_backbone"):
             return
         norm, freeze_at = model.get("norm", "frozen_bn"), model.get("freeze_at", 2)
         if norm == "frozen_bn" or (freeze_at or 0) > 0:

@@ -277,3 +277,17 @@ def test_per_class_ap_equals_pycocotools_run_on_each_category(backend, tmp_path)
             evaluator.summarize()
         assert per_class[cid] == pytest.approx((evaluator.stats[0], evaluator.stats[1]), abs=1e-6), cid
     assert 0.0 < per_class[CATEGORY_IDS["triangle"]][1] < 1.0  # half found, ranked below the misses
+
+
+def test_the_frozen_from_scratch_refusal_is_fits_alone_and_not_a_resumed_ones():
+    """``refuse_arguments``, the one hook the CLI calls before anything is made: the frozen-BN refusal stops
+    only a ``fit`` from random weights; ``validate`` and a resumed ``fit`` (``--ckpt_path``) pass, and the
+    ensemble's refusals (the mixin's) still apply to the detector."""
+    frozen = {"norm": "frozen_bn", "freeze_at": 2, "weights": None, "weights_backbone": None}
+    with pytest.raises(ValueError, match=r"a random network would train"):
+        DetectionTask.refuse_arguments("fit", frozen, None)
+    DetectionTask.refuse_arguments("validate", frozen, None)
+    DetectionTask.refuse_arguments("fit", frozen, "runs/last.ckpt")
+    DetectionTask.refuse_arguments("fit", {**frozen, "weights_backbone": "backbone.pth"}, None)
+    with pytest.raises(ValueError, match=r"model.ensemble is for validate, test and predict"):
+        DetectionTask.refuse_arguments("fit", {**frozen, "ensemble": ["a.ckpt"]}, None)

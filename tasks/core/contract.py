@@ -105,16 +105,13 @@ class TaskContract:
         """Set one of :attr:`inference_options` (as the task's attribute of that name, by default)."""
         setattr(self, name, value)
 
-    # -- what a fit may not start with -------------------------------------------------------------------
+    # -- what a command may not start with -----------------------------------------------------------------
     @classmethod
-    def refuse_fit_arguments(cls, model: dict[str, Any]) -> None:
-        """Stop a ``fit`` whose model arguments cannot train, before its run directory or W&B run is made
-        (``model``: the parsed ``--model.*`` arguments). Nothing is refused by default."""
-
-    @classmethod
-    def refuse_run_arguments(cls, subcommand: str, model: dict[str, Any], ckpt_path: str | None) -> None:
-        """Stop any command (``subcommand``) whose model arguments do not go with it or with ``--ckpt_path``,
-        before anything is made. Nothing is refused by default."""
+    def refuse_arguments(cls, subcommand: str, model: dict[str, Any], ckpt_path: str | None) -> None:
+        """Stop a command (``subcommand``) whose model arguments (``model``: the parsed ``--model.*``) cannot
+        run it -- a ``fit`` that cannot train, an option that does not go with the command or with
+        ``--ckpt_path`` -- before its run directory or W&B run is made. Nothing is refused by default;
+        an override calls ``super()`` first, so the mixins' refusals (ensembles') all apply."""
 
     # -- W&B samples ----------------------------------------------------------------------------------
     def sample_records(self, batch: dict, outputs: Any) -> list[dict]:

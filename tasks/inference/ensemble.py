@@ -73,7 +73,7 @@ class EnsembleOption:
     def setup(self, stage: str) -> None:
         if not self.ensemble:
             return super().setup(stage)
-        self.refuse_run_arguments(stage, {"ensemble": self.ensemble}, None)
+        self.refuse_arguments(stage, {"ensemble": self.ensemble}, None)
         if stage == "predict":  # no labels in the data: the members bring them, and the number of classes
             self.use_ensemble(self.ensemble)
             self.hparams.num_classes = self.hparams.num_classes or self.members[0].task.hparams.num_classes
@@ -82,9 +82,9 @@ class EnsembleOption:
         self.use_ensemble(self.ensemble, _labels(self))
 
     @classmethod
-    def refuse_run_arguments(cls, subcommand: str, model: dict[str, Any], ckpt_path: str | None) -> None:
+    def refuse_arguments(cls, subcommand: str, model: dict[str, Any], ckpt_path: str | None) -> None:
         """``ensemble`` with ``fit``, or beside ``--ckpt_path``, is refused."""
-        super().refuse_run_arguments(subcommand, model, ckpt_path)
+        super().refuse_arguments(subcommand, model, ckpt_path)
         if not model.get("ensemble"):
             return
         if subcommand == "fit":

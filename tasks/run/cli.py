@@ -251,10 +251,8 @@ class TaskCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        if self.subcommand == "fit" and not cfg.get("ckpt_path") and hasattr(self.model_class, "refuse_fit_arguments"):
-            self.model_class.refuse_fit_arguments(cfg.model.as_dict())  # before anything is made
-        if self.subcommand and hasattr(self.model_class, "refuse_run_arguments"):
-            self.model_class.refuse_run_arguments(self.subcommand, cfg.model.as_dict(), cfg.get("ckpt_path"))
+        if self.subcommand and hasattr(self.model_class, "refuse_arguments"):  # before anything is made
+            self.model_class.refuse_arguments(self.subcommand, cfg.model.as_dict(), cfg.get("ckpt_path"))
         name = self._run_name(cfg)
         run_dir = self._run_dir(cfg, name)
         cfg.trainer.default_root_dir = str(run_dir)
