@@ -237,10 +237,14 @@ def _decode(rle: dict) -> np.ndarray:
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
 
 
-def _busiest_scene(predictor, coco: Path) -> Path:
+def _instances_found(predictor, coco: Path) -> dict[str, int]:
+    """How many instances the predictor finds on each validation image (by path, in order)."""
+    return {str(path): len(predictor(str(path))["boxes"]) for path in sorted((coco / "val2017").glob("*.jpg"))}
+
+
+def _busiest_scene(counts: dict[str, int]) -> str:
     """The validation image the briefly trained model finds the most instances on (which one depends on the
     CPU's float arithmetic: on one machine the first image gave none)."""
-    counts = {path: len(predictor(str(path))["boxes"]) for path in sorted((coco / "val2017").glob("*.jpg"))}
     best = max(counts, key=counts.get)
     assert counts[best] >= 3, counts  # 5 epochs from scratch find at least three instances somewhere
     return best
@@ -250,7 +254,8 @@ def _busiest_scene(predictor, coco: Path) -> Path:
 def test_predict_writes_masks_the_predictor_returns_and_draws_them(coco, fitted, tmp_path):
     out = tmp_path / "pred" / "instances.json"
     predictor = load_predictor(fitted)
-    first = _busiest_scene(predictor, coco)
+    counts = _instances_found(predictor, coco)
+    first = _busiest_scene(counts)
     threshold = float(predictor(str(first))["scores"][2]) - 1e-4  # the three best of a briefly trained model drawn
     _run(["tasks.instance_segment", "predict", "--ckpt_path", str(fitted), "--data",
           "datamodules.COCOInstanceDataModule", "--data.root", str(coco), "--data.predict_root",
@@ -259,9 +264,9 @@ def test_predict_writes_masks_the_predictor_returns_and_draws_them(coco, fitted,
           "--trainer.logger", "false", *CPU], tmp_path)  # fmt: skip
     rows = json.loads(out.read_text())
     files = sorted({r["file_name"] for r in rows})
-    found_any = [str(p) for p in sorted((coco / "val2017").glob("*.jpg")) if len(predictor(str(p))["boxes"])]
+    found_any = [path for path, found in counts.items() if found]
     assert files == found_any and len(files) >= 3  # a row for each instance found, of every image with one
-    for name in {*files[:2], str(first)}:
+    for name in {*files[:2], first}:
         found = predictor(str(name))
         written = sorted((r for r in rows if r["file_name"] == name), key=lambda r: -r["score"])
         assert len(written) == len(found["boxes"]) and found["masks"].shape[1:] == (96, 96)
@@ -290,7 +295,8 @@ def test_export_equals_eager_boxes_and_mask_pixels(format, coco, fitted, tmp_pat
     equal eager's to 1e-3 and each mask's pixels above 0.5 differ on at most 0.5 % of its area."""
     out = tmp_path / f"model.{format}"
     _run(["tasks.export", str(fitted), str(out)], tmp_path)  # the format from the suffix
-    task = load_predictor(fitted).task
+    predictor = load_predictor(fitted)
+    task = predictor.task
     if format == "onnx":
         ort = pytest.importorskip("onnxruntime")
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -306,7 +312,7 @@ def test_export_equals_eager_boxes_and_mask_pixels(format, coco, fitted, tmp_pat
 
     from torchvision.io import decode_image
 
-    scene = decode_image(str(_busiest_scene(load_predictor(fitted), coco))).float() / 255
+    scene = decode_image(_busiest_scene(_instances_found(predictor, coco))).float() / 255
     for image, some in ((scene, True), (torch.full((3, 96, 96), 0.5), False)):  # shapes, and a blank image
         with torch.no_grad():
             eager = task.detector.eval()([image])[0]
