@@ -166,7 +166,8 @@ class DetectionTask(EnsembleOption, BaseTask):
     ) -> None:
         super().__init__(**kwargs)
         self.box_refinement, self.ensemble, self.multiscale_testing = box_refinement, ensemble, multiscale_testing
-        self.detections_file, self.multiscale_target = detections_file, multiscale_target
+        self.multiscale_target = multiscale_target
+        self.detections_file = detections_file
         self.draw_predictions = draw_predictions
         self.draw_threshold = draw_threshold
         self.tta = (tta_scales or [1.0], tta_flip) if tta else None
