@@ -116,18 +116,21 @@ def test_runs_that_fail_before_their_first_step_leave_no_run_folder(tmp_path, mo
 # -- 4. errors raised by Lightning: the same one line --------------------------------------------------------
 def test_lightnings_errors_and_the_hints_are_one_line_naming_the_command(tmp_path):
     root = write_imagefolder(tmp_path / "images", per_class=2, val_per_class=1, size=32)
-    gpu, typo, step, check = run_commands([
+    gpu, typo, step, check, no_class = run_commands([
         ["tasks.classify", "fit", "--data", "datamodules.ImageFolderDataModule", "--data.root", str(root),
          "--trainer.accelerator", "gpu"],
         ["tasks.detect", "fit", "--model.backbone", "resnext101"],
         ["tasks.classify", "fit", "--trainer.max_step", "3"],
         ["datamodules.check", "--data.root", str(root)],  # no data class: once a 14-line union dump
+        ["tasks.localize", "fit", "--data.root", str(root)],  # the same on a task's command line
     ], tmp_path)  # fmt: skip
     assert "gpu" in _error_line(gpu).lower() and len(gpu.stderr.strip().splitlines()) < 12
     assert "did you mean resnext101_32x4d, resnext101_32x8d, resnext101_64x4d?" in typo.stderr
     assert "(run python -m tasks.detect fit --help for every option)" in typo.stderr
     assert "--trainer.max_step is not an option; did you mean --trainer.max_steps" in _error_line(step)
     assert "needs the datamodule's class first: --data <class>" in _error_line(check)
+    line = _error_line(no_class)  # it read "data.root is not an option of lightning.LightningDataModule"
+    assert "--data.root needs the datamodule's class first: --data <class> (one of datamodules." in line, line
     assert not (tmp_path / "runs").exists()
 
 

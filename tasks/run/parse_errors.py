@@ -14,12 +14,14 @@ import re
 import sys
 from typing import NoReturn
 
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser
 
 #: datamodules to suggest when ``--data`` is missing
 DATAMODULES = (
     "ImageFolderDataModule", "CIFARDataModule", "COCODetectionDataModule", "COCOSegmentationDataModule",
 )  # fmt: skip
+_SUGGESTED = [f"datamodules.{n}" for n in DATAMODULES]
 
 
 def _datamodule(class_path: str):
@@ -49,10 +51,9 @@ def _layout(class_path: str) -> str:
 def one_line(message: str, options: list[str] = ()) -> str:
     """The parser's ``message`` as one line naming the key and what it must be."""
     if re.search(r"the following arguments are required: (?:\w+\.)?data\b", message):
-        names = [f"datamodules.{n}" for n in DATAMODULES]
         return (
-            f"--data is required: the datamodule class and its data.root, e.g. --data {names[0]} --data.root "
-            f"/path/to/data (one of {', '.join(names)}, or any LightningDataModule)"
+            f"--data is required: the datamodule class and its data.root, e.g. --data {_SUGGESTED[0]} --data.root "
+            f"/path/to/data (one of {', '.join(_SUGGESTED)}, or any LightningDataModule)"
         )
     url = re.search(r"Parser key \"config\": Path does not exist: '((?:https?|ftp)://[^']+)'", message)
     if url:
@@ -72,11 +73,16 @@ def one_line(message: str, options: list[str] = ()) -> str:
             return f"{keys} {'is' if len(names) == 1 else 'are'} required for {path}{what}.{_layout(path)}"
         if unknown := re.search(r"Option '(\w+)' is not accepted", message):
             cls = _datamodule(path)
+            if cls is LightningDataModule:  # --data.<name> with no --data <class> before it
+                return (
+                    f"--{prefix}.{unknown[1]} needs the datamodule's class first: --data <class> (one of "
+                    f"{', '.join(_SUGGESTED)}, or any LightningDataModule), then its arguments"
+                )
             accepted = list(inspect.signature(cls).parameters) if cls is not None else []
             close = did_you_mean(unknown[1], accepted).replace("mean ", f"mean {prefix}.").replace(", ", f", {prefix}.")
             return f"{prefix}.{unknown[1]} is not an option of {path}{close}"
         if re.search(r"has no attribute '(\w+)'|No module named", message):
-            known = [f"datamodules.{n}" for n in (*DATAMODULES, "ShapesDetectionDataModule")]
+            known = [*_SUGGESTED, "datamodules.ShapesDetectionDataModule"]
             return f"{prefix}: {path} does not exist{did_you_mean(path, known)}"
         inner = re.search(r'Parser key "([\w.]+)":\s*Expected a (.+?)\. Got value: (.+)', message)
         if inner:
